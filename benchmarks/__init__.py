@@ -1,0 +1,1 @@
+"""Benchmarks, side by side with PyTorch: python -m benchmarks.run."""

@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS data sources read through Grain, augmentations, resizing."""

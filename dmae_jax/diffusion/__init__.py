@@ -1,0 +1,1 @@
+"""Diffusion denoisers: schedules, one-shot denoising, DDPM training objective."""

@@ -1,0 +1,1 @@
+"""Flax NNX models: ViT encoder, DMAE encoder-decoder, classifier, diffusion UNet."""

@@ -1,0 +1,1 @@
+"""Training: optimizers, losses and the pretraining / fine-tuning loops."""
