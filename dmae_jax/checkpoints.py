@@ -66,7 +66,15 @@ def load_params(directory: str | os.PathLike) -> tuple[dict, dict]:
             params = ckptr.restore(path / "params")
     except Exception as e:  # Orbax raises many types; the message is what matters here.
         raise CheckpointError(f"could not read the parameter export at {path}: {e}") from e
-    return jax.tree.map(np.asarray, params), meta
+    return _int_keys(jax.tree.map(np.asarray, params)), meta
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax stores dict keys as strings; list indices (`blocks/3`) come back as ints."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+                for k, v in tree.items()}
+    return tree
 
 
 def load_params_checked(directory: str | os.PathLike, *, kind: str, field: str) -> tuple[dict, dict]:
