@@ -24,6 +24,7 @@ setup(
         # the jitted step (see DESIGN.md).
         "tensorflow-cpu>=2.21.0",
         "clu>=0.0.12",
+        "tensorboard>=2.15",
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "numpy>=2.0",
