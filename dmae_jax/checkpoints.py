@@ -20,7 +20,8 @@ import json
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -77,7 +78,9 @@ def _int_keys(tree: Any) -> Any:
     return tree
 
 
-def load_params_checked(directory: str | os.PathLike, *, kind: str, field: str) -> tuple[dict, dict]:
+def load_params_checked(
+    directory: str | os.PathLike, *, kind: str, field: str
+) -> tuple[dict, dict]:
     """Like `load_params`, but the export must be of `kind` ("dmae", "classifier", "unet")."""
     if not directory:
         raise ValueError(f"{field} must name a parameter export directory, got {directory!r}")
