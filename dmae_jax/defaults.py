@@ -1,0 +1,105 @@
+"""Every config field with its default, one function per task; `configs/*.py` set the rest.
+
+A config file states what differs from these defaults (the paper's numbers for that
+experiment) and carries its exact command in its docstring, as big_vision's configs do.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def model(variant: str = "base", **overrides) -> ml_collections.ConfigDict:
+    """The ViT / DMAE model block (`config.model`)."""
+    cfg = ml_collections.ConfigDict(dict(
+        variant=variant,          # mu | tiny | small | base | large | huge
+        img_size=224,             # model resolution; smaller inputs are upsampled (bicubic)
+        patch_size=16,
+        decoder_width=512,        # DMAE decoder: 512 wide, 8 blocks, 16 heads (official)
+        decoder_depth=8,
+        decoder_heads=16,
+        norm_pix_loss=True,       # per-patch normalised targets, as every released model
+        normalization="imagenet",  # mean/std applied inside the model: imagenet | cifar10
+        drop_path_rate=0.0,       # classifier only (0.1 ViT-B, 0.2 ViT-L fine-tuning)
+        global_pool=True,         # classifier: average patch tokens + fc_norm (official)
+        dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+        remat=False,              # rematerialise blocks (ViT-L/H at large batch)
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def data(dataset: str, **overrides) -> ml_collections.ConfigDict:
+    """The input block (`config.data`)."""
+    cfg = ml_collections.ConfigDict(dict(
+        dataset=dataset,          # digits | cifar10 | imagenet2012
+        data_dir=None,            # TFDS data dir (None: TFDS default, ~/tensorflow_datasets)
+        train_split="train",
+        eval_split="test",
+        image_size=224,           # resolution the pipeline produces
+        augment="rrc_flip",       # rrc_flip (pretraining) | flip | none
+        worker_count=0,           # Grain worker processes per host (0: in-process)
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def _loop(cfg: ml_collections.ConfigDict) -> None:
+    cfg.seed = 0
+    cfg.total_steps = 0           # 0: derived from num_epochs
+    cfg.log_every_steps = 50
+    cfg.ckpt_every_steps = 1000
+    cfg.keep_ckpts = 3
+    cfg.eval_every_steps = 1000
+    cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+    cfg.accum_steps = 1           # micro-batches per optimizer step (batch stays global)
+
+
+def pretrain(dataset: str = "imagenet2012", variant: str = "base") -> ml_collections.ConfigDict:
+    """DMAE pretraining defaults: the paper's ImageNet recipe."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "pretrain"
+    cfg.model = model(variant)
+    cfg.data = data(dataset, eval_split="validation" if dataset == "imagenet2012" else "test")
+    cfg.sigma = 0.25              # pretraining noise, [0,1] pixel units (all released models)
+    cfg.mask_ratio = 0.75
+    cfg.batch_size = 4096
+    cfg.num_epochs = 1100
+    cfg.optim = ml_collections.ConfigDict(dict(
+        base_lr=1.5e-4,           # lr = base_lr * batch_size / 256
+        min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.95, warmup_epochs=40,
+    ))
+    cfg.init_from = ""            # a DMAE export to continue from (e.g. CIFAR-10 continuation)
+    cfg.num_grid_images = 8
+    _loop(cfg)
+    return cfg
+
+
+def finetune(dataset: str = "imagenet2012", variant: str = "base",
+             sigma: float = 0.25) -> ml_collections.ConfigDict:
+    """Smoothed-classifier fine-tuning defaults: the official ViT-B ImageNet recipe."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "finetune"
+    cfg.model = model(variant, drop_path_rate=0.1)
+    cfg.data = data(dataset, augment="rrc_flip",
+                    eval_split="validation" if dataset == "imagenet2012" else "test")
+    cfg.init_from = ""            # DMAE export (ours or converted); "" = random init
+    cfg.linear_probe = False      # freeze the encoder, train fc_norm + head only
+    cfg.sigma = sigma             # Gaussian augmentation noise, [0,1] pixel units
+    cfg.num_noise_samples = 2     # m noisy copies per image (consistency regularisation)
+    cfg.con_reg = True
+    cfg.lbd = 2.0                 # consistency weight lambda
+    cfg.eta = 0.1 if sigma >= 1.0 else 0.5   # entropy weight eta (official per-sigma value)
+    cfg.mixup = 0.8
+    cfg.cutmix = 1.0
+    cfg.label_smoothing = 0.1
+    cfg.batch_size = 1024         # distinct images per step (x m noisy copies)
+    cfg.num_epochs = 100
+    cfg.optim = ml_collections.ConfigDict(dict(
+        base_lr=5e-4, min_lr=1e-6, weight_decay=0.05, b1=0.9, b2=0.999,
+        warmup_epochs=5, layer_decay=0.65,
+    ))
+    cfg.eval_batch_size = 256
+    cfg.eval_noise_draws = 8      # majority vote over this many noise draws during eval
+    _loop(cfg)
+    return cfg

@@ -1,0 +1,204 @@
+"""DMAE pretraining: noise (sigma = 0.25) + 75% masking, reconstruct the clean image.
+
+Reads top to bottom like big_vision's train.py: mesh, data, model, optimizer, step, loop.
+`python -m dmae_jax.main --config=configs/vit_large.py --workdir=gs://bucket/dmae_l`.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dmae_jax import checkpoints, parallel, visualize
+from dmae_jax import config as C
+from dmae_jax.train import common
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every pretraining field before anything expensive happens."""
+    from dmae_jax.data import datasets
+    from dmae_jax.models import vit
+
+    C.positive(config, "sigma")
+    C.in_range(config, "mask_ratio", 0.0, 1.0)
+    C.positive(config, "batch_size")
+    C.positive(config, "accum_steps")
+    C.positive(config, "optim.base_lr")
+    C.positive(config, "optim.weight_decay", allow_zero=True)
+    C.positive(config, "optim.warmup_epochs", allow_zero=True)
+    if not config.get("total_steps"):
+        C.positive(config, "num_epochs")
+    C.one_of(config, "data.dataset", datasets.DATASETS)
+    C.one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
+    C.one_of(config, "model.variant", vit.VARIANTS)
+    C.one_of(config, "model.dtype", ("float32", "bfloat16"))
+    if config.model.img_size % config.model.patch_size:
+        raise C.ConfigError(
+            f"config.model.img_size ({config.model.img_size}) must be a multiple of "
+            f"config.model.patch_size ({config.model.patch_size})"
+        )
+    if config.get("init_from"):
+        checkpoints.load_params_checked(config.init_from, kind="dmae", field="config.init_from")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
+    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.models import create_dmae
+    from dmae_jax.train import optim
+
+    # ------------------------------------------------------------------ Mesh.
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
+
+    # ------------------------------------------------------------------ Data.
+    source = datasets.load_source(
+        config.data.dataset, config.data.train_split,
+        data_dir=config.data.data_dir, image_size=config.data.image_size,
+    )
+    data_iter = pipeline.train_iterator(
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        augment=config.data.augment, image_size=config.data.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count,
+    )
+    steps_per_epoch = len(source) // config.batch_size
+    total_steps = config.get("total_steps") or common.steps_from_epochs(
+        config.num_epochs, len(source), config.batch_size)
+    logging.info("%d examples, %d steps/epoch, %d steps", len(source), steps_per_epoch,
+                 total_steps)
+
+    # ------------------------------------------------------------------ Model.
+    model = create_dmae(config.model, rngs=nnx.Rngs(config.seed))
+    parts = common.ModelParts.split(model)
+    params = parts.params
+    if config.get("init_from"):
+        params = _load_into(params, config.init_from)
+    common.log_parameter_overview(params, "DMAE")
+
+    # ------------------------------------------------------------------ Optimizer.
+    schedule = optim.lr_schedule(
+        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=int(config.optim.warmup_epochs * max(steps_per_epoch, 1)),
+        min_lr=config.optim.min_lr,
+    )
+    tx = optim.pretrain_optimizer(
+        params, schedule=schedule, weight_decay=config.optim.weight_decay,
+        b1=config.optim.b1, b2=config.optim.b2,
+    )
+
+    # ------------------------------------------------------------------ Step.
+    def loss_fn(params, batch, rng):
+        out = parts.bind(params)(
+            batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
+        return out.loss, {}
+
+    def step_builder(shardings):
+        return common.make_train_step(
+            loss_fn, tx, mesh=mesh, state_sharding=shardings,
+            accum_steps=config.accum_steps, lr_fn=schedule,
+        )
+
+    key = jax.random.key(config.seed)
+    writer = common.create_writer(workdir)
+    eval_fn = _reconstruction_writer(config, workdir, parts, writer)
+
+    # ------------------------------------------------------------------ Loop.
+    state = common.run_training(
+        workdir=workdir,
+        loop=common.LoopConfig(
+            total_steps=total_steps, log_every=config.log_every_steps,
+            ckpt_every=config.ckpt_every_steps, keep_ckpts=config.keep_ckpts,
+            global_batch_size=config.batch_size, eval_every=config.eval_every_steps,
+        ),
+        mesh=mesh, step_builder=step_builder, init_params=params,
+        make_state=lambda p: common.init_state(p, tx, key),
+        data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
+    )
+    export_params(workdir, state["params"], kind="dmae", config=config)
+
+
+def _fingerprint(config) -> dict:
+    return {"task": config.task, "model": config.model.to_dict(), "batch_size": config.batch_size}
+
+
+def _load_into(params: dict, directory: str) -> dict:
+    """Continued pretraining: take every parameter from an export (shapes must agree)."""
+    loaded, _ = checkpoints.load_params_checked(directory, kind="dmae", field="config.init_from")
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+    out = []
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for path, value in paths:
+        got = flat_new.get(path)
+        if got is None or got.shape != value.shape:
+            raise checkpoints.CheckpointError(
+                f"config.init_from: {jax.tree_util.keystr(path)} has shape "
+                f"{None if got is None else got.shape}, the model expects {value.shape}")
+        out.append(got)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def export_params(workdir: str, params, *, kind: str, config, extra_meta=None) -> str:
+    """Writes the final parameters as a parameter export at `workdir/export`."""
+    from etils import epath
+
+    path = epath.Path(workdir).absolute() / "export"
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(
+        x if x.is_fully_addressable else _gather(x))), params)
+    if path.exists() and jax.process_index() == 0:
+        path.rmtree()
+    meta = {"kind": kind, "model": config.model.to_dict(), **(extra_meta or {})}
+    checkpoints.save_params(path, host, meta)
+    logging.info("exported %s parameters to %s", kind, path)
+    return str(path)
+
+
+def _gather(x):
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
+    """Eval hook: reconstruction loss on a fixed batch and a PNG grid of clean/masked/recon."""
+    from dmae_jax.data import datasets, pipeline
+
+    if not config.eval_every_steps:
+        return None
+    source = datasets.load_source(
+        config.data.dataset, config.data.eval_split,
+        data_dir=config.data.data_dir, image_size=config.data.image_size,
+    )
+    n = min(config.get("num_grid_images", 8), len(source))
+    batch = next(iter(pipeline.eval_batches(source, batch_size=n,
+                                            image_size=config.data.image_size)))
+    images = batch["image"]
+    rng = jax.random.key(config.seed + 1)
+
+    @jax.jit
+    def evaluate(params):
+        model = parts.bind(params)
+        out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
+        noisy = images + config.sigma * jax.random.normal(jax.random.fold_in(rng, 7),
+                                                          images.shape)
+        return out.loss, out.mask, noisy, model.reconstruct_masked(noisy, out)
+
+    def eval_fn(step, state):
+        params = jax.tree.map(lambda x: x if x.is_fully_addressable else _gather(x),
+                              state["params"])
+        loss, mask, noisy, recon = jax.device_get(evaluate(params))
+        writer.write_scalars(step, {"eval_loss": float(loss)})
+        if jax.process_index() == 0:
+            grid = visualize.image_grid(
+                [images, visualize.masked_view(noisy, mask, config.model.patch_size), recon],
+                scale=max(1, 96 // config.data.image_size),
+            )
+            path = f"{workdir}/reconstructions/step_{step:06d}.png"
+            visualize.save_png(path, grid)
+            logging.info("eval_loss=%.4f, reconstruction grid %s", loss, path)
+
+    return eval_fn
