@@ -1,0 +1,215 @@
+"""Fine-tuning the base classifier of a Gaussian-smoothed model, as the official DMAE code.
+
+Per step: each image appears as m = 2 copies with independent N(0, sigma^2) noise in [0,1]
+pixel space, then Mixup/CutMix on the noisy batch (official order, dmae.md pitfall 5), then
+cross-entropy over all copies + lambda * KL(pbar || p_i) + eta * H(pbar). Layer-wise lr decay,
+drop path, AdamW (0.9, 0.999). `config.linear_probe` freezes the encoder instead (LARS on
+the head, as MAE's linear probing).
+
+`python -m dmae_jax.main --config=configs/finetune_imagenet.py:variant=base,sigma=0.25 ...`
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dmae_jax import checkpoints, parallel
+from dmae_jax import config as C
+from dmae_jax.train import common
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every fine-tuning field before anything expensive happens."""
+    from dmae_jax.data import datasets
+    from dmae_jax.models import vit
+
+    C.positive(config, "sigma")
+    C.positive(config, "num_noise_samples")
+    if config.con_reg and config.num_noise_samples < 2:
+        raise C.ConfigError(
+            "config.num_noise_samples must be >= 2 when config.con_reg is on, got "
+            f"{config.num_noise_samples}")
+    for field in ("lbd", "eta", "mixup", "cutmix", "optim.weight_decay", "optim.warmup_epochs"):
+        C.positive(config, field, allow_zero=True)
+    C.in_range(config, "label_smoothing", 0.0, 1.0)
+    C.in_range(config, "optim.layer_decay", 0.0, 1.0, closed_high=True)
+    C.positive(config, "optim.base_lr")
+    C.positive(config, "batch_size")
+    C.positive(config, "eval_batch_size")
+    C.positive(config, "eval_noise_draws")
+    if not config.get("total_steps"):
+        C.positive(config, "num_epochs")
+    if (config.mixup or config.cutmix) and config.batch_size % 2:
+        raise C.ConfigError(f"config.batch_size must be even with Mixup/CutMix, got "
+                            f"{config.batch_size}")
+    C.one_of(config, "data.dataset", datasets.DATASETS)
+    C.one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
+    C.one_of(config, "model.variant", vit.VARIANTS)
+    C.one_of(config, "model.dtype", ("float32", "bfloat16"))
+    C.in_range(config, "model.drop_path_rate", 0.0, 1.0)
+    if config.init_from:
+        checkpoints.load_params_checked(
+            config.init_from, kind="dmae", field="config.init_from")
+    elif config.linear_probe:
+        raise C.ConfigError("config.linear_probe needs config.init_from (a DMAE export)")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
+    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.models import classifier as classifier_lib
+    from dmae_jax.models import create_classifier
+    from dmae_jax.train import losses, mixup, optim
+
+    # ------------------------------------------------------------------ Mesh.
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
+
+    # ------------------------------------------------------------------ Data.
+    num_classes = datasets.num_classes(config.data.dataset)
+    source = datasets.load_source(
+        config.data.dataset, config.data.train_split,
+        data_dir=config.data.data_dir, image_size=config.data.image_size,
+    )
+    data_iter = pipeline.train_iterator(
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        augment=config.data.augment, image_size=config.data.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count,
+    )
+    steps_per_epoch = max(len(source) // config.batch_size, 1)
+    total_steps = config.get("total_steps") or common.steps_from_epochs(
+        config.num_epochs, len(source), config.batch_size)
+
+    # ------------------------------------------------------------------ Model.
+    model = create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed))
+    if config.init_from:
+        dmae_params, _ = checkpoints.load_params_checked(
+            config.init_from, kind="dmae", field="config.init_from")
+        classifier_lib.init_from_dmae(model, dmae_params)
+        logging.info("encoder initialised from %s", config.init_from)
+    parts = common.ModelParts.split(model)
+    common.log_parameter_overview(parts.params, "classifier")
+
+    # ------------------------------------------------------------------ Optimizer.
+    schedule = optim.lr_schedule(
+        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
+        min_lr=config.optim.min_lr,
+    )
+    if config.linear_probe:
+        tx = optim.linear_probe_optimizer(
+            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay)
+    else:
+        tx = optim.finetune_optimizer(
+            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
+            b1=config.optim.b1, b2=config.optim.b2, layer_decay=config.optim.layer_decay,
+            num_layers=len(model.blocks),
+        )
+    logging.info("parameter groups:\n%s", optim.describe_param_groups(
+        parts.params, layer_decay=config.optim.layer_decay, num_layers=len(model.blocks)))
+
+    # ------------------------------------------------------------------ Step.
+    m = config.num_noise_samples
+    use_mix = bool(config.mixup or config.cutmix)
+
+    def loss_fn(params, batch, rng):
+        noise_rng, mix_rng, drop_rng = jax.random.split(rng, 3)
+        images = jnp.concatenate([batch["image"]] * m)        # [m*B, H, W, C]: [x; x]
+        labels = jnp.concatenate([batch["label"]] * m)
+        noisy = images + config.sigma * jax.random.normal(noise_rng, images.shape)
+        if use_mix:
+            noisy, targets = mixup.mixup_fn(
+                noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing)
+        else:
+            targets = labels
+        logits = parts.bind(params)(noisy, rng=drop_rng)
+        return losses.finetune_loss(
+            logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
+            label_smoothing=config.label_smoothing)
+
+    def step_builder(shardings):
+        return common.make_train_step(
+            loss_fn, tx, mesh=mesh, state_sharding=shardings,
+            accum_steps=config.accum_steps, lr_fn=schedule)
+
+    writer = common.create_writer(workdir)
+    eval_fn = make_evaluator(config, parts, mesh, num_classes, writer)
+
+    # ------------------------------------------------------------------ Loop.
+    state = common.run_training(
+        workdir=workdir,
+        loop=common.LoopConfig(
+            total_steps=total_steps, log_every=config.log_every_steps,
+            ckpt_every=config.ckpt_every_steps, keep_ckpts=config.keep_ckpts,
+            global_batch_size=config.batch_size, eval_every=config.eval_every_steps),
+        mesh=mesh, step_builder=step_builder, init_params=parts.params,
+        make_state=lambda p: common.init_state(p, tx, jax.random.key(config.seed)),
+        data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
+    )
+    from dmae_jax.train.pretrain import export_params
+
+    export_params(workdir, state["params"], kind="classifier", config=config,
+                  extra_meta={"num_classes": num_classes, "sigma": config.sigma,
+                              "dataset": config.data.dataset})
+
+
+def _fingerprint(config) -> dict:
+    return {"task": config.task, "model": config.model.to_dict(), "sigma": config.sigma,
+            "batch_size": config.batch_size, "linear_probe": config.linear_probe}
+
+
+def make_evaluator(config, parts: common.ModelParts, mesh, num_classes: int, writer):
+    """Eval hook: clean, one-noise-draw and majority-vote accuracy on the eval split."""
+    from dmae_jax.data import datasets, pipeline
+
+    if not config.eval_every_steps:
+        return None
+    source = datasets.load_source(
+        config.data.dataset, config.data.eval_split,
+        data_dir=config.data.data_dir, image_size=config.data.image_size)
+    draws = config.eval_noise_draws
+
+    def counts(params, batch, rng):
+        model = parts.bind(params)
+        x, y, mask = batch["image"], batch["label"], batch["mask"].astype(jnp.float32)
+        clean = jnp.argmax(model(x), -1) == y
+        keys = jax.random.split(rng, draws)
+        preds = jax.vmap(lambda k: jnp.argmax(
+            model(x + config.sigma * jax.random.normal(k, x.shape)), -1))(keys)
+        votes = jax.nn.one_hot(preds, num_classes).sum(0)              # [B, K]
+        return jnp.stack([
+            jnp.sum(mask), jnp.sum(mask * clean), jnp.sum(mask * (preds[0] == y)),
+            jnp.sum(mask * (jnp.argmax(votes, -1) == y)),
+        ])
+
+    jitted = jax.jit(counts, in_shardings=(None, parallel.batch_sharding(mesh), None),
+                     out_shardings=parallel.replicated(mesh))
+
+    def eval_fn(step, state):
+        total = np.zeros(4)
+        rng = jax.random.key(config.seed + 10_000)
+        batches = pipeline.eval_batches(
+            source, batch_size=config.eval_batch_size // jax.process_count(),
+            image_size=config.data.image_size, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        for i, batch in enumerate(batches):
+            batch = parallel.global_batch(
+                {k: batch[k] for k in ("image", "label", "mask")}, mesh)
+            total += np.asarray(jitted(state["params"], batch, jax.random.fold_in(rng, i)))
+        n = max(total[0], 1.0)
+        metrics = {"eval_clean_acc": total[1] / n, "eval_noisy_acc": total[2] / n,
+                   "eval_vote_acc": total[3] / n}
+        writer.write_scalars(step, metrics)
+        if jax.process_index() == 0:
+            print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+                  flush=True)
+
+    return eval_fn
