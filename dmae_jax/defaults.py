@@ -103,3 +103,53 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     cfg.eval_noise_draws = 8      # majority vote over this many noise draws during eval
     _loop(cfg)
     return cfg
+
+
+# dataset: (split, skip, n, batch_size, image_size) of the papers' certification protocols
+# (ImageNet: every 50th validation image, N = 10k; CIFAR-10: all test images, N = 100k).
+CERTIFY_PROTOCOLS = {
+    "imagenet2012": ("validation", 50, 10_000, 1000, 224),
+    "cifar10": ("test", 1, 100_000, 1000, 32),
+    "digits": ("test", 1, 1_000, 500, 32),
+}
+
+
+def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
+            n: int = 0) -> ml_collections.ConfigDict:
+    """Certification defaults: alpha = 0.001, N0 = 100, the data set's protocol."""
+    if dataset not in CERTIFY_PROTOCOLS:
+        raise ValueError(
+            f"config argument dataset must be one of {sorted(CERTIFY_PROTOCOLS)}, got {dataset!r}")
+    split, skip, default_n, batch_size, image_size = CERTIFY_PROTOCOLS[dataset]
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "certify"
+    cfg.seed = 0
+    cfg.checkpoint = ""           # a classifier export (fine-tuning's workdir/export)
+    cfg.denoiser = ""             # optional denoiser export in front of the classifier
+    cfg.denoiser_kind = "diffusion"   # diffusion (UNet export) | dmae (DMAE export)
+    cfg.data = ml_collections.ConfigDict(dict(
+        dataset=dataset, split=split, data_dir=None, image_size=image_size))
+    cfg.skip = skip               # certify every skip-th image ...
+    cfg.max = -1                  # ... with index below max (-1: all), as Cohen's certify.py
+    cfg.sigma = sigma
+    cfg.n0 = 100
+    cfg.n = n or default_n
+    cfg.alpha = 0.001
+    cfg.batch_size = batch_size   # noisy samples per step, split over the local devices
+    cfg.compute_dtype = "float32"  # or bfloat16
+    cfg.early_abstain = False     # DMAE's shortcut: abstain when the n0 guess is not the label
+    cfg.log_name = f"certify_sigma_{sigma}.tsv"
+    return cfg
+
+
+def cascade(dataset: str = "imagenet2012", sigmas=(1.0, 0.5, 0.25),
+            n: int = 0) -> ml_collections.ConfigDict:
+    """Cascade certification defaults: certify()'s protocol over several sigmas, p0 = 0.5."""
+    cfg = certify(dataset, sigmas[0], n)
+    cfg.task = "cascade"
+    del cfg.sigma
+    cfg.sigmas = tuple(sigmas)
+    cfg.checkpoints = ()          # one classifier export per sigma, aligned with sigmas
+    cfg.p0 = 0.5
+    cfg.log_name = "cascade_" + "_".join(str(s) for s in sigmas) + ".tsv"
+    return cfg

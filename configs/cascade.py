@@ -1,0 +1,19 @@
+r"""Multi-scale cascaded certification (Jeong & Shin, NeurIPS 2023) over several sigmas.
+
+One classifier per sigma (our fine-tuned DMAE classifiers), aligned with sigmas:
+  python -m dmae_jax.main --config=configs/cascade.py:dataset=digits --workdir=runs/casc \
+      --config.checkpoints='("runs/ft_1.0/export","runs/ft_0.5/export","runs/ft_0.25/export")'
+or one classifier behind a denoiser for every sigma:
+  ... --config.checkpoint=runs/clean_clf/export --config.denoiser=runs/ddpm/export
+Sigmas are visited from the largest down; p0 = 0.5; stage j at alpha / (j + 1).
+"""
+
+from dmae_jax import config as config_lib
+from dmae_jax import defaults
+
+
+def get_config(arg=None):
+    """dataset=imagenet2012|cifar10|digits, sigmas=1.0/0.5/0.25 ('/'-separated), n=..."""
+    args = config_lib.parse_arg(arg, dataset="imagenet2012", sigmas="1.0/0.5/0.25", n=0)
+    sigmas = tuple(float(s) for s in args.sigmas.split("/"))
+    return defaults.cascade(args.dataset, sigmas, args.n)

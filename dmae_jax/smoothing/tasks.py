@@ -1,0 +1,152 @@
+"""The `certify` and `cascade` tasks: certify a data set with an exported classifier.
+
+`certify`: Cohen et al.'s CERTIFY at one sigma, one log row per image (the TSV contract of
+DESIGN.md), resumable. `cascade`: the multi-scale cascade of Jeong & Shin over several
+sigmas, either with one fine-tuned classifier per sigma (`config.checkpoints`) or with one
+classifier behind a denoiser for every sigma (`config.checkpoint` + `config.denoiser`).
+
+  python -m dmae_jax.main --config=configs/certify.py:sigma=0.5 --workdir=runs/cert \
+      --config.checkpoint=runs/ft_050/export
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dmae_jax import checkpoints
+from dmae_jax import config as C
+
+DTYPES = ("float32", "bfloat16")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the certification fields (both tasks) before any work."""
+    from dmae_jax.data import datasets
+
+    C.one_of(config, "data.dataset", datasets.DATASETS)
+    C.positive(config, "n0")
+    C.positive(config, "n")
+    C.in_range(config, "alpha", 1e-300, 1.0)
+    C.positive(config, "batch_size")
+    C.positive(config, "skip")
+    C.one_of(config, "compute_dtype", DTYPES)
+    if config.task == "certify":
+        C.positive(config, "sigma")
+        checkpoints.load_params_checked(config.checkpoint, kind="classifier",
+                                        field="config.checkpoint")
+    else:
+        sigmas = C.sigmas(config, "sigmas")
+        C.in_range(config, "p0", 1e-12, 1.0)
+        per_sigma = list(config.get("checkpoints") or [])
+        if per_sigma and len(per_sigma) != len(sigmas):
+            raise C.ConfigError(
+                f"config.checkpoints must have one classifier per sigma ({len(sigmas)}), got "
+                f"{len(per_sigma)}")
+        if not per_sigma:
+            checkpoints.load_params_checked(config.checkpoint, kind="classifier",
+                                            field="config.checkpoint")
+        for i, path in enumerate(per_sigma):
+            checkpoints.load_params_checked(path, kind="classifier",
+                                            field=f"config.checkpoints[{i}]")
+    if config.get("denoiser"):
+        C.one_of(config, "denoiser_kind", ("diffusion", "dmae"))
+        kind = "unet" if config.denoiser_kind == "diffusion" else "dmae"
+        checkpoints.load_params_checked(config.denoiser, kind=kind, field="config.denoiser")
+
+
+def load_classifier(path: str, *, field: str = "config.checkpoint"):
+    """A jit-friendly logits_fn ([B,H,W,C] in [0,1] -> [B,K]) and the export's meta."""
+    import ml_collections as mlc
+    from flax import nnx
+
+    from dmae_jax.models import create_classifier
+    from dmae_jax.train.common import ModelParts
+
+    params, meta = checkpoints.load_params_checked(path, kind="classifier", field=field)
+    model = create_classifier(mlc.ConfigDict(meta["model"]), meta["num_classes"],
+                              rngs=nnx.Rngs(0))
+    parts = ModelParts.split(model)
+
+    def apply(params, images):
+        return parts.bind(params)(images)
+
+    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, params)), meta
+
+
+def load_denoiser(config, sigma: float):
+    """A denoise_fn (noisy [B,H,W,C] in [0,1] -> clean estimate) for one sigma, or None."""
+    if not config.get("denoiser"):
+        return None
+    from dmae_jax.diffusion import loading
+
+    return loading.load_denoiser(config.denoiser, config.denoiser_kind, sigma)
+
+
+def _logits_fn_for(config, classifier_fn, sigma: float):
+    denoise_fn = load_denoiser(config, sigma)
+    if denoise_fn is None:
+        return classifier_fn
+    from dmae_jax.diffusion import denoise
+
+    return denoise.compose(denoise_fn, classifier_fn)
+
+
+def _items(config):
+    """(idx, image [H,W,C] float32 in [0,1], label) for every `skip`-th index below `max`."""
+    from dmae_jax.data import datasets
+
+    source = datasets.load_source(config.data.dataset, config.data.split,
+                                  data_dir=config.data.data_dir,
+                                  image_size=config.data.image_size)
+    stop = len(source) if config.max < 0 else min(config.max, len(source))
+    for idx in range(0, stop, config.skip):
+        record = source[idx]
+        yield idx, np.asarray(record["image"], np.float32) / 255.0, int(record["label"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Certifies the configured subset; writes `workdir/<log_name>` and prints the report."""
+    from dmae_jax import report
+    from dmae_jax.data import datasets
+    from dmae_jax.smoothing import certify, runner
+
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, config.log_name)
+    num_classes = datasets.num_classes(config.data.dataset)
+    dtype = None if config.compute_dtype == "float32" else jax.numpy.bfloat16
+    rng = jax.random.key(config.seed)
+
+    if config.task == "certify":
+        classifier_fn, _ = load_classifier(config.checkpoint)
+        logits_fn = certify.place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
+        certify_one = certify.make_certify_one(
+            logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
+            batch_size=config.batch_size, rng=rng, num_classes=num_classes,
+            early_abstain=config.early_abstain, compute_dtype=dtype)
+        columns = certify.LOG_COLUMNS
+    else:
+        from dmae_jax.smoothing import cascade
+
+        sigmas = C.sigmas(config, "sigmas")
+        paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
+        loaded = {p: load_classifier(p)[0] for p in set(paths)}
+        fns = [certify.place_replicated(_logits_fn_for(config, loaded[p], s))
+               for p, s in zip(paths, sigmas, strict=True)]
+        certify_one = cascade.make_certify_one(
+            fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
+            batch_size=config.batch_size, rng=rng, num_classes=num_classes)
+        columns = cascade.CASCADE_COLUMNS
+
+    runner.run_certification(
+        _items(config), certify_one, log_path=log_path, extra_columns=columns,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if jax.process_index() == 0 and os.path.exists(log_path):
+        rows = report.load(log_path)
+        table = report.markdown_table([rows], [config.log_name])
+        logging.info("certification report:\n%s", table)
+        print(table, flush=True)
