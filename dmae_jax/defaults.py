@@ -153,3 +153,35 @@ def cascade(dataset: str = "imagenet2012", sigmas=(1.0, 0.5, 0.25),
     cfg.p0 = 0.5
     cfg.log_name = "cascade_" + "_".join(str(s) for s in sigmas) + ".tsv"
     return cfg
+
+
+def digits_pretrain() -> ml_collections.ConfigDict:
+    """DMAE pretraining on digits at CPU size (16x16 RGB, patch 4: 16 patches, 4 visible)."""
+    cfg = pretrain(dataset="digits", variant="mu")
+    cfg.model.update(img_size=16, patch_size=4, decoder_width=128, decoder_depth=2,
+                     decoder_heads=4)
+    cfg.data.update(image_size=16, augment="rrc_flip", eval_split="test")
+    cfg.batch_size = 128
+    cfg.num_epochs = 60
+    cfg.optim.update(base_lr=1.5e-3, warmup_epochs=5)
+    cfg.log_every_steps = 50
+    cfg.ckpt_every_steps = 200
+    cfg.eval_every_steps = 200
+    return cfg
+
+
+def digits_finetune(sigma: float = 0.25) -> ml_collections.ConfigDict:
+    """Fine-tuning on digits at CPU size: the official objective, a short schedule."""
+    cfg = finetune(dataset="digits", variant="mu", sigma=sigma)
+    cfg.model.update(img_size=16, patch_size=4, drop_path_rate=0.1)
+    # No flips or crops: a mirrored digit is another symbol; Mixup/CutMix stay on as the
+    # official ImageNet recipe.
+    cfg.data.update(image_size=16, augment="none", eval_split="test")
+    cfg.batch_size = 128
+    cfg.num_epochs = 30
+    cfg.optim.update(base_lr=1e-3, warmup_epochs=3, layer_decay=0.75)
+    cfg.eval_batch_size = 296 - 296 % 8
+    cfg.log_every_steps = 50
+    cfg.ckpt_every_steps = 100
+    cfg.eval_every_steps = 100
+    return cfg
