@@ -127,20 +127,12 @@ def make_train_step(
     )
 
 
-def shard_state(state: dict, mesh: Mesh) -> tuple[dict, Any]:
-    """Places a host/default-device state on the mesh; returns (state, its shardings)."""
-    shardings = parallel.state_shardings(state, mesh)
-    return jax.device_put(state, shardings), shardings
-
-
-def abstract_state(state_fn: Callable[[], dict], mesh: Mesh) -> tuple[Any, Any]:
-    """Shapes and shardings of the state `state_fn` would build, without building it."""
-    shapes = jax.eval_shape(state_fn)
-    shardings = parallel.state_shardings(shapes, mesh)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) to global arrays with the given shardings."""
+    return jax.tree.map(
+        lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x)[idx]),
+        tree, shardings,
     )
-    return abstract, shardings
 
 
 @dataclasses.dataclass
@@ -160,14 +152,19 @@ def run_training(
     workdir: str,
     loop: LoopConfig,
     mesh: Mesh,
-    step_fn: Callable[[dict, dict], tuple[dict, dict]],
-    init_fn: Callable[[], dict],
+    step_builder: Callable[[Any], Callable[[dict, dict], tuple[dict, dict]]],
+    init_params: Any,
+    make_state: Callable[[Any], dict],
     data_iter: Any,
     fingerprint: Mapping[str, Any],
     writer: Any,
     eval_fn: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Restores or initialises the state, then trains to `loop.total_steps`.
+
+    `init_params` are host (numpy) parameters, the same on every process;
+    `make_state(params) -> state` builds the optimizer state around them (jitted here);
+    `step_builder(state_shardings)` returns the jitted step (see `make_train_step`).
 
     `data_iter` yields local numpy batches and has `get_state()/set_state()` (the Grain
     iterator); its position is saved with every checkpoint so a resumed run sees exactly
@@ -176,10 +173,16 @@ def run_training(
     ckpt = checkpoints.TrainCheckpointer(
         workdir, max_to_keep=loop.keep_ckpts, fingerprint=fingerprint
     )
-    abstract, shardings = abstract_state(init_fn, mesh)
+    shapes = jax.eval_shape(make_state, init_params)
+    shardings = parallel.state_shardings(shapes, mesh)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    step_fn = step_builder(shardings)
     restored = ckpt.restore(abstract)
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=shardings)()
+        params = put_global(init_params, shardings["params"])
+        state = jax.jit(make_state, out_shardings=shardings)(params)
         start = 0
         logging.info("no checkpoint in %s: starting at step 0", ckpt.directory)
     else:
