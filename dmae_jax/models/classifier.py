@@ -1,0 +1,138 @@
+"""The ViT classifier of the official DMAE fine-tuning (MAE's `models_vit.VisionTransformer`).
+
+Images in [0, 1] are normalised inside the model (so smoothing noise lives in pixel space),
+resized to img_size with PyTorch bicubic when their size differs (the official CIFAR-10
+pipeline upsamples 32 -> 224 after adding the noise), embedded, run through the blocks, then
+either average-pooled over the patch tokens + `fc_norm` (global_pool, the default) or the cls
+token + `norm`, and a linear `head`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmae_jax.models import vit
+
+
+class Classifier(nnx.Module):
+    """ViT classifier with global average pooling and drop path (official fine-tuning model)."""
+
+    def __init__(self, *, img_size: int, patch_size: int, width: int, depth: int,
+                 num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, global_pool: bool = True,
+                 normalization: str = "imagenet", dtype=jnp.float32, remat: bool = False,
+                 in_chans: int = 3, rngs: nnx.Rngs):
+        if img_size % patch_size != 0:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by patch_size {patch_size}"
+            )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.mean, self.std = vit.get_normalization(normalization)
+        self.dtype = dtype
+        self.remat = remat
+
+        # timm 0.5.4 init (trunc_normal_(std=.02) with absolute cutoffs +-2 is a plain normal
+        # at this std); the conv keeps PyTorch's default init, as in timm.
+        normal = nnx.initializers.normal(0.02)
+        fan_in = in_chans * patch_size * patch_size
+        self.patch_embed = vit.PatchEmbed(
+            patch_size, in_chans, width,
+            kernel_init=nnx.initializers.variance_scaling(
+                1.0 / 3.0, "fan_in", "uniform", in_axis=(0, 1, 2), out_axis=3),
+            bias_init=vit.torch_default_uniform(fan_in), dtype=dtype, rngs=rngs,
+        )
+        self.cls_token = nnx.Param(normal(rngs.params(), (1, 1, width)))
+        # Trainable here (the official fine-tuning trains it); usually overwritten by
+        # `init_from_dmae` with the pretraining model's sin-cos embedding.
+        self.pos_embed = nnx.Param(normal(rngs.params(), (1, 1 + self.grid_size**2, width)))
+        self.blocks = vit.make_blocks(
+            depth, width, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+            kernel_init=normal, dtype=dtype, rngs=rngs)
+        # Pooling, its LayerNorm and the head run in float32: they are cheap, and logits
+        # feed the smoothing vote.
+        if global_pool:
+            self.fc_norm = vit.layer_norm(width, jnp.float32, rngs)
+        else:
+            self.norm = vit.layer_norm(width, jnp.float32, rngs)
+        # MAE fine-tuning re-initialises the head weight with trunc_normal_(std=2e-5).
+        self.head = nnx.Linear(width, num_classes,
+                               kernel_init=nnx.initializers.normal(2e-5), rngs=rngs)
+
+    def features(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """[0, 1] images [B, H, W, C] -> pooled, normalised features [B, D] float32."""
+        x = vit.normalize(vit.resize_to(images.astype(jnp.float32), self.img_size),
+                          self.mean, self.std)
+        x = self.patch_embed(x)
+        cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+        x = vit.apply_blocks(self.blocks, x, rng, self.remat)
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:].astype(jnp.float32).mean(axis=1))
+        return self.norm(x[:, 0].astype(jnp.float32))
+
+    def __call__(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """[0, 1] images [B, H, W, C] -> logits [B, K] float32; drop path only when rng given."""
+        return self.head(self.features(images, rng=rng))
+
+
+_ENCODER_KEYS = ("cls_token", "patch_embed", "blocks")
+
+
+def init_from_dmae(classifier: Classifier, dmae_params: Mapping[str, Any]) -> None:
+    """Copies a DMAE encoder into `classifier` in place (official fine-tuning initialisation).
+
+    `dmae_params` is the pure-dict DMAE parameter tree, `nnx.state(dmae, nnx.Param)
+    .to_pure_dict()` (what `dmae_jax.convert` and pretraining export), optionally with
+    `"pos_embed"` [1, 1 + g*g, D] added (e.g. `nnx.state(dmae).to_pure_dict()`, which also
+    holds the fixed embeddings). Copied: cls_token, patch_embed, blocks (depths must match)
+    and pos_embed.
+    Without "pos_embed" the classifier gets the fixed sin-cos embedding of its own grid,
+    which is exactly the DMAE's when the grids agree; with it, a differing grid is
+    interpolated bicubically as MAE's `interpolate_pos_embed`. Decoder, mask token and the
+    encoder's final `norm` are ignored; fc_norm and head stay as initialised.
+    """
+    missing = [k for k in _ENCODER_KEYS if k not in dmae_params]
+    if missing:
+        raise ValueError(
+            f"dmae_params lacks {missing}; pass nnx.state(dmae, nnx.Param).to_pure_dict()"
+        )
+    state = nnx.state(classifier, nnx.Param)
+    target = state.to_pure_dict()
+    source = {k: dmae_params[k] for k in _ENCODER_KEYS}
+    if len(source["blocks"]) != len(target["blocks"]):
+        raise ValueError(
+            f"the DMAE has {len(source['blocks'])} blocks but the classifier has "
+            f"{len(target['blocks'])}; model.variant/depth must match the pretrained model"
+        )
+    width = target["cls_token"].shape[-1]
+    if "pos_embed" in dmae_params:
+        source["pos_embed"] = vit.interpolate_pos_embed(
+            jnp.asarray(dmae_params["pos_embed"]), classifier.grid_size)
+    else:
+        source["pos_embed"] = vit.sincos_2d_posemb(classifier.grid_size, width)[None]
+
+    def copy(path, old, new):
+        new = jnp.asarray(new, jnp.float32)
+        if old.shape != new.shape:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ValueError(
+                f"dmae_params[{name}] has shape {tuple(new.shape)}, the classifier expects "
+                f"{tuple(old.shape)}"
+            )
+        return new
+
+    copied = jax.tree_util.tree_map_with_path(
+        copy, {k: target[k] for k in source}, source)
+    target.update(copied)
+    nnx.replace_by_pure_dict(state, target)
+    nnx.update(classifier, state)
+

@@ -1,0 +1,265 @@
+"""The DMAE pretraining model: noisy, masked ViT encoder and a light decoder to clean pixels.
+
+Computes what the official `models_dmae.DenoisingMaskedAutoencoderViT` computes
+(timm 0.5.4 blocks):
+
+    x_noisy = x + sigma * eps                     (in [0, 1] pixel space, never clipped)
+    resize both to img_size (PyTorch bicubic)     (only when the input size differs)
+    normalise both with mean/std
+    encoder: patch embed + fixed sin-cos pos embed, keep int(L * (1 - mask_ratio)) random
+             patches (argsort of uniform noise), prepend cls, blocks, norm
+    decoder: linear to decoder width, mask tokens, unshuffle, fixed pos embed, blocks, norm,
+             linear to p*p*C pixels per patch, cls dropped
+    loss:    MSE against the *clean* patches (per-patch normalised with unbiased variance and
+             eps 1e-6 when norm_pix_loss), averaged over ALL patches and values.
+
+Images are NHWC; patch vectors are ordered (p, q, c) like the official `patchify`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmae_jax.models import vit
+
+NORM_PIX_EPS = 1e-6
+
+
+class DMAEOutput(NamedTuple):
+    """DMAE forward result."""
+
+    loss: jax.Array  # [] float32
+    pred: jax.Array  # [B, L, p*p*C] float32 (per-patch normalised units if norm_pix_loss)
+    mask: jax.Array  # [B, L] float32, 1 = removed from the encoder input, 0 = kept
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], rows outer, (p, q, c) inside each patch."""
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, channels: int) -> jax.Array:
+    """[B, g*g, p*p*C] -> [B, g*p, g*p, C] (inverse of `patchify` for square images)."""
+    b, num_patches, _ = patches.shape
+    g = int(round(num_patches**0.5))
+    if g * g != num_patches:
+        raise ValueError(f"unpatchify needs a square number of patches, got {num_patches}")
+    p = patch_size
+    x = patches.reshape(b, g, g, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, channels)
+
+
+def normalize_patches(patches: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-patch standardisation [B, L, P]: returns ((t - mean) / sqrt(var + 1e-6), mean, var).
+
+    `var` is unbiased (torch.var's default), as in the official loss.
+    """
+    patches = patches.astype(jnp.float32)
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, keepdims=True, ddof=1)
+    return (patches - mean) / jnp.sqrt(var + NORM_PIX_EPS), mean, var
+
+
+def reconstruction_loss(pred: jax.Array, target: jax.Array, norm_pix_loss: bool) -> jax.Array:
+    """MSE over all patches and values of pred [B, L, P] against clean target patches [B, L, P]."""
+    if norm_pix_loss:
+        target = normalize_patches(target)[0]
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+
+
+def sample_ids_shuffle(rng: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
+    """Per-sample random patch order [B, L] int32: argsort of uniform noise (MAE)."""
+    noise = jax.random.uniform(rng, (batch_size, num_patches))
+    return jnp.argsort(noise, axis=1).astype(jnp.int32)
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """Number of visible patches, int(L * (1 - mask_ratio)) as the official code."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    len_keep = int(num_patches * (1 - mask_ratio))
+    if len_keep < 1:
+        raise ValueError(
+            f"mask_ratio {mask_ratio} keeps no patch out of {num_patches}; use a smaller ratio"
+        )
+    return len_keep
+
+
+def random_masking(
+    x: jax.Array, ids_shuffle: jax.Array, len_keep: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keeps the first `len_keep` tokens of each sample's order.
+
+    x [B, L, D], ids_shuffle [B, L] -> (x_kept [B, len_keep, D], mask [B, L] (1 = removed),
+    ids_restore [B, L] with take_along_axis(shuffled, ids_restore) == original order).
+    """
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+    mask = (ids_restore >= len_keep).astype(jnp.float32)
+    return x_kept, mask, ids_restore
+
+
+class DMAE(nnx.Module):
+    """Denoising masked autoencoder (official DMAE pretraining model, timm key names)."""
+
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 norm_pix_loss: bool = True, normalization: str = "imagenet",
+                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        if img_size % patch_size != 0:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by patch_size {patch_size}"
+            )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.norm_pix_loss = norm_pix_loss
+        self.mean, self.std = vit.get_normalization(normalization)
+        self.dtype = dtype
+        self.remat = remat
+
+        # Official init: xavier_uniform Linear (zero bias), the patch conv as a Linear on its
+        # (D, C*p*p) view, cls and mask tokens N(0, 0.02).
+        xavier = nnx.initializers.xavier_uniform()
+        patch_fan_in = in_chans * patch_size * patch_size
+        self.patch_embed = vit.PatchEmbed(
+            patch_size, in_chans, width,
+            kernel_init=nnx.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3),
+            bias_init=vit.torch_default_uniform(patch_fan_in), dtype=dtype, rngs=rngs,
+        )
+        self.cls_token = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (1, 1, width)))
+        self.pos_embed = vit.FixedEmbedding(
+            jnp.asarray(vit.sincos_2d_posemb(self.grid_size, width))[None])
+        self.blocks = vit.make_blocks(
+            depth, width, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=0.0,
+            kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.norm = vit.layer_norm(width, dtype, rngs)
+
+        self.decoder_embed = nnx.Linear(width, decoder_width, kernel_init=xavier, dtype=dtype,
+                                        rngs=rngs)
+        self.mask_token = nnx.Param(
+            nnx.initializers.normal(0.02)(rngs.params(), (1, 1, decoder_width)))
+        self.decoder_pos_embed = vit.FixedEmbedding(
+            jnp.asarray(vit.sincos_2d_posemb(self.grid_size, decoder_width))[None])
+        self.decoder_blocks = vit.make_blocks(
+            decoder_depth, decoder_width, decoder_heads, mlp_ratio=mlp_ratio,
+            drop_path_rate=0.0, kernel_init=xavier, dtype=dtype, rngs=rngs)
+        self.decoder_norm = vit.layer_norm(decoder_width, dtype, rngs)
+        self.decoder_pred = nnx.Linear(decoder_width, patch_size * patch_size * in_chans,
+                                       kernel_init=xavier, dtype=dtype, rngs=rngs)
+
+    def patchify(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, L, p*p*C]."""
+        return patchify(images, self.patch_size)
+
+    def unpatchify(self, patches: jax.Array) -> jax.Array:
+        """[B, L, p*p*C] -> [B, H, W, C]."""
+        return unpatchify(patches, self.patch_size, self.in_chans)
+
+    def preprocess(self, images: jax.Array) -> jax.Array:
+        """[0, 1] images [B, H, W, C] -> normalised [B, img_size, img_size, C] float32."""
+        return vit.normalize(vit.resize_to(images.astype(jnp.float32), self.img_size),
+                             self.mean, self.std)
+
+    def forward_encoder(self, x: jax.Array, ids_shuffle: jax.Array, len_keep: int
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normalised images [B, H, W, C] -> (latent [B, 1 + len_keep, D], mask, ids_restore)."""
+        x = self.patch_embed(x)
+        pos_embed = self.pos_embed.value
+        # Position embeddings are added before masking, so kept tokens keep their positions.
+        x = x + pos_embed[:, 1:].astype(x.dtype)
+        x, mask, ids_restore = random_masking(x, ids_shuffle, len_keep)
+        cls = (self.cls_token.value + pos_embed[:, :1]).astype(x.dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        x = vit.apply_blocks(self.blocks, x, None, self.remat)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+        """latent [B, 1 + K, D], ids_restore [B, L] -> pred [B, L, p*p*C] float32."""
+        x = self.decoder_embed(latent)
+        b, num_patches = ids_restore.shape
+        mask_tokens = jnp.broadcast_to(
+            self.mask_token.value.astype(x.dtype),
+            (b, num_patches + 1 - x.shape[1], x.shape[2]))
+        tokens = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+        tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)
+        x = jnp.concatenate([x[:, :1], tokens], axis=1)
+        x = x + self.decoder_pos_embed.value.astype(x.dtype)
+        x = vit.apply_blocks(self.decoder_blocks, x, None, self.remat)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:].astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, *, sigma, mask_ratio: float,
+                 rng: jax.Array | None = None, noise: jax.Array | None = None,
+                 ids_shuffle: jax.Array | None = None) -> DMAEOutput:
+        """Noisy masked reconstruction of clean images [B, H, W, C] in [0, 1].
+
+        `noise` is an explicit N(0, 1) draw shaped like `images` (drawn from `rng` when None;
+        not needed when `sigma` is the Python number 0). `ids_shuffle` [B, L] is an explicit
+        patch order (drawn from `rng` when None; the identity when mask_ratio is 0 and there
+        is no rng). `mask_ratio` must be a Python float (it fixes the number of kept tokens).
+        """
+        if isinstance(sigma, (int, float)) and sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        len_keep = num_kept(self.num_patches, mask_ratio)
+        rng_noise, rng_mask = (None, None) if rng is None else jax.random.split(rng)
+        images = images.astype(jnp.float32)
+        batch = images.shape[0]
+
+        if noise is None and not (isinstance(sigma, (int, float)) and sigma == 0):
+            if rng_noise is None:
+                raise ValueError("DMAE needs rng (or an explicit noise) when sigma != 0")
+            noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
+        noisy = images if noise is None else images + sigma * noise.astype(jnp.float32)
+        # Resize after the noise, as the official code: the noise lives at the input size.
+        both = self.preprocess(jnp.concatenate([images, noisy], axis=0))
+        clean, noisy = both[:batch], both[batch:]
+
+        if ids_shuffle is None:
+            if rng_mask is not None:
+                ids_shuffle = sample_ids_shuffle(rng_mask, batch, self.num_patches)
+            elif len_keep == self.num_patches:
+                ids_shuffle = jnp.broadcast_to(
+                    jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
+            else:
+                raise ValueError("DMAE needs rng (or an explicit ids_shuffle) when mask_ratio > 0")
+
+        latent, mask, ids_restore = self.forward_encoder(noisy, ids_shuffle, len_keep)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = reconstruction_loss(pred, self.patchify(clean), self.norm_pix_loss)
+        return DMAEOutput(loss=loss, pred=pred, mask=mask)
+
+    def reconstruct(self, images_noisy: jax.Array) -> jax.Array:
+        """Best-effort clean image [B, img_size, img_size, C] in [0, 1] from noisy [B, H, W, C].
+
+        Encoder and decoder see all patches (nothing masked). A norm_pix_loss model predicts
+        each patch only up to its mean and scale; those are taken from the *noisy* input patch
+        (in normalised units), as the MAE visualisation does, so the patch brightness and
+        contrast carry the input noise. Outputs are un-normalised and clipped to [0, 1];
+        inputs of another size are returned at img_size.
+        """
+        x = self.preprocess(images_noisy)
+        batch = x.shape[0]
+        ids = jnp.broadcast_to(
+            jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
+        latent, _, ids_restore = self.forward_encoder(x, ids, self.num_patches)
+        pred = self.forward_decoder(latent, ids_restore)
+        if self.norm_pix_loss:
+            _, mean, var = normalize_patches(self.patchify(x))
+            pred = pred * jnp.sqrt(var + NORM_PIX_EPS) + mean
+        images = self.unpatchify(pred)
+        images = images * jnp.asarray(self.std, jnp.float32) + jnp.asarray(self.mean, jnp.float32)
+        return jnp.clip(images, 0.0, 1.0)

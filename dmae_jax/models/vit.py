@@ -1,0 +1,245 @@
+"""ViT building blocks shared by the DMAE pretraining model and the classifier.
+
+The computation is the one of timm 0.5.4 as used by the official DMAE code: pre-norm blocks
+with a fused qkv projection (with bias), exact (erf) GELU, LayerNorm eps 1e-6, per-sample
+drop path, a patch-embedding convolution and the MAE 2-D sin-cos position embedding.
+Attribute names mirror timm's so that parameter paths read like the PyTorch state_dict keys
+(`blocks/3/attn/qkv/kernel` is `blocks.3.attn.qkv.weight`).
+
+All randomness is explicit: modules never hold an `nnx.Rngs` at call time; calls take
+`rng: jax.Array | None` (None = deterministic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+VARIANTS: dict[str, dict] = {
+    "mu": {"width": 128, "depth": 4, "num_heads": 4},
+    "tiny": {"width": 192, "depth": 12, "num_heads": 3},
+    "small": {"width": 384, "depth": 12, "num_heads": 6},
+    "base": {"width": 768, "depth": 12, "num_heads": 12},
+    "large": {"width": 1024, "depth": 24, "num_heads": 16},
+    "huge": {"width": 1280, "depth": 32, "num_heads": 16},
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+}
+
+LAYER_NORM_EPS = 1e-6
+
+
+def get_variant(name: str) -> dict:
+    """Returns {width, depth, num_heads} of a named ViT variant."""
+    if name not in VARIANTS:
+        raise ValueError(
+            f"model.variant must be one of {sorted(VARIANTS)}, got {name!r}"
+        )
+    return dict(VARIANTS[name])
+
+
+def get_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Returns the per-channel (mean, std) of a named input normalisation."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(
+            f"model.normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}"
+        )
+    return NORMALIZATIONS[name]
+
+
+def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Maps [0, 1] pixels [B, H, W, C] to (x - mean) / std in float32."""
+    images = images.astype(jnp.float32)
+    return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def resize_to(images: jax.Array, img_size: int) -> jax.Array:
+    """Resizes [B, H, W, C] to [B, img_size, img_size, C] with PyTorch bicubic (no-op if equal)."""
+    if images.shape[1:3] == (img_size, img_size):
+        return images
+    # Imported here: the resize lives in the data package, which the models must not require
+    # when inputs already have the model's size (the common case).
+    from dmae_jax.data.resize import resize_bicubic_torch
+
+    return resize_bicubic_torch(images, (img_size, img_size))
+
+
+def sincos_1d_posemb(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[M] positions -> [M, dim] = [sin(pos * omega), cos(pos * omega)], omega_k = 1e4^(-2k/dim)."""
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d_posemb(grid_size: int, dim: int, cls_token: bool = True) -> np.ndarray:
+    """Fixed MAE 2-D sin-cos embedding [1 + g*g, dim] (or [g*g, dim]), float32.
+
+    Tokens are row-major (row outer, column inner). As in the official code
+    (`np.meshgrid(grid_w, grid_h)`), the first dim/2 channels encode the *column* index and
+    the last dim/2 the row index. The cls row is all zeros.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    emb = np.concatenate(
+        [sincos_1d_posemb(dim // 2, cols), sincos_1d_posemb(dim // 2, rows)], axis=1
+    )
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return emb.astype(np.float32)
+
+
+def interpolate_pos_embed(pos_embed: jax.Array, grid_size: int) -> jax.Array:
+    """[1, 1 + g*g, D] -> [1, 1 + G*G, D]: bicubic on the grid, cls row kept (MAE's rule)."""
+    num_tokens = pos_embed.shape[1] - 1
+    old = int(round(num_tokens**0.5))
+    if old * old != num_tokens:
+        raise ValueError(f"pos_embed has {num_tokens} patch tokens, not a square grid")
+    if old == grid_size:
+        return pos_embed
+    from dmae_jax.data.resize import resize_bicubic_torch
+
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, old, old, dim).astype(jnp.float32)
+    grid = resize_bicubic_torch(grid, (grid_size, grid_size))
+    return jnp.concatenate(
+        [pos_embed[:, :1].astype(jnp.float32), grid.reshape(1, grid_size * grid_size, dim)],
+        axis=1,
+    )
+
+
+class FixedEmbedding(nnx.Variable):
+    """A fixed (non-trainable) position embedding: excluded from `nnx.state(model, nnx.Param)`."""
+
+
+def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm(eps 1e-6) with float32 two-pass statistics and output in `dtype`."""
+    return nnx.LayerNorm(
+        dim, epsilon=LAYER_NORM_EPS, dtype=dtype, use_fast_variance=False, rngs=rngs
+    )
+
+
+def torch_default_uniform(fan_in: int):
+    """PyTorch's default Conv/Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weights and bias)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zeroes whole samples of the residual branch [B, ...] with prob `rate`."""
+    if rng is None or rate == 0.0:
+        return x
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (keep.astype(x.dtype) / jnp.asarray(keep_prob, x.dtype))
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p patches -> tokens [B, L, D] (timm `PatchEmbed`, row-major)."""
+
+    def __init__(self, patch_size: int, in_chans: int, width: int, *, kernel_init, bias_init,
+                 dtype, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(
+            in_chans, width, kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size), padding="VALID", kernel_init=kernel_init,
+            bias_init=bias_init, dtype=dtype, rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, (H/p)*(W/p), D]."""
+        x = self.proj(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection [q | k | v] (timm `Attention`)."""
+
+    def __init__(self, dim: int, num_heads: int, *, kernel_init, dtype, rngs: nnx.Rngs):
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, N, D] -> [B, N, D]; softmax in float32."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> exact GELU -> fc2 (timm `Mlp`, no dropout)."""
+
+    def __init__(self, dim: int, hidden: int, *, kernel_init, dtype, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(dim, hidden, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, dim, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, N, D] -> [B, N, D]."""
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + dp(attn(norm1(x))), then x + dp(mlp(norm2(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, kernel_init, dtype, rngs: nnx.Rngs):
+        self.drop_path_rate = drop_path_rate
+        self.norm1 = layer_norm(dim, dtype, rngs)
+        self.attn = Attention(dim, num_heads, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(dim, dtype, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), kernel_init=kernel_init, dtype=dtype,
+                       rngs=rngs)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """[B, N, D] -> [B, N, D]; drop path is active only when `rng` is given."""
+        if rng is None or self.drop_path_rate == 0.0:
+            rng_attn = rng_mlp = None
+        else:
+            rng_attn, rng_mlp = jax.random.split(rng)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, rng_attn)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, rng_mlp)
+
+
+def _block_forward(block: Block, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+    return block(x, rng)
+
+
+def apply_blocks(blocks: Sequence[Block], x: jax.Array, rng: jax.Array | None,
+                 remat: bool) -> jax.Array:
+    """Runs the blocks in order, one independent drop-path key each; optionally rematerialised."""
+    rngs = [None] * len(blocks) if rng is None else list(jax.random.split(rng, len(blocks)))
+    forward = nnx.remat(_block_forward) if remat else _block_forward
+    for block, block_rng in zip(blocks, rngs, strict=True):
+        x = forward(block, x, block_rng)
+    return x
+
+
+def make_blocks(depth: int, dim: int, num_heads: int, *, mlp_ratio: float,
+                drop_path_rate: float, kernel_init, dtype, rngs: nnx.Rngs) -> nnx.List:
+    """`depth` blocks with drop-path rates rising linearly from 0 to `drop_path_rate` (timm)."""
+    rates = np.linspace(0.0, drop_path_rate, depth) if depth > 0 else []
+    return nnx.List([
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=float(rate),
+              kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        for rate in rates
+    ])
