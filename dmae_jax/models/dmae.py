@@ -245,21 +245,30 @@ class DMAE(nnx.Module):
     def reconstruct(self, images_noisy: jax.Array) -> jax.Array:
         """Best-effort clean image [B, img_size, img_size, C] in [0, 1] from noisy [B, H, W, C].
 
-        Encoder and decoder see all patches (nothing masked). A norm_pix_loss model predicts
-        each patch only up to its mean and scale; those are taken from the *noisy* input patch
-        (in normalised units), as the MAE visualisation does, so the patch brightness and
-        contrast carry the input noise. Outputs are un-normalised and clipped to [0, 1];
-        inputs of another size are returned at img_size.
+        Encoder and decoder see all patches (nothing masked); see `pred_to_images` for how
+        the prediction becomes pixels.
         """
         x = self.preprocess(images_noisy)
         batch = x.shape[0]
         ids = jnp.broadcast_to(
             jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
         latent, _, ids_restore = self.forward_encoder(x, ids, self.num_patches)
-        pred = self.forward_decoder(latent, ids_restore)
+        return self._to_pixels(self.forward_decoder(latent, ids_restore), x)
+
+    def pred_to_images(self, pred: jax.Array, images_noisy: jax.Array) -> jax.Array:
+        """Decoder output [B, L, p*p*C] -> images [B, img_size, img_size, C] in [0, 1].
+
+        A norm_pix_loss model predicts each patch only up to its mean and scale; those are
+        taken from the *noisy* input patch (`images_noisy` [B, H, W, C] in [0, 1], the
+        encoder's input; normalised units), as the MAE visualisation does, so patch brightness
+        and contrast carry the input noise. Outputs are un-normalised and clipped to [0, 1].
+        """
+        return self._to_pixels(pred, self.preprocess(images_noisy))
+
+    def _to_pixels(self, pred: jax.Array, x: jax.Array) -> jax.Array:
         if self.norm_pix_loss:
             _, mean, var = normalize_patches(self.patchify(x))
             pred = pred * jnp.sqrt(var + NORM_PIX_EPS) + mean
-        images = self.unpatchify(pred)
+        images = self.unpatchify(pred.astype(jnp.float32))
         images = images * jnp.asarray(self.std, jnp.float32) + jnp.asarray(self.mean, jnp.float32)
         return jnp.clip(images, 0.0, 1.0)
