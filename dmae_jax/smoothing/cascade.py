@@ -1,0 +1,409 @@
+"""Multi-scale cascaded randomized smoothing (Jeong & Shin, NeurIPS 2023).
+
+The cascaded classifier visits smoothed classifiers g_sigma from the largest sigma down and
+outputs the first one whose top-class probability exceeds p0 (abstaining if none does):
+the largest scale keeps the largest radii, smaller scales rescue inputs it over-smooths.
+
+`certify_cascade` is the official `certify.py` / `third_party/core_mdds.py` algorithm:
+stage j (0 = largest sigma) draws fresh n0 selection and n estimation samples and runs a
+Clopper-Pearson test at alpha / (j + 1) on its top class:
+    pA_lower >= p0            -> predict c_hat, stop;
+    pA_lower < p0 <= pA_upper -> abstain AMBIGUOUS (-2), stop (no fall-through);
+    pA_upper < p0             -> this scale abstains, keep its counts, go to the next sigma.
+When stage k predicts y, every earlier stage j must keep every class != y below p0 too:
+    radius = min(sigma_k (Phi^-1(pA_lower) - Phi^-1(p0)),
+                 min_{j<k} sigma_j (Phi^-1(p0) - Phi^-1(pB_upper_j)))
+where pB_upper_j bounds max_{c != y} p_j(c) at level alpha / (k + 1) (`off_class_upper_bound`).
+A negative radius becomes ABSTAIN (-1) with radius 0; a radius of exactly 0 keeps y.
+p0 must be >= 1/2 (official default 1/2): below it two classes of one scale could both
+exceed p0 near x and the certificate would not hold.
+
+Units. The official code works on images in [-1, 1] (u = 2x - 1) with noise std 2 sigma
+and divides its radius by 2 at the end. Our images are in [0, 1] and we add noise of std
+sigma, which is the same experiment: u + N(0, (2 sigma)^2) = 2 (x + N(0, sigma^2)) - 1, so
+the base classifier sees identically distributed inputs and every count, bound and
+decision has the same distribution. Every radius term is linear in the noise std, so the
+official u-space radius is 2 sigma (...) = 2 R, and an L2 ball of radius 2R in u-space is
+the ball of radius R in x-space (|u - u'| = 2 |x - x'|). Hence official radius / 2 equals
+our sigma (...) exactly, and the sign tests agree. The official `r_neg` column is in
+u-space; ours is in [0, 1]-pixel units, i.e. official r_neg / 2 (sentinel -100 unchanged).
+
+`predict_cascade` is the official empirical mode (`predict_mdds.py`), see its docstring.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from scipy import stats
+
+from dmae_jax.smoothing.certify import ABSTAIN, sample_counts
+from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, reduce_counts
+
+# The interval for the stage's top class contains p0: the cascade stops without deciding.
+AMBIGUOUS = -2
+# Logged r_neg when no larger scale abstained before the deciding stage (official value).
+R_NEG_NONE = -100.0
+
+# Log columns after the contract's `idx label predict radius correct time`.
+CASCADE_COLUMNS = ("r_neg", "pred_uc", "corr_uc", "stage", "sigma", "num_samples")
+
+LogitsFn = Callable[[Any], Any]
+# sample_counts(logits_fn, x, *, sigma, num, batch_size, rng, num_classes) -> int64 [K].
+Sampler = Callable[..., np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    """Outcome of the cascade's statistical tests on per-stage counts."""
+
+    prediction: int  # class, ABSTAIN (-1) or AMBIGUOUS (-2)
+    radius: float  # certified L2 radius in [0, 1]-pixel units, 0 unless a class is returned
+    stage: int  # last stage visited (0 = largest sigma)
+    sigma: float  # sigma of that stage
+    r_neg: float  # max_{j<k} sigma_j (Phi^-1(pB_upper_j) - Phi^-1(p0)), or R_NEG_NONE
+    pA_lower: float  # lower bound of the last stage's top class (nan if it was never bounded)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeResult:
+    """Cascade certificate of one image plus the official fallback prediction and its cost."""
+
+    prediction: int
+    radius: float
+    stage: int
+    sigma: float
+    r_neg: float
+    pred_uc: int  # prediction if >= 0, else the clean classifier's class (see certify_cascade)
+    pA_lower: float
+    counts: tuple[np.ndarray, ...]  # estimation counts [K] of every visited stage, in order
+    num_samples: int  # noisy forward passes used: (stage + 1) * (n0 + n)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadePrediction:
+    """Outcome of the empirical (non-certified) cascade prediction of one image."""
+
+    prediction: int  # final class: clean logits + log smoothed prior, or clean argmax
+    cascade_prediction: int  # top class of the accepting stage, or ABSTAIN (official pred0)
+    stage: int  # last stage visited (0 = largest sigma)
+    sigma: float
+    clean_max_prob: float  # max softmax of the clean classifier (official c_max)
+    num_samples: int  # noisy forward passes used: (stage + 1) * n
+
+
+def processing_order(sigmas: Sequence[float]) -> list[int]:
+    """Indices of `sigmas` from the largest sigma to the smallest: the cascade's stage order."""
+    return sorted(range(len(sigmas)), key=lambda i: -sigmas[i])
+
+
+def off_class_upper_bound(counts: np.ndarray, c: int, alpha: float) -> float:
+    """Upper confidence bound on max_{c' != c} p(c') from one stage's counts [K].
+
+    Off-class counts are pooled into cells of >= 5 (`reduce_counts`). With at least two
+    off-class cells, the bound is the largest upper end of Goodman's simultaneous intervals
+    at 2 alpha (one-sided alpha per side, as the official code). With fewer, all off-class
+    mass is in one cell and the bound is 1 - pA_lower(n_c), the Clopper-Pearson upper bound
+    on that total. (The official code computes this from the stage's own top class instead
+    of c; that is the same when they agree, and when they differ it is no bound on the
+    off-class probabilities: for p0 > 1/2 it can overstate the radius.)
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    cells = reduce_counts(counts, c)
+    if len(cells) <= 2:
+        pA_lower, _ = clopper_pearson(int(counts[c]), int(counts.sum()), alpha)
+        return 1.0 - pA_lower
+    return float(goodman_intervals(cells, 2.0 * alpha)[1:, 1].max())
+
+
+def certify_from_counts(
+    stages: Iterable[tuple[int, np.ndarray]],
+    *,
+    sigmas: Sequence[float],
+    alpha: float,
+    p0: float = 0.5,
+) -> Certificate:
+    """Run the cascade's tests on (c_hat, estimation counts [K]) per stage, largest sigma first.
+
+    `stages` is consumed lazily, one stage at a time, and not beyond the deciding stage, so
+    a generator that samples on demand gives the cascade's early stopping. `sigmas` must be
+    strictly decreasing (the processing order); stage j is tested at alpha / (j + 1).
+    """
+    _check_sigmas(sigmas)
+    if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:], strict=False)):
+        raise ValueError(f"sigmas must be strictly decreasing (processing order), got {sigmas}")
+    _check_level(alpha, p0)
+    z0 = stats.norm.ppf(p0)
+    abstained: list[tuple[float, np.ndarray]] = []
+    stage, sigma, pA_lower = -1, float("nan"), float("nan")
+    for stage, (sigma, (c_hat, counts)) in enumerate(zip(sigmas, stages, strict=True)):
+        counts = np.asarray(counts, dtype=np.int64)
+        alpha_stage = alpha / (stage + 1)
+        pA_lower, pA_upper = clopper_pearson(int(counts[c_hat]), int(counts.sum()), alpha_stage)
+        if pA_lower >= p0:
+            radius = sigma * (stats.norm.ppf(pA_lower) - z0)
+            r_neg = R_NEG_NONE
+            if abstained:
+                r_neg = max(
+                    sigma_j
+                    * (stats.norm.ppf(off_class_upper_bound(counts_j, c_hat, alpha_stage)) - z0)
+                    for sigma_j, counts_j in abstained
+                )
+                radius = min(radius, -r_neg)
+            if radius < 0.0:
+                return Certificate(ABSTAIN, 0.0, stage, sigma, float(r_neg), pA_lower)
+            return Certificate(int(c_hat), float(radius), stage, sigma, float(r_neg), pA_lower)
+        if pA_upper >= p0:
+            return Certificate(AMBIGUOUS, 0.0, stage, sigma, R_NEG_NONE, pA_lower)
+        abstained.append((sigma, counts))
+    return Certificate(ABSTAIN, 0.0, stage, sigma, R_NEG_NONE, pA_lower)
+
+
+def certify_cascade(
+    logits_fns: Sequence[LogitsFn],
+    x: Any,
+    *,
+    sigmas: Sequence[float],
+    n0: int,
+    n: int,
+    alpha: float,
+    p0: float = 0.5,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    clean_logits_fn: LogitsFn | None = None,
+    sampler: Sampler | None = None,
+) -> CascadeResult:
+    """Certify one image [H, W, C] in [0, 1] with the multi-scale cascade (official CERTIFY).
+
+    logits_fns[i] is the base classifier ([B, H, W, C] -> logits [B, K]) smoothed at
+    sigmas[i]: one per sigma (per-sigma fine-tuned classifiers) or the same denoise-and-
+    classify function built for each sigma. Stages run from the largest sigma down whatever
+    the order given; stage j uses jax.random.split(rng, len(sigmas))[j], split again into
+    its selection and estimation keys. pred_uc is the official fallback: the prediction if
+    it is a class, else argmax clean_logits_fn(x[None]) (the classifier on the clean image,
+    no noise), or the prediction itself (-1/-2) when clean_logits_fn is None. `sampler`
+    defaults to certify.sample_counts; pass functools.partial(sample_counts, devices=...,
+    compute_dtype=...) for its other options.
+    """
+    _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+    sampler = sample_counts if sampler is None else sampler
+    order = processing_order(sigmas)
+    stage_keys = jax.random.split(rng, len(order))
+    visited: list[np.ndarray] = []
+
+    def sample_stages() -> Iterator[tuple[int, np.ndarray]]:
+        for stage, i in enumerate(order):
+            key_select, key_estimate = jax.random.split(stage_keys[stage])
+            common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
+            counts_select = _sample(sampler, logits_fns[i], x, n0, key_select, common)
+            counts_estimate = _sample(sampler, logits_fns[i], x, n, key_estimate, common)
+            visited.append(counts_estimate)
+            yield int(np.argmax(counts_select)), counts_estimate
+
+    certificate = certify_from_counts(
+        sample_stages(), sigmas=[float(sigmas[i]) for i in order], alpha=alpha, p0=p0
+    )
+    pred_uc = certificate.prediction
+    if pred_uc < 0 and clean_logits_fn is not None:
+        pred_uc = int(np.argmax(np.asarray(clean_logits_fn(x[None]))[0]))
+    return CascadeResult(
+        prediction=certificate.prediction,
+        radius=certificate.radius,
+        stage=certificate.stage,
+        sigma=certificate.sigma,
+        r_neg=certificate.r_neg,
+        pred_uc=pred_uc,
+        pA_lower=certificate.pA_lower,
+        counts=tuple(visited),
+        num_samples=len(visited) * (n0 + n),
+    )
+
+
+def make_certify_one(
+    logits_fns: Sequence[LogitsFn],
+    *,
+    sigmas: Sequence[float],
+    n0: int,
+    n: int,
+    alpha: float,
+    p0: float = 0.5,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    clean_logits_fn: LogitsFn | None = None,
+    sampler: Sampler | None = None,
+) -> Callable[[int, Any, int], dict[str, Any]]:
+    """certify_one(idx, image, label) -> log row for run_certification (columns CASCADE_COLUMNS).
+
+    The row has every column but `time`, which run_certification measures. The image's key
+    is jax.random.fold_in(rng, idx), so a resumed run certifies each image exactly as an
+    uninterrupted run does.
+    """
+    _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+
+    def certify_one(idx: int, image: Any, label: int) -> dict[str, Any]:
+        result = certify_cascade(
+            logits_fns, image, sigmas=sigmas, n0=n0, n=n, alpha=alpha, p0=p0,
+            batch_size=batch_size, rng=jax.random.fold_in(rng, idx), num_classes=num_classes,
+            clean_logits_fn=clean_logits_fn, sampler=sampler,
+        )  # fmt: skip
+        label = int(label)
+        return {
+            "idx": int(idx),
+            "label": label,
+            "predict": result.prediction,
+            "radius": result.radius,
+            "correct": int(result.prediction == label),
+            "r_neg": result.r_neg,
+            "pred_uc": result.pred_uc,
+            "corr_uc": int(result.pred_uc == label),
+            "stage": result.stage,
+            "sigma": result.sigma,
+            "num_samples": result.num_samples,
+        }
+
+    return certify_one
+
+
+def predict_cascade(
+    logits_fns: Sequence[LogitsFn],
+    clean_logits_fn: LogitsFn,
+    x: Any,
+    *,
+    sigmas: Sequence[float],
+    n: int = 200,
+    p0: float = 0.5,
+    unif_w: float = 0.1,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    sampler: Sampler | None = None,
+) -> CascadePrediction:
+    """Empirical cascade prediction of one image [H, W, C] (official predict_mdds.py).
+
+    From the largest sigma down, draw n noisy samples and accept the first scale whose top
+    count n_A satisfies n_A >= p0 * n (no confidence interval, no off-class test: the
+    official code has one but never feeds it a scale, so it never acts). With counts of the
+    accepting scale, the output is argmax(clean_logits + log((1 - unif_w) counts / n +
+    unif_w / K)): the smoothed votes act as a prior on the clean classifier. If every scale
+    abstains, the output is the clean classifier's argmax. Stage j uses key
+    jax.random.split(rng, len(sigmas))[j].
+    """
+    _check_sigmas(sigmas)
+    _check_positive_ints(n=n, batch_size=batch_size)
+    if len(logits_fns) != len(sigmas):
+        raise ValueError(
+            f"logits_fns must have one entry per sigma ({len(sigmas)}), got {len(logits_fns)}"
+        )
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"p0 must be in (0, 1), got {p0}")
+    if not 0.0 <= unif_w <= 1.0:
+        raise ValueError(f"unif_w must be in [0, 1], got {unif_w}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    sampler = sample_counts if sampler is None else sampler
+    clean_logits = np.asarray(clean_logits_fn(x[None]), dtype=np.float64)[0]
+    clean_probs = np.exp(clean_logits - clean_logits.max())
+    clean_max_prob = float(clean_probs.max() / clean_probs.sum())
+    order = processing_order(sigmas)
+    stage_keys = jax.random.split(rng, len(order))
+    accepted_counts = None
+    cascade_prediction = ABSTAIN
+    for stage, i in enumerate(order):
+        common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
+        counts = _sample(sampler, logits_fns[i], x, n, stage_keys[stage], common)
+        c_hat = int(np.argmax(counts))
+        if counts[c_hat] >= p0 * n:
+            cascade_prediction, accepted_counts = c_hat, counts
+            break
+    outputs = clean_logits
+    if accepted_counts is not None:
+        prior = (1.0 - unif_w) * accepted_counts / n + unif_w / num_classes
+        outputs = clean_logits + np.log(np.clip(prior, 1e-20, None))
+    return CascadePrediction(
+        prediction=int(np.argmax(outputs)),
+        cascade_prediction=cascade_prediction,
+        stage=stage,
+        sigma=float(sigmas[order[stage]]),
+        clean_max_prob=clean_max_prob,
+        num_samples=(stage + 1) * n,
+    )
+
+
+def expected_num_stages(continue_rates: Sequence[float]) -> float:
+    """Expected stages visited per image, i.e. cost relative to one sigma with the same n0, n.
+
+    continue_rates[j] is P(stage j abstains with pA_upper < p0 | stage j is reached), for
+    j = 0 .. K-2 (largest sigma first); the result is sum_k prod_{j<k} continue_rates[j].
+    """
+    expected, reach = 1.0, 1.0
+    for j, rate in enumerate(continue_rates):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"continue_rates[{j}] must be in [0, 1], got {rate}")
+        reach *= rate
+        expected += reach
+    return expected
+
+
+def _sample(
+    sampler: Sampler, logits_fn: LogitsFn, x: Any, num: int, key: jax.Array, common: dict
+) -> np.ndarray:
+    """Draw `num` noisy counts [K] and check the sampler kept its contract."""
+    counts = np.asarray(sampler(logits_fn, x, num=num, rng=key, **common), dtype=np.int64)
+    if counts.shape != (common["num_classes"],) or counts.sum() != num or (counts < 0).any():
+        raise ValueError(
+            f"sampler must return {num} non-negative counts of shape ({common['num_classes']},), "
+            f"got shape {counts.shape} summing to {counts.sum()}"
+        )
+    return counts
+
+
+def _check_sigmas(sigmas: Sequence[float]) -> None:
+    """Non-empty, finite, positive, distinct noise levels."""
+    if len(sigmas) == 0:
+        raise ValueError("sigmas must hold at least one noise level, got []")
+    for i, sigma in enumerate(sigmas):
+        if not (np.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigmas[{i}] must be > 0 and finite, got {sigma}")
+    if len(set(sigmas)) != len(sigmas):
+        raise ValueError(f"sigmas must be distinct, got {list(sigmas)}")
+
+
+def _check_level(alpha: float, p0: float) -> None:
+    """alpha in (0, 1/2); p0 in [1/2, 1), below which two classes could both exceed p0."""
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+    if not 0.5 <= p0 < 1.0:
+        raise ValueError(f"p0 must be in [0.5, 1) (below 0.5 the certificate is unsound), got {p0}")
+
+
+def _check_positive_ints(**values: int) -> None:
+    """Each named value is an int >= 1."""
+    for name, value in values.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+
+
+def _check_cascade_args(
+    logits_fns: Sequence[LogitsFn],
+    sigmas: Sequence[float],
+    n0: int,
+    n: int,
+    alpha: float,
+    p0: float,
+    batch_size: int,
+    num_classes: int,
+) -> None:
+    """Fail early and clearly on a bad cascade configuration."""
+    _check_sigmas(sigmas)
+    if len(logits_fns) != len(sigmas):
+        raise ValueError(
+            f"logits_fns must have one entry per sigma ({len(sigmas)}), got {len(logits_fns)}"
+        )
+    _check_positive_ints(n0=n0, n=n, batch_size=batch_size)
+    _check_level(alpha, p0)
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")

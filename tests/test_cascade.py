@@ -1,0 +1,659 @@
+"""Specification of the multi-scale cascade (Jeong & Shin, NeurIPS 2023) and its empirical mode.
+
+Most tests inject a sampler that draws vote counts from a known multinomial per sigma
+(`TableSampler`) or adds real Gaussian noise in NumPy (`gaussian_sampler`), so the true
+smoothed probabilities, and with them the exact cascade, are known. One test runs the real
+JAX sampler of dmae_jax.smoothing.certify end to end.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
+
+from dmae_jax.smoothing import cascade
+from dmae_jax.smoothing.cascade import (
+    ABSTAIN,
+    AMBIGUOUS,
+    CASCADE_COLUMNS,
+    R_NEG_NONE,
+    certify_cascade,
+    certify_from_counts,
+    expected_num_stages,
+    make_certify_one,
+    off_class_upper_bound,
+    predict_cascade,
+)
+from dmae_jax.smoothing.certify import lower_confidence_bound, radius_from_bound
+from dmae_jax.smoothing.logs import BASE_COLUMNS, CertifyLog, read_log
+from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, reduce_counts
+
+X = np.full((2, 2, 1), 0.5, np.float32)  # the fake samplers ignore the image
+
+
+def numpy_generator(rng: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key: equal keys give equal draws."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+
+
+def clean_logits(values):
+    """A clean classifier with the same logits [K] for every image."""
+    return lambda images: np.tile(np.asarray(values, np.float64), (len(images), 1))
+
+
+class ProbTable:
+    """A 'base classifier' known only through its smoothed class probabilities at one sigma."""
+
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, np.float64)
+
+
+class FixedCounts:
+    """A 'base classifier' whose noisy votes are always the given counts."""
+
+    def __init__(self, counts):
+        self.counts = np.asarray(counts, np.int64)
+
+
+class TableSampler:
+    """Multinomial draws from ProbTable.probs (or FixedCounts); records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, logits_fn, x, *, sigma, num, batch_size, rng, num_classes):
+        self.calls.append((sigma, num, logits_fn, tuple(np.asarray(jax.random.key_data(rng)))))
+        if isinstance(logits_fn, FixedCounts):
+            return logits_fn.counts.copy()
+        return numpy_generator(rng).multinomial(num, logits_fn.probs)
+
+
+# ------------------------------------------------------------------------------------------
+# Bounds: ours against statsmodels (what the official code calls).
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.01, 0.05 / 3])
+def test_clopper_pearson_matches_statsmodels_beta_interval_at_two_alpha(alpha):
+    for nobs, count in [(1, 0), (1, 1), (100, 0), (100, 37), (100, 100), (10000, 5123)]:
+        expected = proportion_confint(count, nobs, alpha=2 * alpha, method="beta")
+        np.testing.assert_allclose(clopper_pearson(count, nobs, alpha), expected, rtol=1e-12)
+
+
+def test_goodman_intervals_match_statsmodels_multinomial_proportions_confint():
+    gen = np.random.default_rng(0)
+    for _ in range(50):
+        k = int(gen.integers(2, 12))
+        counts = gen.multinomial(int(gen.integers(20, 5000)), gen.dirichlet(np.ones(k)))
+        alpha = float(gen.choice([2e-3, 1e-3, 0.02, 0.1]))
+        expected = multinomial_proportions_confint(counts, alpha=alpha, method="goodman")
+        np.testing.assert_allclose(goodman_intervals(counts, alpha), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "counts, c, cells",
+    [
+        ([50, 10, 3, 2, 1, 1, 0], 0, [50, 10, 7]),  # 3+2 pool to 5; the 1+1 remainder joins it
+        ([90, 4, 3, 3], 0, [90, 10]),  # 4+3 -> 7, remainder 3 joins the last cell
+        ([97, 1, 1, 1], 0, [100]),  # no off-class cell: the remainder joins the class-c cell
+        ([30, 60, 10], 0, [30, 60, 10]),  # c need not be the stage's top class
+        ([5, 5, 5, 5], 2, [5, 5, 5, 5]),
+        ([0, 0, 12, 0], 2, [12]),
+    ],
+)
+def test_reduce_counts_pools_off_class_counts_into_cells_of_at_least_five(counts, c, cells):
+    assert reduce_counts(counts, c).tolist() == cells
+
+
+def test_off_class_bound_is_the_largest_goodman_upper_end_of_the_pooled_cells():
+    counts = np.array([400, 300, 200, 60, 30, 4, 3, 2, 1])
+    alpha = 1e-3 / 2
+    cells = [300, 400, 200, 60, 30, 10]  # class 1 first, then pooled off-class cells
+    expected = multinomial_proportions_confint(cells, alpha=2 * alpha)[1:, 1].max()
+    assert off_class_upper_bound(counts, 1, alpha) == pytest.approx(expected, rel=1e-12)
+
+
+def test_off_class_bound_with_one_off_class_cell_bounds_the_predicted_class_complement():
+    # Class 1 holds the stage's top count, but the cascade predicts class 0. The official
+    # code would use 1 - pA_lower(class 1) = 0.4 here, below the 0.6 that class 1 has: we
+    # bound the whole off-class mass instead, 1 - pA_lower(class 0) >= p(class 1).
+    counts = np.array([3796, 6200, 3, 1])
+    bound = off_class_upper_bound(counts, 0, 1e-3)
+    expected = 1 - proportion_confint(3796, 10000, alpha=2e-3, method="beta")[0]
+    assert bound == pytest.approx(expected, rel=1e-12)
+    assert bound > proportion_confint(6200, 10000, alpha=2e-3, method="beta")[1]
+
+
+# ------------------------------------------------------------------------------------------
+# The certificate on a grid of counts, against a re-derivation in the official units.
+# ------------------------------------------------------------------------------------------
+
+
+def official_style_certificate(stages, sigmas, alpha, p0):
+    """Re-derivation following certify.py / core_mdds.py line by line, in their [-1, 1] units.
+
+    Noise std and radii are doubled (magnitude 2) and the final radius halved, as the
+    official script does; only the two-cell off-class branch bounds the predicted class's
+    complement (see test_off_class_bound_with_one_off_class_cell_...).
+    """
+    magnitude = 2.0
+
+    def pooled(counts, c):
+        rest = sorted((int(v) for i, v in enumerate(counts) if i != c), reverse=True)
+        out, pool = [int(counts[c])], 0
+        for v in rest:
+            if v >= 5:
+                out.append(v)
+                continue
+            pool += v
+            if pool >= 5:
+                out.append(pool)
+                pool = 0
+        if pool:
+            out[-1] += pool
+        return out
+
+    radius_neg, radius_, confidences = -100.0, 0.0, []
+    for stage, ((c_hat, counts), sigma) in enumerate(zip(stages, sigmas, strict=True)):
+        s = magnitude * sigma
+        n = int(np.sum(counts))
+        a = alpha / (stage + 1)
+        low, high = proportion_confint(counts[c_hat], n, alpha=2 * a, method="beta")
+        if low >= p0:
+            pred, radius = c_hat, s * (stats.norm.ppf(low) - stats.norm.ppf(p0))
+            negs = [-100.0]
+            for s_j, counts_j in confidences:
+                cells = pooled(counts_j, pred)
+                if len(cells) <= 2:
+                    low_j = proportion_confint(
+                        counts_j[pred], sum(cells), alpha=2 * a, method="beta"
+                    )
+                    high_j = 1 - low_j[0]
+                else:
+                    high_j = multinomial_proportions_confint(cells, alpha=2 * a)[1:, 1].max()
+                negs.append(s_j * (stats.norm.ppf(high_j) - stats.norm.ppf(p0)))
+            radius_neg = max(negs)
+            radius_ = min(radius, -radius_neg)
+            break
+        if high >= p0:
+            pred = -2
+            break
+        pred = -1
+        confidences.append((s, counts))
+    radius_adj = radius_ / magnitude
+    if radius_adj < 0:
+        pred, radius_adj = -1, 0.0
+    return pred, radius_adj, stage, radius_neg
+
+
+STAGE_COUNTS = [  # n = 1000, K = 6; (c_hat, counts) chosen to reach every branch
+    (0, [900, 40, 30, 20, 6, 4]),  # certain: predict class 0
+    (1, [50, 900, 20, 10, 10, 10]),  # certain: predict class 1
+    (0, [560, 400, 20, 10, 6, 4]),  # pA_lower just above 0.5; straddles p0 = 0.6
+    (0, [520, 470, 5, 3, 1, 1]),  # straddles 0.5: ambiguous
+    (1, [100, 420, 300, 150, 20, 10]),  # pA_upper < 0.5: next stage
+    (2, [400, 100, 430, 40, 20, 10]),  # next stage; class 0 is an off-class close to 0.5
+    (3, [3, 1, 2, 440, 550, 4]),  # next stage after a selection error (class 4 has 55%)
+    (0, [300, 690, 4, 3, 2, 1]),  # next stage; for class 1 the off-class cells pool to one
+]
+
+
+@pytest.mark.parametrize("p0", [0.5, 0.6])
+def test_radius_on_a_grid_of_counts_equals_an_official_style_rederivation(p0):
+    alpha = 1e-3
+    checked = set()
+    for k in (1, 2, 3):
+        sigmas = [1.0, 0.5, 0.25][:k]
+        for stages in itertools.product(STAGE_COUNTS, repeat=k):
+            stages = [(c, np.array(v)) for c, v in stages]
+            got = certify_from_counts(iter(stages), sigmas=sigmas, alpha=alpha, p0=p0)
+            pred, radius, stage, radius_neg = official_style_certificate(stages, sigmas, alpha, p0)
+            assert (got.prediction, got.stage) == (pred, stage)
+            assert got.radius == pytest.approx(radius, rel=1e-12, abs=1e-15)
+            assert got.sigma == sigmas[stage]
+            # Our r_neg is in [0, 1]-pixel units: half the official value (sentinel kept).
+            assert got.r_neg == (R_NEG_NONE if radius_neg == -100.0 else radius_neg / 2)
+            checked.add((pred >= 0, pred, got.radius > 0))
+    predicted = {c for ok, c, _ in checked if ok}
+    assert predicted and {ABSTAIN, AMBIGUOUS} <= {c for _, c, _ in checked}
+
+
+def test_one_sigma_cascade_is_cohen_certify_but_labels_a_straddle_minus_two():
+    for c_hat, counts in STAGE_COUNTS:
+        counts = np.array(counts)
+        got = certify_from_counts(iter([(c_hat, counts)]), sigmas=[0.5], alpha=1e-3)
+        pA_lower = lower_confidence_bound(int(counts[c_hat]), 1000, 1e-3)
+        if pA_lower >= 0.5:
+            assert (got.prediction, got.radius) == (c_hat, radius_from_bound(pA_lower, 0.5))
+        else:
+            upper = clopper_pearson(int(counts[c_hat]), 1000, 1e-3)[1]
+            assert got.prediction == (AMBIGUOUS if upper >= 0.5 else ABSTAIN)
+            assert got.radius == 0.0
+
+
+def test_prediction_with_negative_radius_becomes_abstain_with_radius_zero():
+    # Stage 0 abstains (class 0 holds 40%) but class 1 may exceed 0.5 there; stage 1
+    # predicts class 2, so class 1 is an off-class of stage 0 that could win: no certificate.
+    stages = [(0, np.array([400, 480, 120, 0])), (2, np.array([0, 0, 1000, 0]))]
+    got = certify_from_counts(iter(stages), sigmas=[1.0, 0.5], alpha=1e-3, p0=0.5)
+    assert (got.prediction, got.radius, got.stage) == (ABSTAIN, 0.0, 1)
+    assert got.r_neg > 0
+
+
+def test_radius_exactly_zero_keeps_the_prediction():
+    counts = np.array([800, 150, 50])
+    p0 = clopper_pearson(800, 1000, 1e-3)[0]  # pA_lower == p0 exactly
+    got = certify_from_counts(iter([(0, counts)]), sigmas=[0.5], alpha=1e-3, p0=p0)
+    assert (got.prediction, got.radius) == (0, 0.0)
+
+
+def test_straddling_interval_abstains_as_ambiguous_without_trying_smaller_sigmas():
+    sampler = TableSampler()
+    fns = [FixedCounts([1000, 0]), FixedCounts([500, 500]), FixedCounts([0, 1000])]
+    # sigma 1.0 is FixedCounts([500, 500]) after sorting; n0 and n both draw 1000.
+    result = certify_cascade(
+        fns, X, sigmas=[0.25, 1.0, 0.5], n0=1000, n=1000, alpha=1e-3, batch_size=100,
+        rng=jax.random.key(0), num_classes=2, sampler=sampler,
+    )  # fmt: skip
+    assert (result.prediction, result.radius, result.stage, result.sigma) == (
+        AMBIGUOUS,
+        0.0,
+        0,
+        1.0,
+    )
+    assert [call[0] for call in sampler.calls] == [1.0, 1.0]
+    assert result.num_samples == 2000 and len(result.counts) == 1
+
+
+def test_sigmas_in_any_order_are_processed_largest_first_with_their_own_classifier():
+    sampler = TableSampler()
+    abstain = [0.3, 0.3, 0.2, 0.2]
+    tables = {0.25: ProbTable([0.0, 0.0, 0.0, 1.0]), 1.0: ProbTable(abstain),
+              0.5: ProbTable(abstain), 0.75: ProbTable(abstain)}  # fmt: skip
+    sigmas = [0.25, 1.0, 0.5, 0.75]
+    result = certify_cascade(
+        [tables[s] for s in sigmas], X, sigmas=sigmas, n0=100, n=1000, alpha=1e-3,
+        batch_size=100, rng=jax.random.key(1), num_classes=4, sampler=sampler,
+    )  # fmt: skip
+    order = [call[0] for call in sampler.calls]
+    assert order == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    assert all(call[2] is tables[call[0]] for call in sampler.calls)
+    assert (result.prediction, result.stage, result.sigma) == (3, 3, 0.25)
+    assert cascade.processing_order(sigmas) == [1, 3, 2, 0]
+
+
+def test_every_stage_draws_selection_and_estimation_samples_from_fresh_keys():
+    sampler = TableSampler()
+    fns = [ProbTable([0.35, 0.35, 0.3])] * 3
+    kwargs = dict(sigmas=[1.0, 0.5, 0.25], n0=100, n=1000, alpha=1e-3, batch_size=100,
+                  num_classes=3, sampler=sampler)  # fmt: skip
+    rng = jax.random.key(7)
+    first = certify_cascade(fns, X, rng=rng, **kwargs)
+    keys = [call[3] for call in sampler.calls]
+    assert first.prediction == ABSTAIN and first.stage == 2 and len(keys) == 6
+    assert len(set(keys)) == 6
+    assert tuple(np.asarray(jax.random.key_data(rng))) not in keys
+    # The same key reproduces the certificate exactly.
+    again = certify_cascade(fns, X, rng=rng, **kwargs)
+    assert [call[3] for call in sampler.calls[6:]] == keys
+    assert all(np.array_equal(a, b) for a, b in zip(first.counts, again.counts, strict=True))
+
+
+BAD_INPUTS = [
+    (dict(sigmas=[]), "sigmas must hold at least one"),
+    (dict(sigmas=[0.5, 0.0]), r"sigmas\[1\] must be > 0"),
+    (dict(sigmas=[-0.25, 0.5]), r"sigmas\[0\] must be > 0"),
+    (dict(sigmas=[float("nan"), 0.5]), r"sigmas\[0\] must be > 0 and finite"),
+    (dict(sigmas=[0.5, 0.5]), "sigmas must be distinct"),
+    (dict(p0=0.0), r"p0 must be in \[0.5, 1\)"),
+    (dict(p0=1.0), r"p0 must be in \[0.5, 1\)"),
+    (dict(p0=1.5), r"p0 must be in \[0.5, 1\)"),
+    (dict(p0=0.4), "below 0.5 the certificate is unsound"),
+    (dict(alpha=0.0), r"alpha must be in \(0, 0.5\)"),
+    (dict(n0=0), "n0 must be an integer >= 1"),
+    (dict(n=2.5), "n must be an integer >= 1"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(num_classes=1), "num_classes must be >= 2"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_INPUTS)
+def test_bad_cascade_arguments_are_clear_value_errors(bad, message):
+    kwargs = dict(sigmas=[1.0, 0.5], n0=10, n=100, alpha=1e-3, p0=0.5, batch_size=10,
+                  num_classes=2)  # fmt: skip
+    kwargs.update(bad)
+    fns = [ProbTable([1.0, 0.0])] * max(len(kwargs["sigmas"]), 1)
+    with pytest.raises(ValueError, match=message):
+        certify_cascade(fns, X, rng=jax.random.key(0), sampler=TableSampler(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        make_certify_one(fns, rng=jax.random.key(0), **kwargs)
+
+
+def test_mismatched_classifiers_and_sigmas_are_a_clear_value_error():
+    with pytest.raises(ValueError, match=r"one entry per sigma \(3\), got 2"):
+        certify_cascade(
+            [ProbTable([1.0, 0.0])] * 2, X, sigmas=[1.0, 0.5, 0.25], n0=10, n=100,
+            alpha=1e-3, batch_size=10, rng=jax.random.key(0), num_classes=2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        certify_from_counts([], sigmas=[0.5, 1.0], alpha=1e-3)
+
+
+def test_a_sampler_breaking_its_contract_is_reported():
+    with pytest.raises(ValueError, match="sampler must return 100 non-negative counts"):
+        certify_cascade(
+            [FixedCounts([60, 30])], X, sigmas=[0.5], n0=90, n=100, alpha=1e-3,
+            batch_size=10, rng=jax.random.key(0), num_classes=2, sampler=TableSampler(),
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Soundness against the exact cascaded classifier.
+# ------------------------------------------------------------------------------------------
+
+
+def exact_cascade(probs, sigmas, p0):
+    """(class, radius, radius at the first firing stage) of the cascade from true p's [stage, K].
+
+    The cascade returns the top class y of the first (largest) sigma whose top probability
+    exceeds p0. The theorem certifies radius r_k = min(sigma_k (Phi^-1(p_k(y)) - Phi^-1(p0)),
+    min_{j<k} sigma_j (Phi^-1(p0) - Phi^-1(max_{c != y} p_j(c)))) at every stage k with
+    p_k(y) > p0 whose earlier stages keep all other classes below p0 (at x' within r_k, no
+    earlier stage can fire another class and stage k still fires y). The certificate may
+    use any such k (a selection error can skip a firing scale), so the exact radius is the
+    best of them.
+    """
+    z0 = stats.norm.ppf(p0)
+    fired = [k for k, p in enumerate(probs) if p.max() > p0]
+    if not fired:
+        return ABSTAIN, 0.0, 0.0
+    y = int(np.argmax(probs[fired[0]]))
+    radii = {}
+    for k, p in enumerate(probs):
+        off = [np.delete(probs[j], y).max() for j in range(k)]
+        if p[y] <= p0 or any(q >= p0 for q in off):
+            continue
+        r = sigmas[k] * (stats.norm.ppf(p[y]) - z0)
+        radii[k] = min([r] + [sigmas[j] * (z0 - stats.norm.ppf(q)) for j, q in enumerate(off)])
+    return y, max(radii.values()), radii[fired[0]]
+
+
+SOUNDNESS_CASES = {  # true smoothed probabilities at sigma = 1.0, 0.5, 0.25
+    "largest_scale_decides": [[0.8, 0.05, 0.05, 0.05, 0.05], [0.9, 0.1, 0, 0, 0], [1, 0, 0, 0, 0]],
+    "oversmoothed_then_middle": [[0.3, 0.2, 0.35, 0.1, 0.05], [0.1, 0.1, 0.7, 0.05, 0.05],
+                                 [0, 0, 1, 0, 0]],
+    "smallest_scale_decides": [[0.25] * 4 + [0.0], [0.45, 0.4, 0.05, 0.05, 0.05],
+                               [0.02, 0.9, 0.04, 0.04, 0]],
+    "off_class_near_threshold": [[0.1, 0.49, 0.2, 0.2, 0.01], [0.6, 0.2, 0.1, 0.05, 0.05],
+                                 [0.7, 0.1, 0.1, 0.05, 0.05]],
+    "top_class_near_threshold": [[0.02, 0.02, 0.02, 0.52, 0.42], [0, 0, 0, 1, 0], [0, 0, 0, 1, 0]],
+    "selection_can_skip_a_firing_scale": [[0.51, 0.45, 0.02, 0.01, 0.01],
+                                          [0.9, 0.05, 0.05, 0, 0], [1, 0, 0, 0, 0]],
+    "no_scale_fires": [[0.4] * 2 + [0.2, 0, 0], [0.3, 0.3, 0.4, 0, 0], [0.45, 0.45, 0.1, 0, 0]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SOUNDNESS_CASES))
+def test_certified_radius_never_exceeds_the_exact_cascade_radius(case):
+    probs = [np.asarray(p, np.float64) for p in SOUNDNESS_CASES[case]]
+    sigmas, p0, alpha, trials = [1.0, 0.5, 0.25], 0.5, 0.01, 100
+    y, exact_radius, first_stage_radius = exact_cascade(probs, sigmas, p0)
+    fns = [ProbTable(p) for p in probs]
+    violations, radii = 0, []
+    for trial in range(trials):
+        result = certify_cascade(
+            fns, X, sigmas=sigmas, n0=100, n=2000, alpha=alpha, batch_size=100,
+            rng=jax.random.key(trial), num_classes=5, sampler=TableSampler(),
+        )  # fmt: skip
+        if result.prediction >= 0:
+            radii.append(result.radius)
+            violations += result.prediction != y or result.radius > exact_radius
+    # Each certificate is wrong with probability <= alpha (its bounds are at alpha / (k+1)).
+    assert violations <= stats.binom.ppf(1 - 1e-6, trials, alpha)
+    if y == ABSTAIN:
+        assert not radii
+    elif first_stage_radius > 0.1:  # not vacuous: close to the radius of the firing stage
+        assert len(radii) > trials / 2 and np.median(radii) > 0.8 * first_stage_radius
+
+
+def test_a_skipped_firing_scale_can_certify_beyond_its_radius_but_not_the_exact_one():
+    # sigma 1.0 fires class 3 (0.52), but when its selection picks class 4 (0.42) the
+    # interval lies below 0.5 and sigma 0.5 certifies class 3 with the stage-0 off-class
+    # margin: more than sigma 1.0's own radius, still within the cascade's exact radius.
+    probs = [np.array(p, np.float64) for p in SOUNDNESS_CASES["top_class_near_threshold"]]
+    y, exact_radius, first_stage_radius = exact_cascade(probs, [1.0, 0.5, 0.25], 0.5)
+    radii = []
+    for trial in range(100):
+        result = certify_cascade(
+            [ProbTable(p) for p in probs], X, sigmas=[1.0, 0.5, 0.25], n0=100, n=2000,
+            alpha=0.01, batch_size=100, rng=jax.random.key(trial), num_classes=5,
+            sampler=TableSampler(),
+        )  # fmt: skip
+        if result.prediction >= 0:
+            assert result.prediction == y
+            radii.append(result.radius)
+    assert first_stage_radius < max(radii) <= exact_radius
+
+
+# Three classes split by thresholds on t = w . x (|w| = 1): class 0 below A, 1 between,
+# 2 above. Smoothed at sigma, p(0) = Phi((A - t) / sigma), p(2) = Phi((t - C) / sigma); at
+# sigma = 1 the middle class never exceeds 0.5, the multi-scale situation in miniature.
+A, C = -0.5, 0.5
+LINEAR_SIGMAS = [1.0, 0.5, 0.25]
+W = np.full(4, 0.5)
+
+
+def linear_probs(t, sigma):
+    """Smoothed class probabilities [..., 3] at positions t [...]."""
+    low, high = stats.norm.cdf((A - t) / sigma), stats.norm.sf((C - t) / sigma)
+    return np.stack([low, 1 - low - high, high], -1)
+
+
+def linear_cascade_output(t):
+    """The exact cascade's output (class or ABSTAIN) at positions t [...]."""
+    t = np.asarray(t, np.float64)
+    out, undecided = np.full(t.shape, ABSTAIN), np.ones(t.shape, bool)
+    for sigma in LINEAR_SIGMAS:
+        p = linear_probs(t, sigma)
+        fires = undecided & (p.max(-1) > 0.5)
+        out[fires] = p.argmax(-1)[fires]
+        undecided &= ~fires
+    return out
+
+
+LINEAR_STEP = 1e-5
+
+
+@functools.cache
+def linear_output_changes():
+    """Positions (to LINEAR_STEP / 2) where the exact cascade's output changes."""
+    grid = np.arange(-4.0, 4.0, LINEAR_STEP)
+    change = np.flatnonzero(np.diff(linear_cascade_output(grid)))
+    return (grid[change] + grid[change + 1]) / 2
+
+
+def linear_true_radius(t):
+    """Distance from t to the nearest t' with a different cascade output: the L2 radius."""
+    return float(np.abs(linear_output_changes() - t).min())
+
+
+def linear_logits(images):
+    """One-hot logits [B, 3] of the threshold classifier on images [B, 2, 2, 1]."""
+    t = np.reshape(images, (len(images), -1)) @ W - 1.0  # t = 0 at the grey image
+    return np.eye(3)[np.digitize(t, [A, C])]
+
+
+def gaussian_sampler(logits_fn, x, *, sigma, num, batch_size, rng, num_classes):
+    """Votes of logits_fn on num copies of x + N(0, sigma^2 I) (NumPy noise)."""
+    noisy = x[None] + sigma * numpy_generator(rng).standard_normal((num, *np.shape(x)))
+    return np.bincount(np.argmax(logits_fn(noisy), -1), minlength=num_classes)
+
+
+def image_at(t):
+    """An image [2, 2, 1] in [0, 1] with w . x - 1 = t."""
+    return np.full((2, 2, 1), 0.5 + t / 2, np.float32)
+
+
+def test_theorem_radius_from_true_probabilities_is_a_true_robust_radius():
+    for t in np.arange(-0.9, 0.9, 0.03):
+        probs = [linear_probs(t, s) for s in LINEAR_SIGMAS]
+        y, radius, _ = exact_cascade(probs, LINEAR_SIGMAS, 0.5)
+        true_radius = linear_true_radius(t)
+        assert y == linear_cascade_output(t)
+        assert radius <= true_radius + LINEAR_STEP
+        assert radius >= 0.8 * true_radius - LINEAR_STEP  # tight enough to be meaningful
+
+
+@pytest.mark.parametrize("t", [-0.8, -0.3, 0.0, 0.25, 0.45, 0.7])
+def test_certificate_with_gaussian_noise_is_a_true_robust_radius_in_pixel_units(t):
+    x = image_at(t)
+    t_image = float(x.ravel() @ W - 1.0)
+    true_radius = linear_true_radius(t_image)
+    for seed in range(3):
+        result = certify_cascade(
+            [linear_logits] * 3, x, sigmas=LINEAR_SIGMAS, n0=100, n=4000, alpha=1e-3,
+            batch_size=100, rng=jax.random.key(seed), num_classes=3, sampler=gaussian_sampler,
+        )  # fmt: skip
+        if result.prediction >= 0:
+            assert result.prediction == linear_cascade_output(t_image)
+            assert result.radius <= true_radius + LINEAR_STEP
+
+
+def test_end_to_end_with_the_jax_sampler_and_a_resumable_log(tmp_path):
+    def jax_linear_logits(images):
+        t = jnp.reshape(images, (images.shape[0], -1)) @ jnp.asarray(W, jnp.float32) - 1.0
+        return jax.nn.one_hot(jnp.digitize(t, jnp.asarray([A, C])), 3)
+
+    certify_one = make_certify_one(
+        [jax_linear_logits] * 3, sigmas=LINEAR_SIGMAS, n0=32, n=1000, alpha=1e-3,
+        batch_size=256, rng=jax.random.key(0), num_classes=3,
+        clean_logits_fn=jax_linear_logits,
+    )  # fmt: skip
+    log_path = tmp_path / "cascade.tsv"
+    positions = [-0.9, 0.0, 0.9]  # decided at sigma 1.0, 0.5 (1.0 over-smooths), 1.0
+    with CertifyLog(log_path, CASCADE_COLUMNS) as log:
+        for idx, t in enumerate(positions):
+            row = certify_one(idx, image_at(t), int(linear_cascade_output(t)))
+            log.append({**row, "time": 0.0})
+    rows = read_log(log_path)
+    assert [r["predict"] for r in rows] == [0, 1, 2]
+    assert [r["stage"] for r in rows] == [0, 1, 0]
+    assert [r["sigma"] for r in rows] == [1.0, 0.5, 1.0]
+    assert all(r["corr_uc"] == 1 and r["num_samples"] == (r["stage"] + 1) * 1032 for r in rows)
+    assert all(
+        0 < r["radius"] <= linear_true_radius(t) for r, t in zip(rows, positions, strict=True)
+    )
+    assert list(rows[0]) == list(BASE_COLUMNS) + list(CASCADE_COLUMNS)
+    # The key of image idx is fold_in(rng, idx): certifying it again gives the same row.
+    assert certify_one(1, image_at(0.0), 1) == {k: v for k, v in rows[1].items() if k != "time"}
+
+
+def test_abstention_falls_back_to_the_clean_classifier_in_pred_uc():
+    fns = [ProbTable([0.4, 0.3, 0.3]), ProbTable([0.4, 0.3, 0.3])]
+    kwargs = dict(sigmas=[1.0, 0.5], n0=100, n=2000, alpha=1e-3, batch_size=100,
+                  rng=jax.random.key(0), num_classes=3, sampler=TableSampler())  # fmt: skip
+    clean = clean_logits([0.0, 0.0, 5.0])
+    result = certify_cascade(fns, X, clean_logits_fn=clean, **kwargs)
+    assert (result.prediction, result.pred_uc, result.stage, result.r_neg) == (-1, 2, 1, -100.0)
+    assert certify_cascade(fns, X, **kwargs).pred_uc == ABSTAIN
+    row = make_certify_one(fns, clean_logits_fn=clean, **kwargs)(5, X, 2)
+    assert (row["correct"], row["pred_uc"], row["corr_uc"]) == (0, 2, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Cost.
+# ------------------------------------------------------------------------------------------
+
+
+def test_expected_num_stages_is_the_sum_of_probabilities_of_reaching_each_stage():
+    assert expected_num_stages([]) == 1.0
+    assert expected_num_stages([0.3, 0.2]) == pytest.approx(1 + 0.3 + 0.3 * 0.2)
+    assert expected_num_stages([1.0, 1.0]) == 3.0
+    with pytest.raises(ValueError, match=r"continue_rates\[1\] must be in \[0, 1\]"):
+        expected_num_stages([0.5, 1.5])
+
+
+def test_samples_drawn_match_the_stages_visited():
+    sampler = TableSampler()
+    fns = [ProbTable([0.4, 0.35, 0.25]), ProbTable([0.9, 0.1, 0.0]), ProbTable([1.0, 0, 0])]
+    result = certify_cascade(
+        fns, X, sigmas=[1.0, 0.5, 0.25], n0=100, n=1000, alpha=1e-3, batch_size=100,
+        rng=jax.random.key(3), num_classes=3, sampler=sampler,
+    )  # fmt: skip
+    assert result.stage == 1 and result.prediction == 0
+    assert result.num_samples == sum(call[1] for call in sampler.calls) == 2 * 1100
+
+
+# ------------------------------------------------------------------------------------------
+# Empirical prediction mode (predict_mdds.py).
+# ------------------------------------------------------------------------------------------
+
+
+def test_empirical_mode_accepts_the_first_scale_with_top_count_at_least_p0_n():
+    sampler = TableSampler()
+    fns = [FixedCounts([99, 101, 0]), FixedCounts([0, 99, 101]), FixedCounts([100, 0, 100])]
+    got = predict_cascade(
+        fns, clean_logits([0.0, 0.0, 0.0]), X, sigmas=[1.0, 0.5, 0.25], n=200,
+        batch_size=50, rng=jax.random.key(0), num_classes=3, sampler=sampler,
+    )  # fmt: skip
+    # 101 >= 0.5 * 200 at sigma 1.0: accepted at once, the tie-free top class is 1.
+    assert (got.cascade_prediction, got.stage, got.sigma, got.num_samples) == (1, 0, 1.0, 200)
+    assert [call[0] for call in sampler.calls] == [1.0]
+    fns = [FixedCounts([200, 0, 0]), FixedCounts([99, 99, 2]), FixedCounts([0, 100, 100])]
+    got = predict_cascade(
+        fns, clean_logits([0.0, 0.0, 0.0]), X, sigmas=[0.25, 1.0, 0.5], n=200,
+        batch_size=50, rng=jax.random.key(0), num_classes=3, sampler=TableSampler(),
+    )  # fmt: skip
+    # sigma 1.0 abstains (99 < 100); sigma 0.5 accepts 100 = p0 n, its first top class.
+    assert (got.cascade_prediction, got.stage, got.sigma) == (1, 1, 0.5)
+
+
+def test_empirical_mode_adds_the_log_vote_prior_to_the_clean_logits():
+    counts = np.array([20, 180, 0])
+    logits = np.array([2.0, 0.5, -1.0])
+    kwargs = dict(sigmas=[0.5], n=200, batch_size=50, rng=jax.random.key(0), num_classes=3,
+                  sampler=TableSampler())  # fmt: skip
+    for unif_w in (0.0, 0.1, 1.0):
+        got = predict_cascade(
+            [FixedCounts(counts)], clean_logits(logits), X, unif_w=unif_w, **kwargs
+        )
+        prior = (1 - unif_w) * counts / 200 + unif_w / 3
+        expected = np.argmax(logits + np.log(np.clip(prior, 1e-20, None)))
+        assert got.prediction == expected and got.cascade_prediction == 1
+    assert got.prediction == 0  # unif_w = 1: a flat prior leaves the clean argmax
+    softmax = np.exp(logits) / np.exp(logits).sum()
+    assert got.clean_max_prob == pytest.approx(softmax.max())
+
+
+def test_empirical_mode_falls_back_to_the_clean_classifier_when_every_scale_abstains():
+    fns = [FixedCounts([90, 60, 50]), FixedCounts([80, 80, 40])]
+    got = predict_cascade(
+        fns, clean_logits([0.0, 0.0, 3.0]), X, sigmas=[1.0, 0.5], n=200, batch_size=50,
+        rng=jax.random.key(0), num_classes=3, sampler=TableSampler(),
+    )  # fmt: skip
+    assert (got.prediction, got.cascade_prediction, got.stage, got.sigma) == (2, ABSTAIN, 1, 0.5)
+    assert got.num_samples == 400
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(sigmas=[]), "sigmas must hold at least one"),
+        (dict(p0=1.0), r"p0 must be in \(0, 1\)"),
+        (dict(unif_w=-0.1), r"unif_w must be in \[0, 1\]"),
+        (dict(n=0), "n must be an integer >= 1"),
+        (dict(sigmas=[1.0, 0.5, 0.25]), r"one entry per sigma \(3\), got 2"),
+    ],
+)
+def test_bad_empirical_mode_arguments_are_clear_value_errors(bad, message):
+    kwargs = dict(sigmas=[1.0, 0.5], n=200, batch_size=50, rng=jax.random.key(0),
+                  num_classes=2, sampler=TableSampler())  # fmt: skip
+    kwargs.update(bad)
+    fns = [FixedCounts([200, 0])] * 2
+    with pytest.raises(ValueError, match=message):
+        predict_cascade(fns, clean_logits([0.0, 1.0]), X, **kwargs)
