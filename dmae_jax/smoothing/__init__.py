@@ -1,0 +1,37 @@
+"""Randomized smoothing: Monte Carlo PREDICT/CERTIFY, resumable certification logs and runs."""
+
+from dmae_jax.smoothing.certify import (
+    ABSTAIN,
+    CertifyResult,
+    certify,
+    certify_detailed,
+    lower_confidence_bound,
+    place_replicated,
+    predict,
+    radius_from_bound,
+    sample_counts,
+    sample_counts_many,
+)
+from dmae_jax.smoothing.logs import BASE_COLUMNS, CertifyLog, parse_counts, read_log
+from dmae_jax.smoothing.runner import merge_logs, part_path, remaining_indices, run_certification
+
+__all__ = [
+    "ABSTAIN",
+    "BASE_COLUMNS",
+    "CertifyLog",
+    "CertifyResult",
+    "certify",
+    "certify_detailed",
+    "lower_confidence_bound",
+    "merge_logs",
+    "parse_counts",
+    "part_path",
+    "place_replicated",
+    "predict",
+    "radius_from_bound",
+    "read_log",
+    "remaining_indices",
+    "run_certification",
+    "sample_counts",
+    "sample_counts_many",
+]

@@ -1,0 +1,270 @@
+"""Certification logs: Cohen et al.'s TSV, written crash-safely and read from any of its dialects.
+
+Format (locuslab/smoothing `certify.py`): a header line, then one line per image,
+tab-separated, first columns `idx label predict radius correct time`, then extra columns.
+`predict` is -1 on abstain (radius 0.0), `correct` is int(predict == label), `time` is
+`str(datetime.timedelta)`. We write the radius with full precision (repr of the float):
+Cohen's `{:.3}` rounds 0.4996 up to 0.5, which inflates certified accuracy at grid radii.
+
+Writing is append-only, one whole line per `os.write`, then flush and fsync, so a run killed
+at any moment leaves at most one torn last line; reopening the log truncates it away and
+the run resumes after the last complete row. An index is never written twice.
+
+Reading also accepts Cohen's logs (3 significant digits), the multi-scale code's logs
+(extra columns, predict -2) and Carlini et al.'s diffusion-denoised-smoothing logs, whose
+`correct` column is a running cumulative count: `read_log` always recomputes `correct` as
+int(predict == label) after checking the file's column is either that or its running sum.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+BASE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+_INT_COLUMNS = ("idx", "label", "predict", "correct")
+_TIMEDELTA = re.compile(
+    r"^(?:(?P<days>-?\d+) days?, )?(?P<hours>\d+):(?P<minutes>\d{2}):(?P<seconds>\d{2}(?:\.\d+)?)$"
+)
+
+
+def format_value(value: Any) -> str:
+    """One TSV field: ints as ints, floats at full precision, count vectors comma-separated."""
+    if isinstance(value, bool | np.bool_):
+        return str(int(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    if isinstance(value, np.ndarray | list | tuple):
+        return ",".join(format_value(v) for v in np.asarray(value).ravel().tolist())
+    text = str(value)
+    if "\t" in text or "\n" in text or "\r" in text:
+        raise ValueError(f"log values must not contain tabs or newlines, got {text!r}")
+    return text
+
+
+def format_time(seconds: float) -> str:
+    """Elapsed time as Cohen's logs write it: str(datetime.timedelta), e.g. 0:02:32.717239."""
+    return str(datetime.timedelta(seconds=float(seconds)))
+
+
+def parse_time(text: str) -> float:
+    """Seconds from a timedelta string (h:mm:ss[.ffffff], optional 'N days, ') or a number."""
+    match = _TIMEDELTA.match(text.strip())
+    if match:
+        days = int(match["days"] or 0)
+        return (
+            days * 86400.0
+            + int(match["hours"]) * 3600.0
+            + int(match["minutes"]) * 60.0
+            + float(match["seconds"])
+        )
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"time must be a timedelta string or seconds, got {text!r}") from None
+
+
+def parse_counts(text: str) -> np.ndarray:
+    """A comma-separated count vector written by `format_value`, as int64 [K]."""
+    return np.asarray([int(v) for v in str(text).split(",")], dtype=np.int64)
+
+
+def _parse_extra(text: str) -> int | float | str:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _split_complete_lines(data: bytes) -> tuple[list[str], int]:
+    """Complete lines of `data` and the byte length they span (a torn tail is left out)."""
+    end = data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8").splitlines(), end
+
+
+class CertifyLog:
+    """An append-only certification TSV that resumes after a crash; use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, extra_columns: Sequence[str] = ()) -> None:
+        self.path = os.fspath(path)
+        self.columns = BASE_COLUMNS + tuple(extra_columns)
+        for column in extra_columns:
+            if not column or any(c in column for c in "\t\n\r"):
+                raise ValueError(
+                    f"extra column names must be non-empty without tabs, got {column!r}"
+                )
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"log columns must be unique, got {list(self.columns)}")
+        self._header = "\t".join(self.columns)
+        created = not os.path.exists(self.path)
+        self._file = open(self.path, "a+b")
+        try:
+            self._lock()
+            self._done = self._recover()
+        except BaseException:
+            self._file.close()
+            raise
+        if created:
+            _fsync_dir(self.path)
+
+    def _lock(self) -> None:
+        # Two runs appending to the same log would duplicate rows; part files avoid that for
+        # multi-process runs, and this lock catches the accident of starting a run twice.
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.path} is being written by another process") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+
+    def _recover(self) -> set[int]:
+        """Truncates a torn last line, checks the header and returns the logged indices."""
+        self._file.seek(0)
+        data = self._file.read()
+        lines, complete = _split_complete_lines(data)
+        if complete != len(data):
+            self._file.truncate(complete)
+        if not lines:
+            self._write(self._header + "\n")
+            return set()
+        if lines[0] != self._header:
+            raise ValueError(
+                f"{self.path} has header {lines[0].split(chr(9))}, expected "
+                f"{list(self.columns)}: resume with the same extra_columns or use a new log path"
+            )
+        done: set[int] = set()
+        for number, line in enumerate(lines[1:], start=2):
+            fields = line.split("\t")
+            if len(fields) != len(self.columns):
+                raise ValueError(
+                    f"{self.path}:{number} has {len(fields)} fields, expected {len(self.columns)}"
+                )
+            idx = int(fields[0])
+            if idx in done:
+                raise ValueError(f"{self.path}:{number} repeats idx {idx}")
+            done.add(idx)
+        return done
+
+    def _write(self, text: str) -> None:
+        os.write(self._file.fileno(), text.encode("utf-8"))
+        os.fsync(self._file.fileno())
+
+    def done_indices(self) -> set[int]:
+        """Indices already in the log (a restarted run skips them)."""
+        return set(self._done)
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Writes one row (every column, nothing else) as one whole line, then fsyncs."""
+        missing = [c for c in self.columns if c not in row]
+        unexpected = [c for c in row if c not in self.columns]
+        if missing or unexpected:
+            raise ValueError(
+                f"log row must have exactly the columns {list(self.columns)}; "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        idx = int(row["idx"])
+        if idx in self._done:
+            raise ValueError(f"idx {idx} is already in {self.path}")
+        values = dict(row)
+        if isinstance(values["time"], int | float | np.integer | np.floating):
+            values["time"] = format_time(values["time"])
+        values["radius"] = float(values["radius"])
+        self._write("\t".join(format_value(values[c]) for c in self.columns) + "\n")
+        self._done.add(idx)
+
+    def close(self) -> None:
+        """Releases the lock and closes the file."""
+        self._file.close()
+
+    def __enter__(self) -> CertifyLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes a file's creation or rename durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_header_and_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Header columns and complete data lines of a log; a torn last line is ignored."""
+    with open(path, "rb") as f:
+        lines, _ = _split_complete_lines(f.read())
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"{os.fspath(path)} is empty; a log starts with a header line")
+    split = (lambda s: s.split("\t")) if "\t" in lines[0] else (lambda s: s.split())
+    return split(lines[0]), lines[1:]
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a certification log (ours, Cohen et al.'s, multi-scale's or Carlini et al.'s).
+
+    Each row has int idx, label, predict, correct (= int(predict == label)), float radius,
+    float time in seconds (when the log has it), and extra columns as int, float or str.
+    """
+    path = os.fspath(path)
+    columns, lines = read_header_and_lines(path)
+    required = ("idx", "label", "predict", "radius")
+    if any(c not in columns for c in required):
+        raise ValueError(f"{path} must have the columns {list(required)}, got header {columns}")
+    separator = "\t" if "\t" in "\t".join(columns) else None
+    rows: list[dict[str, Any]] = []
+    logged_correct: list[int] = []
+    seen: set[int] = set()
+    for number, line in enumerate(lines, start=2):
+        fields = line.split("\t") if separator else line.split()
+        if len(fields) != len(columns):
+            raise ValueError(f"{path}:{number} has {len(fields)} fields, expected {len(columns)}")
+        row: dict[str, Any] = {}
+        for column, text in zip(columns, fields, strict=True):
+            if column in _INT_COLUMNS:
+                row[column] = int(text)
+            elif column == "radius":
+                row[column] = float(text)
+            elif column == "time":
+                row[column] = parse_time(text)
+            else:
+                row[column] = _parse_extra(text)
+        if row["idx"] in seen:
+            raise ValueError(f"{path}:{number} repeats idx {row['idx']}")
+        seen.add(row["idx"])
+        if "correct" in row:
+            logged_correct.append(row["correct"])
+        row["correct"] = int(row["predict"] == row["label"])
+        rows.append(row)
+    if "correct" in columns:
+        _check_correct_column(path, logged_correct, [r["correct"] for r in rows])
+    return rows
+
+
+def _check_correct_column(path: str, logged: list[int], recomputed: list[int]) -> None:
+    """The file's `correct` must be per-row 0/1 or (Carlini et al.) its running sum."""
+    if logged == recomputed:
+        return
+    if logged == np.cumsum(recomputed, dtype=np.int64).tolist():
+        return
+    first = next(i for i, (a, b) in enumerate(zip(logged, recomputed, strict=True)) if a != b)
+    raise ValueError(
+        f"{path}: column correct is neither int(predict == label) per row nor its running "
+        f"count (first mismatch at data row {first + 1}: {logged[first]} vs {recomputed[first]})"
+    )
+
