@@ -33,7 +33,7 @@ def data(dataset: str, **overrides) -> ml_collections.ConfigDict:
     """The input block (`config.data`)."""
     cfg = ml_collections.ConfigDict(dict(
         dataset=dataset,          # digits | cifar10 | imagenet2012
-        data_dir=None,            # TFDS data dir (None: TFDS default, ~/tensorflow_datasets)
+        data_dir=ml_collections.config_dict.placeholder(str),  # TFDS data dir (None: TFDS default)
         train_split="train",
         eval_split="test",
         image_size=224,           # resolution the pipeline produces
@@ -128,7 +128,8 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
     cfg.denoiser = ""             # optional denoiser export in front of the classifier
     cfg.denoiser_kind = "diffusion"   # diffusion (UNet export) | dmae (DMAE export)
     cfg.data = ml_collections.ConfigDict(dict(
-        dataset=dataset, split=split, data_dir=None, image_size=image_size))
+        dataset=dataset, split=split, image_size=image_size,
+        data_dir=ml_collections.config_dict.placeholder(str)))
     cfg.skip = skip               # certify every skip-th image ...
     cfg.max = -1                  # ... with index below max (-1: all), as Cohen's certify.py
     cfg.sigma = sigma

@@ -51,6 +51,10 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir=DIR is required (checkpoints and logs go there)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not flags.FLAGS["verbosity"].present:
+        # Progress, evaluation and reports are printed; absl INFO (Orbax's per-save chatter)
+        # only with --verbosity=0.
+        logging.set_verbosity(logging.WARNING)
     task = config_lib.task(config)
     module = importlib.import_module(_RUNNERS[task])
     module.validate(config)

@@ -70,7 +70,10 @@ def make_mesh(fsdp: int = 1) -> Mesh:
         raise ValueError(
             f"config.mesh.fsdp must be a divisor of the device count {n}, got {fsdp}"
         )
-    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES)
+    # Auto axes: XLA propagates shardings from the inputs (jax.make_mesh defaults to Explicit
+    # axes since JAX 0.8, which would make every op's sharding part of its type).
+    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -291,3 +291,13 @@ def steps_from_epochs(epochs: float, num_examples: int, global_batch_size: int) 
     """Number of optimizer steps in `epochs` epochs (drop-remainder batches)."""
     return max(1, int(round(epochs * (num_examples // global_batch_size))))
 
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """Warm-up length in steps; a run shorter than its warm-up (a smoke run) warms up half."""
+    steps = int(warmup_epochs * steps_per_epoch)
+    if steps >= total_steps:
+        logging.warning("warm-up (%d steps) >= total steps (%d): using %d", steps, total_steps,
+                        total_steps // 2)
+        steps = total_steps // 2
+    return steps

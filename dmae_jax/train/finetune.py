@@ -100,7 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     schedule = optim.lr_schedule(
         base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
         total_steps=total_steps,
-        warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
+        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
+                                         total_steps),
         min_lr=config.optim.min_lr,
     )
     if config.linear_probe:

@@ -83,7 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     schedule = optim.lr_schedule(
         base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
         total_steps=total_steps,
-        warmup_steps=int(config.optim.warmup_epochs * max(steps_per_epoch, 1)),
+        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, max(steps_per_epoch, 1),
+                                         total_steps),
         min_lr=config.optim.min_lr,
     )
     tx = optim.pretrain_optimizer(
@@ -182,10 +183,11 @@ def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
     @jax.jit
     def evaluate(params):
         model = parts.bind(params)
-        out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
-        noisy = images + config.sigma * jax.random.normal(jax.random.fold_in(rng, 7),
-                                                          images.shape)
-        return out.loss, out.mask, noisy, model.reconstruct_masked(noisy, out)
+        noise = jax.random.normal(jax.random.fold_in(rng, 1), images.shape)
+        out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, noise=noise,
+                    rng=rng)
+        noisy = images + config.sigma * noise
+        return out.loss, out.mask, noisy, model.pred_to_images(out.pred, noisy)
 
     def eval_fn(step, state):
         params = jax.tree.map(lambda x: x if x.is_fully_addressable else _gather(x),
