@@ -1,0 +1,98 @@
+"""Image augmentations on uint8 [H, W, 3] arrays, as torchvision applies them to PIL images.
+
+DMAE pretraining (`main_pretrain.py`): RandomResizedCrop(size, scale=(0.2, 1.0), bicubic)
++ RandomHorizontalFlip. Evaluation on ImageNet: Resize(size / 0.875, bicubic) + CenterCrop.
+All randomness comes from the `numpy.random.Generator` passed in, so a pipeline that seeds
+it from (seed, epoch, record index) is deterministic.
+"""
+
+import math
+
+import numpy as np
+import PIL.Image
+
+RRC_SCALE = (0.2, 1.0)  # DMAE/MAE pretraining; torchvision's default is (0.08, 1.0).
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+EVAL_CROP_FRACTION = 0.875  # 224 / 256: MAE/DMAE eval resizes to 256 and crops 224.
+
+_BICUBIC = PIL.Image.Resampling.BICUBIC
+
+
+def rrc_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+) -> tuple[int, int, int, int]:
+    """torchvision `RandomResizedCrop.get_params`: crop box (top, left, h, w) of the image.
+
+    Up to 10 tries of (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)); if none
+    fits, a central crop clamped to the ratio range (the whole image if its ratio is inside).
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: torchvision RandomResizedCrop, PIL bicubic."""
+    top, left, h, w = rrc_params(rng, image.shape[0], image.shape[1], scale, ratio)
+    crop = PIL.Image.fromarray(image).crop((left, top, left + w, top + h))
+    return np.asarray(crop.resize((size, size), _BICUBIC))
+
+
+def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, C]: mirrored left-right with probability 0.5."""
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def rrc_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """DMAE pretraining augmentation: RandomResizedCrop(size, (0.2, 1)) + horizontal flip."""
+    return random_flip(random_resized_crop(image, size, rng), rng)
+
+
+def center_crop_resize(
+    image: np.ndarray, size: int, crop_fraction: float = EVAL_CROP_FRACTION
+) -> np.ndarray:
+    """uint8 [H, W, 3] -> [size, size, 3]: torchvision Resize(int(size / crop_fraction),
+    bicubic) on the shorter side, then CenterCrop(size), as MAE/DMAE evaluate ImageNet."""
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    height, width = image.shape[:2]
+    short_target = int(size / crop_fraction)
+    # torchvision keeps the aspect ratio and truncates the long side.
+    if height <= width:
+        new_h, new_w = short_target, int(short_target * width / height)
+    else:
+        new_h, new_w = int(short_target * height / width), short_target
+    pil = PIL.Image.fromarray(image)
+    if (new_h, new_w) != (height, width):
+        pil = pil.resize((new_w, new_h), _BICUBIC)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return np.asarray(pil.crop((left, top, left + size, top + size)))
