@@ -1,0 +1,491 @@
+"""The ADM diffusion UNet (improved-diffusion / guided-diffusion `UNetModel`) in Flax NNX.
+
+One module serves both checkpoints the denoised-smoothing papers use:
+
+* improved-diffusion `cifar10_uncond_50M_500K.pt` (Nichol & Dhariwal 2021), and
+* guided-diffusion `256x256_diffusion_uncond.pt` (Dhariwal & Nichol 2021),
+
+plus a tiny preset that trains on CPU. The layer layout (input_blocks / middle_block /
+output_blocks, each block a list of layers) mirrors the PyTorch module tree, so converted
+weights land at the same indices (see `dmae_jax.diffusion.convert`).
+
+Conventions: images are NHWC in model space ([-1, 1] plus noise); the timestep is the float
+the official `GaussianDiffusion` passes to its model (raw t, or t * 1000 / T when the
+diffusion rescales timesteps). Normalisation and softmax run in float32 whatever the
+compute dtype, as the official fp16 models do; parameters are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NUM_GROUPS = 32  # GroupNorm32: every norm in ADM uses 32 groups.
+GROUPNORM_EPS = 1e-5  # torch.nn.GroupNorm's default.
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of an ADM UNet plus the diffusion its weights were trained with."""
+
+    image_size: int
+    in_channels: int
+    model_channels: int
+    num_res_blocks: int
+    channel_mult: tuple[float, ...]
+    # Downsample rates (image_size // resolution) at which attention blocks are inserted,
+    # the `attention_resolutions` argument of the official UNetModel constructor.
+    attention_ds: tuple[int, ...]
+    dropout: float = 0.0
+    num_heads: int = 1
+    # When set, overrides num_heads: heads = channels // num_head_channels (guided-diffusion).
+    num_head_channels: int | None = None
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    learn_sigma: bool = False
+    # "legacy": each head's [q, k, v] are contiguous in the qkv channels (improved-diffusion,
+    # and guided-diffusion with use_new_attention_order=False, which both checkpoints use);
+    # "new": all q, then all k, then all v (guided-diffusion's QKVAttention).
+    attention_order: str = "legacy"
+    # The diffusion the weights belong to (not used by the network itself).
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+    rescale_timesteps: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        """C for an eps-only model, 2C when the variance is learned (learn_sigma)."""
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what parameter exports store as meta["config"])."""
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attention_ds"] = list(self.attention_ds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+        """Inverse of `to_dict`; unknown fields are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig field(s) {unknown}; valid: {sorted(names)}")
+        d = dict(d)
+        d["channel_mult"] = tuple(d["channel_mult"])
+        d["attention_ds"] = tuple(d["attention_ds"])
+        return cls(**d)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first field that cannot build a valid network."""
+        if self.attention_order not in ("legacy", "new"):
+            raise ValueError(
+                f"attention_order must be 'legacy' or 'new', got {self.attention_order!r}"
+            )
+        if self.noise_schedule not in ("linear", "cosine"):
+            raise ValueError(
+                f"noise_schedule must be 'linear' or 'cosine', got {self.noise_schedule!r}"
+            )
+        for mult in self.channel_mult:
+            ch = int(mult * self.model_channels)
+            if ch <= 0 or ch % NUM_GROUPS:
+                raise ValueError(
+                    f"channel_mult {mult} x model_channels {self.model_channels} = {ch} "
+                    f"channels; GroupNorm32 needs a positive multiple of {NUM_GROUPS}"
+                )
+            if self.num_head_channels is not None and ch % self.num_head_channels:
+                raise ValueError(
+                    f"num_head_channels {self.num_head_channels} must divide every level's "
+                    f"channels, got {ch}"
+                )
+            if self.num_head_channels is None and ch % self.num_heads:
+                raise ValueError(f"num_heads {self.num_heads} must divide {ch} channels")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # improved-diffusion, as loaded by Carlini et al. and Jeong & Shin (image_size 32,
+    # attention_resolutions "16,8" -> downsample rates 2 and 4, 4 heads, L_hybrid).
+    "cifar10_uncond_50M_500K": UNetConfig(
+        image_size=32,
+        in_channels=3,
+        model_channels=128,
+        num_res_blocks=3,
+        channel_mult=(1, 2, 2, 2),
+        attention_ds=(2, 4),
+        dropout=0.3,
+        num_heads=4,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        learn_sigma=True,
+        attention_order="legacy",
+        noise_schedule="cosine",
+        diffusion_steps=4000,
+        rescale_timesteps=True,
+    ),
+    # guided-diffusion README flags for 256x256_diffusion_uncond.pt (attention at 32/16/8
+    # -> downsample rates 8/16/32, 64 channels per head, legacy attention order).
+    "256x256_diffusion_uncond": UNetConfig(
+        image_size=256,
+        in_channels=3,
+        model_channels=256,
+        num_res_blocks=2,
+        channel_mult=(1, 1, 2, 2, 4, 4),
+        attention_ds=(8, 16, 32),
+        dropout=0.0,
+        num_heads=4,
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        learn_sigma=True,
+        attention_order="legacy",
+        noise_schedule="linear",
+        diffusion_steps=1000,
+        rescale_timesteps=False,
+    ),
+    # Trained here on scikit-learn's 8x8 digits (1 channel): eps-prediction only (no learned
+    # variance: one-shot denoising never uses it), attention at 4x4.
+    "digits": UNetConfig(
+        image_size=8,
+        in_channels=1,
+        model_channels=32,
+        num_res_blocks=2,
+        channel_mult=(1, 2),
+        attention_ds=(2,),
+        dropout=0.1,
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        learn_sigma=False,
+        attention_order="legacy",
+        noise_schedule="cosine",
+        diffusion_steps=1000,
+        rescale_timesteps=False,
+    ),
+}
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of float timesteps [B]: cos half first, then sin."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _conv(
+    cin: int, cout: int, k: int, *, dtype, rngs: nnx.Rngs, stride: int = 1, zero: bool = False
+) -> nnx.Conv:
+    pad = (k - 1) // 2
+    extra = {"kernel_init": nnx.initializers.zeros} if zero else {}
+    return nnx.Conv(
+        cin, cout, (k, k), (stride, stride), padding=((pad, pad), (pad, pad)),
+        dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **extra,
+    )
+
+
+def _linear(cin: int, cout: int, *, dtype, rngs: nnx.Rngs, zero: bool = False) -> nnx.Linear:
+    extra = {"kernel_init": nnx.initializers.zeros} if zero else {}
+    return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **extra)
+
+
+def _upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool2(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class GroupNorm32(nnx.Module):
+    """GroupNorm with 32 groups, always computed in float32, output cast to `dtype`."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32):
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, ..., C] -> [B, ..., C]; statistics per sample and group over all other axes."""
+        c = x.shape[-1]
+        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], NUM_GROUPS, c // NUM_GROUPS)
+        axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+        mean = xg.mean(axis=axes, keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + GROUPNORM_EPS)).reshape(x.shape)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def _dropout(h: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return h
+    keep = jax.random.bernoulli(rng, 1.0 - rate, h.shape)
+    return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
+
+
+class ResBlock(nnx.Module):
+    """ADM residual block conditioned on the timestep embedding, optionally up/downsampling."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        *,
+        dropout: float,
+        use_scale_shift_norm: bool,
+        up: bool = False,
+        down: bool = False,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dropout = dropout
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.up, self.down = up, down
+        self.dtype = dtype
+        self.in_norm = GroupNorm32(channels, dtype=dtype)
+        self.in_conv = _conv(channels, out_channels, 3, dtype=dtype, rngs=rngs)
+        emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
+        self.emb_proj = _linear(emb_channels, emb_out, dtype=dtype, rngs=rngs)
+        self.out_norm = GroupNorm32(out_channels, dtype=dtype)
+        self.out_conv = _conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs, zero=True)
+        # A 1x1 conv only when the width changes (the official use_conv=False skip).
+        self.skip = (
+            _conv(channels, out_channels, 1, dtype=dtype, rngs=rngs)
+            if out_channels != channels
+            else None
+        )
+
+    def _resample(self, x: jax.Array) -> jax.Array:
+        if self.up:
+            return _upsample_nearest(x)
+        if self.down:
+            return _avg_pool2(x)
+        return x
+
+    def __call__(self, x: jax.Array, emb: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """x [B, H, W, C], emb [B, E] -> [B, H', W', C_out]."""
+        h = nnx.silu(self.in_norm(x))
+        # Up/down blocks resample after the activation and before the conv (guided-diffusion).
+        h = self.in_conv(self._resample(h))
+        x = self._resample(x)
+        emb_out = self.emb_proj(nnx.silu(emb)).astype(h.dtype)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb_out)
+        h = self.out_conv(_dropout(nnx.silu(h), self.dropout, rng))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class AttentionBlock(nnx.Module):
+    """Multi-head self-attention over all spatial positions, residual, zero-initialised out."""
+
+    def __init__(
+        self, channels: int, num_heads: int, *, order: str, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
+        self.num_heads = num_heads
+        self.order = order
+        self.norm = GroupNorm32(channels, dtype=dtype)
+        self.qkv = _linear(channels, 3 * channels, dtype=dtype, rngs=rngs)
+        self.proj_out = _linear(channels, channels, dtype=dtype, rngs=rngs, zero=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, H, W, C]."""
+        b, hh, ww, c = x.shape
+        ch = c // self.num_heads
+        qkv = self.qkv(self.norm(x).reshape(b, hh * ww, c))
+        # The channel layout of qkv decides checkpoint parity: legacy = [head, (q,k,v), ch],
+        # new = [(q,k,v), head, ch].
+        if self.order == "legacy":
+            qkv = qkv.reshape(b, hh * ww, self.num_heads, 3, ch)
+            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        else:
+            qkv = qkv.reshape(b, hh * ww, 3, self.num_heads, ch)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # Scaling q and k by ch^-1/4 each (instead of the logits by ch^-1/2) is what ADM does
+        # for fp16 stability; the softmax itself is in float32.
+        scale = ch**-0.25
+        logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, hh * ww, c)
+        return x + self.proj_out(a).reshape(b, hh, ww, c)
+
+
+class Downsample(nnx.Module):
+    """Stride-2 3x3 conv (conv_resample=True, the only setting the presets use)."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.op = _conv(channels, channels, 3, stride=2, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, H/2, W/2, C]."""
+        return self.op(x)
+
+
+class Upsample(nnx.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.conv = _conv(channels, channels, 3, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, 2H, 2W, C]."""
+        return self.conv(_upsample_nearest(x))
+
+
+class UNet(nnx.Module):
+    """ADM UNet: eps (and optionally variance) prediction from a noisy image and timestep."""
+
+    def __init__(self, config: UNetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        self.dtype = dtype
+        mc = config.model_channels
+        emb_dim = 4 * mc
+        # The timestep MLP and the output head stay float32, as in the official fp16 models
+        # (only input/middle/output blocks are converted to half precision).
+        self.time_embed_in = _linear(mc, emb_dim, dtype=jnp.float32, rngs=rngs)
+        self.time_embed_out = _linear(emb_dim, emb_dim, dtype=jnp.float32, rngs=rngs)
+
+        def heads(ch: int) -> int:
+            if config.num_head_channels is not None:
+                return ch // config.num_head_channels
+            return config.num_heads
+
+        def res(cin: int, cout: int, **kw) -> ResBlock:
+            return ResBlock(
+                cin, emb_dim, cout, dropout=config.dropout,
+                use_scale_shift_norm=config.use_scale_shift_norm, dtype=dtype, rngs=rngs, **kw,
+            )
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(
+                ch, heads(ch), order=config.attention_order, dtype=dtype, rngs=rngs
+            )
+
+        ch = int(config.channel_mult[0] * mc)
+        input_blocks = [[_conv(config.in_channels, ch, 3, dtype=dtype, rngs=rngs)]]
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers = [res(ch, int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in config.attention_ds:
+                    layers.append(attn(ch))
+                input_blocks.append(layers)
+                skip_chans.append(ch)
+            if level != len(config.channel_mult) - 1:
+                if config.resblock_updown:
+                    input_blocks.append([res(ch, ch, down=True)])
+                else:
+                    input_blocks.append([Downsample(ch, dtype=dtype, rngs=rngs)])
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = nnx.List([res(ch, ch), attn(ch), res(ch, ch)])
+
+        output_blocks = []
+        for level, mult in list(enumerate(config.channel_mult))[::-1]:
+            for i in range(config.num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(mult * mc))]
+                ch = int(mult * mc)
+                if ds in config.attention_ds:
+                    layers.append(attn(ch))
+                if level and i == config.num_res_blocks:
+                    if config.resblock_updown:
+                        layers.append(res(ch, ch, up=True))
+                    else:
+                        layers.append(Upsample(ch, dtype=dtype, rngs=rngs))
+                    ds //= 2
+                output_blocks.append(layers)
+
+        self.input_blocks = nnx.List([nnx.List(b) for b in input_blocks])
+        self.output_blocks = nnx.List([nnx.List(b) for b in output_blocks])
+        self.out_norm = GroupNorm32(ch, dtype=jnp.float32)
+        self.out_conv = _conv(
+            ch, config.out_channels, 3, dtype=jnp.float32, rngs=rngs, zero=True
+        )
+
+    def __call__(self, x: jax.Array, t: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, C] in model space, t [B] float timesteps -> [B, H, W, C_out].
+
+        rng: a PRNG key for dropout (training); None runs deterministically (no dropout).
+        """
+        cfg = self.config
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"x must be [B, H, W, {cfg.in_channels}], got shape {tuple(x.shape)}"
+            )
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(
+                f"H and W must be multiples of {factor} for {len(cfg.channel_mult)} levels, "
+                f"got {x.shape[1]}x{x.shape[2]}"
+            )
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        emb = timestep_embedding(t, cfg.model_channels)
+        emb = self.time_embed_out(nnx.silu(self.time_embed_in(emb)))
+
+        n_res = 0
+
+        def run(layers: nnx.List, h: jax.Array) -> jax.Array:
+            nonlocal n_res
+            for layer in layers:
+                if isinstance(layer, ResBlock):
+                    key = None if rng is None else jax.random.fold_in(rng, n_res)
+                    n_res += 1
+                    h = layer(h, emb, key)
+                else:
+                    h = layer(h)
+            return h
+
+        h = x.astype(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = run(block, h)
+            skips.append(h)
+        h = run(self.middle_block, h)
+        for block in self.output_blocks:
+            h = run(block, jnp.concatenate([h, skips.pop()], axis=-1))
+        h = nnx.silu(self.out_norm(h.astype(jnp.float32)))
+        return self.out_conv(h)
+
+
+def unet_from_preset(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> UNet:
+    """Builds the UNet of `UNET_PRESETS[name]` (random init; load weights with nnx.update)."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}; valid: {sorted(UNET_PRESETS)}")
+    return UNet(UNET_PRESETS[name], dtype=dtype, rngs=rngs or nnx.Rngs(0))
+
+
+def load_unet_params(unet: UNet, params: Mapping[str, Any]) -> None:
+    """Copies a pure nested dict (a converted or exported checkpoint) into `unet` in place."""
+    state = nnx.state(unet, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(unet, state)
+
+
+def unet_from_export(directory: str, *, dtype=jnp.float32) -> UNet:
+    """Builds the UNet stored in a parameter export (meta kind "unet") with its weights."""
+    from dmae_jax.checkpoints import load_params_checked
+
+    params, meta = load_params_checked(directory, kind="unet", field="unet export")
+    config = UNetConfig.from_dict(meta["config"])
+    # Built abstractly (nothing initialised) since every parameter comes from the export.
+    unet = nnx.eval_shape(lambda: UNet(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    load_unet_params(unet, params)
+    return unet
