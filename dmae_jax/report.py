@@ -64,9 +64,14 @@ def envelope(accuracies: Sequence[np.ndarray]) -> np.ndarray:
     return np.max(np.stack([np.asarray(a) for a in accuracies]), axis=0)
 
 
+def load(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of one certification log in any dialect `dmae_jax.smoothing.read_log` reads."""
+    return read_log(path)
+
+
 def markdown_table(
-    names: Sequence[str],
     rows_per_log: Sequence[Rows],
+    names: Sequence[str],
     radii: Sequence[float] = DEFAULT_RADII,
     *,
     with_envelope: bool = False,
@@ -92,8 +97,8 @@ def markdown_table(
 
 def plot_certified_accuracy(
     path: str | os.PathLike,
-    names: Sequence[str],
     rows_per_log: Sequence[Rows],
+    names: Sequence[str],
     *,
     max_radius: float | None = None,
     radius_step: float = 0.01,
@@ -159,13 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = args.labels.split(",")
         if len(names) != len(args.logs):
             parser.error(f"--labels needs {len(args.logs)} names, got {len(names)}: {args.labels}")
-    rows_per_log = [read_log(path) for path in args.logs]
+    try:
+        rows_per_log = [load(path) for path in args.logs]
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     if args.envelope and len({frozenset(r["idx"] for r in rows) for rows in rows_per_log}) > 1:
         print("warning: the logs certify different images; the envelope mixes test sets",
               file=sys.stderr)
-    print(markdown_table(names, rows_per_log, args.radii, with_envelope=args.envelope))
+    print(markdown_table(rows_per_log, names, args.radii, with_envelope=args.envelope))
     if args.plot:
-        plot_certified_accuracy(args.plot, names, rows_per_log, with_envelope=args.envelope)
+        plot_certified_accuracy(args.plot, rows_per_log, names, with_envelope=args.envelope)
         print(f"wrote {args.plot}")
     return 0
 

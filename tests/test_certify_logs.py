@@ -211,24 +211,52 @@ def test_merge_refuses_conflicting_rows_and_missing_parts(tmp_path):
 
 
 def test_same_rng_gives_the_same_log(tmp_path):
-    key = jax.random.key(0)
     logits = lambda images: images.reshape(images.shape[0], 4)
     items = [(idx, np.linspace(0.1, 0.4, 4, dtype=np.float32).reshape(2, 2, 1), 3)
              for idx in (0, 1, 2)]
-
-    def certify_one(idx, image, label):
-        result = smoothing.certify_detailed(
-            logits, image, sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200,
-            rng=jax.random.fold_in(key, idx), num_classes=4,
-        )
-        return {"predict": result.prediction, "radius": result.radius,
-                "counts": result.counts_estimation}
-
+    certify_one = smoothing.make_certify_one(
+        logits, sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200, rng=jax.random.key(0),
+        num_classes=4,
+    )
     logs = []
     for name in ("a.tsv", "b.tsv"):
         path = str(tmp_path / name)
-        smoothing.run_certification(items, certify_one, log_path=path, extra_columns=["counts"],
-                                    print_fn=lambda s: None)
+        smoothing.run_certification(items, certify_one, log_path=path,
+                                    extra_columns=smoothing.LOG_COLUMNS, print_fn=lambda s: None)
         logs.append(strip_time(path))
     assert logs[0] == logs[1]
-    assert smoothing.parse_counts(logs[0][0]["counts"]).sum() == 200
+    first = logs[0][0]
+    assert parse_counts_total(first["counts_selection"]) == 16
+    assert smoothing.parse_counts(first["counts_estimation"], 4)[first["cAHat"]] == first["nA"]
+    pA_lower = smoothing.lower_confidence_bound(first["nA"], 200, 0.001)
+    assert first["pA_lower"] == pA_lower
+    expected = ((first["cAHat"], smoothing.radius_from_bound(pA_lower, 0.25))
+                if pA_lower >= 0.5 else (-1, 0.0))
+    assert (first["predict"], first["radius"]) == expected
+
+
+def parse_counts_total(text):
+    return int(smoothing.parse_counts(text, 4).sum())
+
+
+def test_count_fields_round_trip_dense_and_sparse():
+    counts = np.array([0, 9950, 0, 50])
+    assert smoothing.format_sparse_counts(counts) == "1:9950,3:50"
+    np.testing.assert_array_equal(smoothing.parse_counts("1:9950,3:50", 4), counts)
+    np.testing.assert_array_equal(smoothing.parse_counts("0,9950,0,50"), counts)
+    np.testing.assert_array_equal(smoothing.parse_counts("-", 4), np.zeros(4))
+
+
+def test_early_abstain_rows_record_it(tmp_path):
+    constant = lambda images: jax.numpy.tile(jax.numpy.array([0.0, 1.0]), (images.shape[0], 1))
+    certify_one = smoothing.make_certify_one(
+        constant, sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200, rng=jax.random.key(0),
+        num_classes=2, early_abstain=True,
+    )
+    path = str(tmp_path / "log.tsv")
+    image = np.zeros((2, 2, 1), np.float32)
+    smoothing.run_certification([(0, image, 0), (1, image, 1)], certify_one, log_path=path,
+                                extra_columns=smoothing.LOG_COLUMNS, print_fn=lambda s: None)
+    wrong, right = smoothing.read_log(path)
+    assert (wrong["predict"], wrong["abstained_early"], wrong["n_drawn"]) == (-1, 1, 16)
+    assert (right["predict"], right["abstained_early"], right["n_drawn"]) == (1, 0, 216)

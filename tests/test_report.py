@@ -51,7 +51,7 @@ def test_envelope_is_the_best_log_at_each_radius(logs):
 
 
 def test_markdown_table(logs):
-    table = report.markdown_table(["a", "b"], [read_log(p) for p in logs], [0, 0.5],
+    table = report.markdown_table([report.load(p) for p in logs], ["a", "b"], [0, 0.5],
                                   with_envelope=True)
     assert table.splitlines() == [
         "| log | images | abstain | r=0 | r=0.5 | ACR |",

@@ -33,6 +33,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy import stats
 
+from dmae_jax.smoothing.logs import format_sparse_counts
+
 ABSTAIN = -1
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -43,6 +45,13 @@ _RANGE_TOLERANCE = 1e-5
 # Counts are int32 on device and the flat (image, sample) index must fit in int32.
 _MAX_SAMPLES_PER_CALL = 2**31 - 1
 _MESH_AXIS = "samples"
+
+# Extra log columns `make_certify_one` fills (after idx label predict radius correct time):
+# enough to recompute the bound at another alpha and to audit every certificate.
+LOG_COLUMNS = (
+    "sigma", "cAHat", "nA", "n", "pA_lower", "n_drawn", "abstained_early",
+    "counts_selection", "counts_estimation",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,3 +508,56 @@ def predict(
     if stats.binomtest(count1, count1 + count2, 0.5).pvalue > alpha:
         return ABSTAIN
     return int(top2[0])
+
+
+def make_certify_one(
+    logits_fn: LogitsFn,
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    early_abstain: bool = False,
+    compute_dtype: Any = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[[int, Any, int], dict[str, Any]]:
+    """certify_one(idx, image, label) -> log row (predict, radius, LOG_COLUMNS) for the runner.
+
+    Image idx uses the key fold_in(rng, idx), so a resumed or multi-process run certifies
+    each image exactly as one uninterrupted run does. early_abstain=True passes the label as
+    `early_abstain_label` (DMAE's shortcut), which the `abstained_early` column records.
+    """
+    _check_sigma(sigma)
+    _check_positive_int("n0", n0)
+    _check_positive_int("n", n)
+    _check_alpha(alpha)
+    _check_positive_int("batch_size", batch_size)
+    _check_num_classes(num_classes)
+    key = _as_key_array(rng)
+
+    def certify_one(idx: int, image: Any, label: int) -> dict[str, Any]:
+        result = certify_detailed(
+            logits_fn, image, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+            rng=jax.random.fold_in(key, idx), num_classes=num_classes,
+            early_abstain_label=int(label) if early_abstain else None,
+            compute_dtype=compute_dtype, devices=devices,
+        )
+        cAHat = int(np.argmax(result.counts_selection))
+        return {
+            "predict": result.prediction,
+            "radius": result.radius,
+            "sigma": float(sigma),
+            "cAHat": cAHat,
+            "nA": int(result.counts_estimation[cAHat]),
+            "n": 0 if result.abstained_early else n,
+            "pA_lower": result.pA_lower,
+            "n_drawn": result.n_drawn,
+            "abstained_early": int(result.abstained_early),
+            "counts_selection": format_sparse_counts(result.counts_selection),
+            "counts_estimation": format_sparse_counts(result.counts_estimation),
+        }
+
+    return certify_one

@@ -73,9 +73,25 @@ def parse_time(text: str) -> float:
         raise ValueError(f"time must be a timedelta string or seconds, got {text!r}") from None
 
 
-def parse_counts(text: str) -> np.ndarray:
-    """A comma-separated count vector written by `format_value`, as int64 [K]."""
-    return np.asarray([int(v) for v in str(text).split(",")], dtype=np.int64)
+def format_sparse_counts(counts: np.ndarray) -> str:
+    """Nonzero votes as `class:count` pairs, e.g. 3:9950,5:50 (`-` if none); short for K = 1000."""
+    pairs = [f"{k}:{int(c)}" for k, c in enumerate(np.asarray(counts).tolist()) if c]
+    return ",".join(pairs) or "-"
+
+
+def parse_counts(text: str, num_classes: int | None = None) -> np.ndarray:
+    """Votes int64 [K] from a dense `a,b,c` or sparse `class:count,...` (or `-`) log field."""
+    text = str(text)
+    if ":" not in text and text != "-":
+        return np.asarray([int(v) for v in text.split(",")], dtype=np.int64)
+    pairs = [] if text == "-" else [tuple(map(int, p.split(":"))) for p in text.split(",")]
+    size = num_classes if num_classes is not None else max((k + 1 for k, _ in pairs), default=0)
+    counts = np.zeros(size, dtype=np.int64)
+    for k, c in pairs:
+        if not 0 <= k < size:
+            raise ValueError(f"class {k} in counts {text!r} is outside [0, {size})")
+        counts[k] = c
+    return counts
 
 
 def _parse_extra(text: str) -> int | float | str:
