@@ -20,6 +20,7 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources>=6.0",  # imported by TFDS builders, no longer pulled in by etils
         # CLU's metric writers and TFDS's image encoding import TensorFlow; never used in
         # the jitted step (see DESIGN.md).
         "tensorflow-cpu>=2.21.0",
