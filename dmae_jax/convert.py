@@ -205,10 +205,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], kind: str, model_cfg: Mapp
     missing = sorted(k for k in list(by_torch_key) + list(fixed) if k not in state_dict)
     converted: dict[tuple, np.ndarray] = {}
     mismatched = []
-    for key, path in by_torch_key.items():
-        if key not in state_dict:
+    for key, value in state_dict.items():  # checkpoint order: errors name the first keys
+        if key not in by_torch_key:
             continue
-        value = state_dict[key]
+        path = by_torch_key[key]
         want = _torch_shape(str(path[-1]), expected[path].shape)
         if key == "pos_embed" and value.shape != want and len(value.shape) == 3 \
                 and value.shape[2] == want[2]:
