@@ -110,7 +110,7 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
 CERTIFY_PROTOCOLS = {
     "imagenet2012": ("validation", 50, 10_000, 1000, 224),
     "cifar10": ("test", 1, 100_000, 1000, 32),
-    "digits": ("test", 1, 1_000, 500, 32),
+    "digits": ("test", 1, 500, 600, 16),
 }
 
 

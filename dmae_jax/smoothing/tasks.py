@@ -84,7 +84,7 @@ def load_denoiser(config, sigma: float):
         return None
     from dmae_jax.diffusion import loading
 
-    return loading.load_denoiser(config.denoiser, config.denoiser_kind, sigma)
+    return loading.load_denoise_fn(config.denoiser, config.denoiser_kind, sigma)
 
 
 def _logits_fn_for(config, classifier_fn, sigma: float):
@@ -93,27 +93,41 @@ def _logits_fn_for(config, classifier_fn, sigma: float):
         return classifier_fn
     from dmae_jax.diffusion import denoise
 
-    return denoise.compose(denoise_fn, classifier_fn)
+    return denoise.denoise_then_classify(denoise_fn, classifier_fn)
 
 
-def _items(config):
-    """(idx, image [H,W,C] float32 in [0,1], label) for every `skip`-th index below `max`."""
+def _items(config) -> tuple[list, int]:
+    """[(idx, load_image, label)] for every `skip`-th index below `max`; images load lazily.
+
+    Loading is deferred (the runner calls `load_image()` only for indices it certifies), so
+    a resumed run does not decode what it has already logged.
+    """
     from dmae_jax.data import datasets
 
     source = datasets.load_source(config.data.dataset, config.data.split,
                                   data_dir=config.data.data_dir,
                                   image_size=config.data.image_size)
     stop = len(source) if config.max < 0 else min(config.max, len(source))
-    for idx in range(0, stop, config.skip):
-        record = source[idx]
-        yield idx, np.asarray(record["image"], np.float32) / 255.0, int(record["label"])
+
+    def loader(idx):
+        return lambda: np.asarray(source[idx]["image"], np.float32) / 255.0
+
+    labels = _labels(source, range(0, stop, config.skip))
+    return [(idx, loader(idx), label) for idx, label in labels]
+
+
+def _labels(source, indices) -> list[tuple[int, int]]:
+    if hasattr(source, "labels"):  # in-memory digits
+        return [(i, int(source.labels[i])) for i in indices]
+    return [(i, int(source[i]["label"])) for i in indices]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Certifies the configured subset; writes `workdir/<log_name>` and prints the report."""
     from dmae_jax import report
     from dmae_jax.data import datasets
-    from dmae_jax.smoothing import certify, runner
+    from dmae_jax.smoothing import runner
+    from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one, place_replicated
 
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, config.log_name)
@@ -123,19 +137,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     if config.task == "certify":
         classifier_fn, _ = load_classifier(config.checkpoint)
-        logits_fn = certify.place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
-        certify_one = certify.make_certify_one(
+        logits_fn = place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
+        certify_one = make_certify_one(
             logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes,
             early_abstain=config.early_abstain, compute_dtype=dtype)
-        columns = certify.LOG_COLUMNS
+        columns = LOG_COLUMNS
     else:
         from dmae_jax.smoothing import cascade
 
         sigmas = C.sigmas(config, "sigmas")
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
         loaded = {p: load_classifier(p)[0] for p in set(paths)}
-        fns = [certify.place_replicated(_logits_fn_for(config, loaded[p], s))
+        fns = [place_replicated(_logits_fn_for(config, loaded[p], s))
                for p, s in zip(paths, sigmas, strict=True)]
         certify_one = cascade.make_certify_one(
             fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
