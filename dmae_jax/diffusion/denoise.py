@@ -1,0 +1,143 @@
+"""One-shot diffusion denoising (Carlini et al. 2023) as Jeong & Shin's multi-scale code does it.
+
+The certification engine draws x + delta with delta ~ N(0, sigma^2 I) in [0, 1]-pixel units
+and hands the (unclipped) noisy batch to a `logits_fn`. Mapping it to the model's [-1, 1]
+space gives 2(x + delta) - 1 = (2x - 1) + 2 delta, i.e. the clean image in model space plus
+Gaussian noise of std exactly 2 sigma: the same random variable the official code builds by
+normalising first and adding `randn * 2 sigma` afterwards. So adding noise in [0, 1] units
+here and the official [-1, 1] computation are one and the same, and the certified radius
+stays in [0, 1]-pixel units.
+
+With t* the first step whose noise level reaches 2 sigma (`timestep_for_sigma`):
+    x_t   = sqrt(abar_t*) (2 (x + delta) - 1)
+    x0_hat = sqrt(1 / abar_t*) x_t - sqrt(1 / abar_t* - 1) eps_theta(x_t, t*)
+clipped to [-1, 1] and mapped back to [0, 1]. Only the first C (eps) output channels are
+used; a learned variance is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmae_jax.diffusion.schedule import DiffusionSchedule, model_timestep, timestep_for_sigma
+
+# (x [B, H, W, C] in model space, t [B] float) -> [B, H, W, C or 2C]; a UNet is one.
+UNetApply = Callable[[jax.Array, jax.Array], jax.Array]
+# noisy images [B, H, W, C] in [0, 1] units -> denoised images [B, H, W, C] in [0, 1].
+DenoiseFn = Callable[[jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def reflect_pad(x: jax.Array, pad: int) -> jax.Array:
+    """Reflection-pads H and W of [B, H, W, C] by `pad` on each side (torch ReflectionPad2d)."""
+    return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+
+
+def center_crop(x: jax.Array, size: int) -> jax.Array:
+    """Center crop of [B, H, W, C] to [B, size, size, C] (torchvision CenterCrop offsets)."""
+    top = int(round((x.shape[1] - size) / 2.0))
+    left = int(round((x.shape[2] - size) / 2.0))
+    return x[:, top : top + size, left : left + size, :]
+
+
+def _check_pad(h: int, w: int, pad_to: int | None) -> int:
+    if pad_to is None:
+        return 0
+    if h != w:
+        raise ValueError(f"pad_to needs square images, got {h}x{w}")
+    pad, odd = divmod(pad_to - h, 2)
+    if pad_to < h or odd or pad >= h:
+        raise ValueError(
+            f"pad_to must be >= the image size {h}, differ from it by an even number, and "
+            f"pad by less than {h} per side (reflection), got pad_to = {pad_to}"
+        )
+    return pad
+
+
+def one_shot_denoise(
+    unet_apply: UNetApply,
+    schedule: DiffusionSchedule,
+    x_noisy01: jax.Array,
+    sigma: float,
+    *,
+    rescale_timesteps: bool,
+    clip: bool = True,
+    pad_to: int | None = None,
+) -> jax.Array:
+    """Denoises x + N(0, sigma^2) noise [B, H, W, C] ([0, 1] units) to x_hat [B, H, W, C].
+
+    pad_to: run the UNet on a reflection-padded square of this size and crop back (ImageNet:
+    224 -> 256, the official `CropWrapper`). The output is in [0, 1] when clip is True.
+    """
+    t_star, sqrt_abar = timestep_for_sigma(schedule, sigma)
+    b, h, w, c = x_noisy01.shape
+    pad = _check_pad(h, w, pad_to)
+    x_t = np.float32(sqrt_abar) * (2.0 * x_noisy01.astype(jnp.float32) - 1.0)
+    t = model_timestep(
+        jnp.full((b,), t_star), schedule.num_timesteps, rescale_timesteps=rescale_timesteps
+    )
+    model_in = reflect_pad(x_t, pad) if pad else x_t
+    out = unet_apply(model_in, t).astype(jnp.float32)
+    eps = center_crop(out, h) if pad else out
+    eps = eps[..., :c]
+    x0 = (
+        np.float32(schedule.sqrt_recip_alphas_cumprod[t_star]) * x_t
+        - np.float32(schedule.sqrt_recipm1_alphas_cumprod[t_star]) * eps
+    )
+    if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+    return (x0 + 1.0) / 2.0
+
+
+def make_diffusion_denoise_fn(
+    unet_apply: UNetApply,
+    schedule: DiffusionSchedule,
+    sigma: float,
+    *,
+    rescale_timesteps: bool,
+    pad_to: int | None = None,
+) -> DenoiseFn:
+    """`denoise_fn(noisy01 [B, H, W, C]) -> clean01` at a fixed sigma (t* chosen once, here)."""
+    timestep_for_sigma(schedule, sigma)  # Fail at construction, not at the first batch.
+
+    def denoise_fn(x_noisy01: jax.Array) -> jax.Array:
+        return one_shot_denoise(
+            unet_apply, schedule, x_noisy01, sigma,
+            rescale_timesteps=rescale_timesteps, pad_to=pad_to,
+        )
+
+    return denoise_fn
+
+
+def denoise_then_classify(denoise_fn: DenoiseFn, classifier_logits_fn: LogitsFn) -> LogitsFn:
+    """logits_fn(noisy01 [B, H, W, C]) -> [B, K] = classifier(denoise(noisy01)), any denoiser."""
+
+    def logits_fn(x_noisy01: jax.Array) -> jax.Array:
+        return classifier_logits_fn(denoise_fn(x_noisy01))
+
+    return logits_fn
+
+
+def make_denoised_logits_fn(
+    unet: UNetApply,
+    schedule: DiffusionSchedule,
+    classifier_logits_fn: LogitsFn,
+    sigma: float,
+    *,
+    rescale_timesteps: bool,
+    pad_to: int | None = None,
+) -> LogitsFn:
+    """The certification engine's logits_fn: noisy images [B, H, W, C] in [0, 1] -> [B, K].
+
+    `unet` is a `UNet` or any (x, t) -> output callable. The result is a pure function of
+    its input, so the caller can jit it; the engine adds the noise, this only denoises
+    (one UNet call at t*(sigma)) and classifies.
+    """
+    denoise_fn = make_diffusion_denoise_fn(
+        unet, schedule, sigma, rescale_timesteps=rescale_timesteps, pad_to=pad_to
+    )
+    return denoise_then_classify(denoise_fn, classifier_logits_fn)
