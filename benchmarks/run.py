@@ -1,0 +1,535 @@
+r"""Side-by-side benchmarks against PyTorch: matmul peak, pretraining step, certification.
+
+  python -m benchmarks.run [--json FILE] [--quick] [--only pretrain,certify]
+
+Every figure is measured in this one run, ours and PyTorch's alternating repetition by
+repetition (so a burst of load from another process hits both sides), after warm-up; the
+tables give the median and the spread (min-max) of the repetitions. Our side is the real
+code path: `dmae_jax.train.common.make_train_step` with the pretraining AdamW, and
+`dmae_jax.smoothing.certify.sample_counts`; PyTorch's side is the official architecture
+(`tests/torch_dmae.py`), eager, forward + backward + `torch.optim.AdamW` for pretraining and
+Cohen et al.'s `_sample_noise` loop for certification. MFU is the model's analytic matmul
+FLOP rate divided by the JAX matmul peak measured in the same run. One JAX device.
+About 4 minutes on 2 idle cores; `--quick` (no ViT-B/16, fewer repetitions) about 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# -------------------------------------------------------------------------------------------
+# Timing.
+# -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds per repetition of one side of a figure, and the work one repetition does."""
+
+    seconds: list[float]
+    work: float  # items (images, samples, FLOPs) per repetition
+
+    @property
+    def rates(self) -> list[float]:
+        """work / seconds of every repetition."""
+        return [self.work / s for s in self.seconds]
+
+    @property
+    def rate(self) -> float:
+        """Median rate."""
+        return statistics.median(self.rates)
+
+    def spread(self) -> str:
+        """Relative spread of the rates, '(-a%/+b%)' around the median."""
+        rates, med = self.rates, self.rate
+        return f"(-{100 * (1 - min(rates) / med):.0f}%/+{100 * (max(rates) / med - 1):.0f}%)"
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], works: dict[str, float], *, warmup: int, reps: int
+) -> dict[str, Timing]:
+    """Times each blocking fn `reps` times after `warmup` calls, alternating between the fns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: Timing(seconds[name], works[name]) for name in fns}
+
+
+# -------------------------------------------------------------------------------------------
+# FLOP counts (matmuls only: the rest is a few percent of a ViT).
+# -------------------------------------------------------------------------------------------
+
+
+def blocks_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """Forward matmul FLOPs of `depth` pre-norm ViT blocks on one sample of `tokens` tokens.
+
+    Per block: qkv (3 D^2), proj (D^2) and the MLP (2 * ratio * D^2) per token, plus
+    q k^T and attn v (N^2 D each); 2 FLOPs per multiply-add.
+    """
+    hidden = int(width * mlp_ratio)
+    per_token = 2 * (3 * width * width + width * width + 2 * width * hidden)
+    attention = 2 * 2 * tokens * tokens * width
+    return float(depth * (tokens * per_token + attention))
+
+
+def dmae_forward_flops(cfg: dict, mask_ratio: float) -> float:
+    """Forward FLOPs of DMAE on one image: encoder on the visible tokens, decoder on all."""
+    from dmae_jax.models.dmae import num_kept
+
+    num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
+    kept = num_kept(num_patches, mask_ratio)
+    patch_dim = cfg["patch_size"] ** 2 * 3
+    width, dec = cfg["width"], cfg["decoder_width"]
+    return (
+        2.0 * num_patches * patch_dim * width  # patch embedding (before masking, all patches)
+        + blocks_flops(1 + kept, width, cfg["depth"])
+        + 2.0 * (1 + kept) * width * dec  # decoder_embed
+        + blocks_flops(1 + num_patches, dec, cfg["decoder_depth"])
+        + 2.0 * (1 + num_patches) * dec * patch_dim  # decoder_pred
+    )
+
+
+def classifier_forward_flops(cfg: dict, num_classes: int) -> float:
+    """Forward FLOPs of the ViT classifier on one image (all patches + cls token)."""
+    num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
+    patch_dim = cfg["patch_size"] ** 2 * 3
+    return (
+        2.0 * num_patches * patch_dim * cfg["width"]
+        + blocks_flops(1 + num_patches, cfg["width"], cfg["depth"])
+        + 2.0 * cfg["width"] * num_classes
+    )
+
+
+# Training = forward + backward (twice the forward: gradients w.r.t. inputs and weights).
+TRAIN_FLOPS_FACTOR = 3.0
+
+# -------------------------------------------------------------------------------------------
+# Model configurations.
+# -------------------------------------------------------------------------------------------
+
+PRETRAIN_CASES = {
+    # configs/pretrain_digits.py
+    "cpu": dict(variant="mu", img_size=16, patch_size=4, decoder_width=128, decoder_depth=2,
+                decoder_heads=4, batch=128),
+    # The paper's ViT-B/16 DMAE (MAE decoder 512/8/16) at 224.
+    "vitb": dict(variant="base", img_size=224, patch_size=16, decoder_width=512,
+                 decoder_depth=8, decoder_heads=16, batch=8),
+}
+CERTIFY_CASES = {
+    # The classifier of the CPU config (configs/digits.py fine-tuning), 10 classes.
+    "cpu": dict(variant="mu", img_size=16, patch_size=4, num_classes=10, batch=500, num=2000),
+    # ViT-B/16 at 224, 1000 classes: one batch of noisy samples per call.
+    "vitb": dict(variant="base", img_size=224, patch_size=16, num_classes=1000, batch=32,
+                 num=32),
+}
+SIGMA = 0.25
+MASK_RATIO = 0.75
+
+
+def _model_cfg(case: dict, dtype: str = "float32") -> dict:
+    from dmae_jax.models import resolve_model_config
+
+    keys = ("variant", "img_size", "patch_size", "decoder_width", "decoder_depth",
+            "decoder_heads")
+    return resolve_model_config({**{k: case[k] for k in keys if k in case}, "dtype": dtype})
+
+
+# -------------------------------------------------------------------------------------------
+# Matmul peak.
+# -------------------------------------------------------------------------------------------
+
+
+def bench_matmul(size: int, reps: int) -> dict[str, Timing]:
+    """fp32 and bf16 [size, size] @ [size, size] in JAX (jit) and PyTorch; work in FLOPs."""
+    import torch
+
+    flops = 2.0 * size**3
+    fns, works = {}, {}
+    for name, jdt, tdt in (("fp32", jnp.float32, torch.float32),
+                           ("bf16", jnp.bfloat16, torch.bfloat16)):
+        a = jax.random.normal(jax.random.key(0), (size, size), jdt)
+        b = jax.random.normal(jax.random.key(1), (size, size), jdt)
+        dot = jax.jit(jnp.dot)
+        ta, tb = torch.randn(size, size, dtype=tdt), torch.randn(size, size, dtype=tdt)
+        fns[f"jax_{name}"] = lambda dot=dot, a=a, b=b: dot(a, b).block_until_ready()
+        fns[f"torch_{name}"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
+        works[f"jax_{name}"] = works[f"torch_{name}"] = flops
+    return time_interleaved(fns, works, warmup=2, reps=reps)
+
+
+# -------------------------------------------------------------------------------------------
+# Pretraining step.
+# -------------------------------------------------------------------------------------------
+
+
+def _one_device_mesh():
+    from jax.sharding import AxisType, Mesh
+
+    from dmae_jax import parallel
+
+    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), parallel.BATCH_AXES,
+                axis_types=(AxisType.Auto,) * 2)
+
+
+def jax_pretrain_step(case: dict) -> Callable[[], None]:
+    """One real DMAE training step (make_train_step, AdamW) per call, blocking."""
+    from flax import nnx
+
+    from dmae_jax import parallel
+    from dmae_jax.models import create_dmae
+    from dmae_jax.train import common, optim
+
+    mesh = _one_device_mesh()
+    parts = common.ModelParts.split(create_dmae(_model_cfg(case), rngs=nnx.Rngs(0)))
+    schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=case["batch"],
+                                 total_steps=10_000, warmup_steps=100)
+    tx = optim.pretrain_optimizer(parts.params, schedule=schedule)
+
+    def loss_fn(params, batch, rng):
+        out = parts.bind(params)(batch["image"], sigma=SIGMA, mask_ratio=MASK_RATIO, rng=rng)
+        return out.loss, {}
+
+    make_state = lambda p: common.init_state(p, tx, jax.random.key(0))  # noqa: E731
+    shardings = parallel.state_shardings(jax.eval_shape(make_state, parts.params), mesh)
+    state = [jax.jit(make_state, out_shardings=shardings)(parts.params)]
+    step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
+                                  lr_fn=schedule)
+    size = case["img_size"]
+    images = np.random.default_rng(0).random((case["batch"], size, size, 3), np.float32)
+    batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
+
+    def run() -> None:
+        state[0], metrics = step(state[0], batch)
+        jax.block_until_ready((state[0], metrics))
+
+    return run
+
+
+def torch_pretrain_step(case: dict) -> Callable[[], None]:
+    """One eager PyTorch step of the official DMAE: forward, backward, AdamW (timm groups)."""
+    import torch
+
+    from tests.torch_dmae import TorchDMAE
+
+    cfg = _model_cfg(case)
+    torch.manual_seed(0)
+    model = TorchDMAE(
+        img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["width"],
+        depth=cfg["depth"], num_heads=cfg["num_heads"], decoder_embed_dim=cfg["decoder_width"],
+        decoder_depth=cfg["decoder_depth"], decoder_num_heads=cfg["decoder_heads"],
+    ).train()
+    # timm.optim.optim_factory.add_weight_decay, as the official main_pretrain.py.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                             {"params": decay, "weight_decay": 0.05}],
+                            lr=1.5e-4 * case["batch"] / 256, betas=(0.9, 0.95))
+    size = case["img_size"]
+    images = torch.rand(case["batch"], 3, size, size)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = model(images, mask_ratio=MASK_RATIO, sigma=SIGMA)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def bench_pretrain(name: str, case: dict, reps: int, steps: int) -> dict[str, Any]:
+    """Images/s of our step and PyTorch's, and our MFU inputs (FLOPs per image)."""
+    fns = {"ours": jax_pretrain_step(case), "torch": torch_pretrain_step(case)}
+    runs = {k: (lambda fn=fn: [fn() for _ in range(steps)]) for k, fn in fns.items()}
+    images = float(case["batch"] * steps)
+    timings = time_interleaved(runs, {"ours": images, "torch": images}, warmup=1, reps=reps)
+    flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(_model_cfg(case), MASK_RATIO)
+    return {"case": name, "timings": timings, "flops_per_image": flops, "batch": case["batch"]}
+
+
+# -------------------------------------------------------------------------------------------
+# Certification sampling.
+# -------------------------------------------------------------------------------------------
+
+
+def _jax_classifier(case: dict, dtype: str):
+    """(logits_fn as a Partial over replicated params, apply(params, images), params)."""
+    from flax import nnx
+
+    from dmae_jax.models import create_classifier
+    from dmae_jax.smoothing.certify import place_replicated
+    from dmae_jax.train.common import ModelParts
+
+    model = create_classifier(_model_cfg(case, dtype), case["num_classes"], rngs=nnx.Rngs(0))
+    parts = ModelParts.split(model)
+
+    def apply(params, images):
+        return parts.bind(params)(images)
+
+    params = jax.tree.map(jnp.asarray, parts.params)
+    logits_fn = place_replicated(jax.tree_util.Partial(apply, params),
+                                         jax.devices()[:1])
+    return logits_fn, apply, params
+
+
+def bench_certify(name: str, case: dict, dtype: str, reps: int) -> dict[str, Any]:
+    """Noisy forward passes/s: sample_counts vs Cohen's loop; plus our sampler's overhead."""
+    import torch
+
+    from dmae_jax.smoothing.certify import sample_counts
+    from tests.torch_dmae import TorchViTClassifier
+
+    cfg = _model_cfg(case)
+    size, k, batch, num = case["img_size"], case["num_classes"], case["batch"], case["num"]
+    compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else None
+    x = np.random.default_rng(0).random((size, size, 3), np.float32)
+    logits_fn, apply, params = _jax_classifier(case, dtype)
+    devices = jax.devices()[:1]
+
+    def ours(fn=logits_fn) -> None:
+        sample_counts(fn, x, sigma=SIGMA, num=num, batch_size=batch,
+                              rng=jax.random.key(0), num_classes=k,
+                              compute_dtype=compute_dtype, devices=devices)
+
+    # The model alone on one batch of noisy inputs (same dtype as inside the sampler).
+    forward = jax.jit(lambda p, xs: jnp.argmax(apply(p, xs), axis=-1))
+    noisy = jnp.asarray(np.clip(x + SIGMA * np.random.default_rng(1).standard_normal(
+        (batch, size, size, 3)), 0, 1).astype(np.float32), compute_dtype or jnp.float32)
+    batches = -(-num // batch)
+
+    def model_only() -> None:
+        for _ in range(batches):
+            forward(params, noisy).block_until_ready()
+
+    # A near-free classifier: what sample_counts costs without the model.
+    weight = jnp.ones((3, k), jnp.float32)
+    trivial_fn = jax.tree_util.Partial(
+        lambda w, xs: xs.astype(jnp.float32).mean(axis=(1, 2)) @ w, weight)
+
+    torch.manual_seed(0)
+    tmodel = TorchViTClassifier(
+        img_size=size, patch_size=cfg["patch_size"], num_classes=k, embed_dim=cfg["width"],
+        depth=cfg["depth"], num_heads=cfg["num_heads"]).eval()
+    tx = torch.from_numpy(x).permute(2, 0, 1)[None].contiguous()
+
+    def torch_loop() -> None:
+        # Cohen et al., core.py `_sample_noise`.
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                             enabled=dtype == "bfloat16"):
+            counts = np.zeros(k, dtype=int)
+            remaining = num
+            while remaining > 0:
+                this_batch = min(batch, remaining)
+                remaining -= this_batch
+                xs = tx.repeat((this_batch, 1, 1, 1))
+                noise = torch.randn_like(xs) * SIGMA
+                predictions = tmodel(xs + noise).argmax(1)
+                counts += np.bincount(predictions.numpy(), minlength=k)
+
+    fns = {"ours": ours, "torch": torch_loop, "model_only": model_only,
+           "trivial": lambda: ours(trivial_fn)}
+    timings = time_interleaved(fns, {n: float(num) for n in fns}, warmup=1, reps=reps)
+    return {"case": name, "dtype": dtype, "timings": timings, "batch": batch, "num": num,
+            "flops_per_sample": classifier_forward_flops(cfg, k)}
+
+
+# -------------------------------------------------------------------------------------------
+# Report.
+# -------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """Date, CPU, core count, load and library versions."""
+    import flax
+    import jaxlib
+    import optax
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+        "optax": optax.__version__, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "jax_devices": len(jax.devices()),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _fmt(rate: float, unit: str) -> str:
+    return f"{rate / 1e9:.1f} G{unit}" if unit == "FLOP/s" else f"{rate:,.1f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as a markdown table plus the machine line."""
+    info = results["machine"]
+    mm = results.get("matmul", {})
+    peak = mm["jax_fp32"].rate if "jax_fp32" in mm else float("nan")
+    peak_bf16 = mm["jax_bf16"].rate if "jax_bf16" in mm else float("nan")
+    rows = ["| figure | ours | PyTorch | ours / PyTorch | MFU ours (PyTorch) vs JAX fp32 peak |",
+            "|---|---|---|---|---|"]
+
+    def row(label, ours: Timing, theirs: Timing, unit: str, flops: float | None,
+            note: str = "") -> None:
+        ratio = ours.rate / theirs.rate
+        mfu = ""
+        if flops is not None:
+            mfu = f"{100 * ours.rate * flops / peak:.0f}% ({100 * theirs.rate * flops / peak:.0f}%)"
+        rows.append(f"| {label} | {_fmt(ours.rate, unit)} {ours.spread()} | "
+                    f"{_fmt(theirs.rate, unit)} {theirs.spread()} | {ratio:.2f} | {mfu}{note} |")
+
+    for name in ("fp32", "bf16"):
+        if f"jax_{name}" in mm:
+            row(f"matmul {results['matmul_size']}^3 {name} (GFLOP/s)", mm[f"jax_{name}"],
+                mm[f"torch_{name}"], "FLOP/s", None)
+    for r in results.get("pretrain", []):
+        t = r["timings"]
+        row(f"pretrain step {r['case']} batch {r['batch']} (images/s)", t["ours"], t["torch"],
+            "", r["flops_per_image"])
+    overheads = []
+    for r in results.get("certify", []):
+        t = r["timings"]
+        note = ""
+        if r["dtype"] == "bfloat16":
+            note = f"; {100 * t['ours'].rate * r['flops_per_sample'] / peak_bf16:.0f}% of bf16 peak"
+        row(f"certify {r['case']} {r['dtype']} batch {r['batch']} (noisy samples/s)",
+            t["ours"], t["torch"], "", r["flops_per_sample"], note)
+        sampler = statistics.median(t["ours"].seconds)
+        model = statistics.median(t["model_only"].seconds)
+        trivial = statistics.median(t["trivial"].seconds)
+        overheads.append(
+            f"| certify {r['case']} {r['dtype']} | {1e3 * sampler:.1f} ms | {1e3 * model:.1f} ms"
+            f" | {100 * (sampler - model) / sampler:.1f}% | {100 * trivial / sampler:.1f}% |")
+    lines = [
+        f"Date {info['date']}; {info['cpu']}, nproc {info['nproc']} "
+        f"({info['cores_usable']} usable), torch threads {info['torch_threads']}, "
+        f"one JAX device; python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, "
+        f"flax {info['flax']}, optax {info['optax']}, torch {info['torch']}.",
+        f"Command: python -m benchmarks.run {' '.join(sys.argv[1:])}".rstrip(),
+        "",
+        *rows,
+    ]
+    if overheads:
+        lines += [
+            "",
+            "Our sampler's cost outside the model (median call time; model = the jitted "
+            "classifier alone on the same batches; trivial = sample_counts with a near-free "
+            "classifier):",
+            "",
+            "| figure | sample_counts | model only | (sampler - model) / sampler | "
+            "trivial / sampler |",
+            "|---|---|---|---|---|",
+            *overheads,
+        ]
+    load0, load1 = info["loadavg_start"][0], results["loadavg_end"][0]
+    cores = info["cores_usable"]
+    lines += ["", f"Load average (1 min) {load0:.2f} at the start, {load1:.2f} at the end "
+                  f"on {cores} cores."]
+    if max(load0, load1) > 0.5 * cores:
+        lines.append(f"WARNING: the machine was busy with other processes (load > {cores / 2})"
+                     ": absolute numbers are low and noisy; the ratios, measured alternately, "
+                     "are more reliable.")
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Timing):
+        return {"seconds": obj.seconds, "work": obj.work, "rates": obj.rates,
+                "median_rate": obj.rate}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the selected benchmarks, prints the table, optionally writes the raw numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the raw timings to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU-config models only, fewer repetitions")
+    parser.add_argument("--only", default="pretrain,certify",
+                        help="comma-separated subset of pretrain,certify (matmul always runs)")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions (default 5; quick 3)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    if not only <= {"pretrain", "certify"}:
+        parser.error(f"--only must name pretrain and/or certify, got {args.only!r}")
+
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    reps = args.reps or (3 if args.quick else 5)
+    cases = ["cpu"] if args.quick else ["cpu", "vitb"]
+    results: dict[str, Any] = {"machine": machine_info(), "reps": reps, "matmul_size": 2048}
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def done(timings: dict[str, Timing]) -> None:
+        say("  " + ", ".join(f"{k} {t.rate:,.4g}/s {t.spread()}" for k, t in timings.items()))
+
+    say("matmul peak")
+    results["matmul"] = bench_matmul(results["matmul_size"], max(reps, 5))
+    done(results["matmul"])
+    if "pretrain" in only:
+        results["pretrain"] = []
+        for name in cases:
+            say(f"pretraining step: {name}")
+            steps = 5 if name == "cpu" else 1
+            results["pretrain"].append(
+                bench_pretrain(name, PRETRAIN_CASES[name], min(reps, 3) if name == "vitb"
+                               else reps, steps))
+            done(results["pretrain"][-1]["timings"])
+    if "certify" in only:
+        results["certify"] = []
+        for name in cases:
+            for dtype in ("float32", "bfloat16"):
+                say(f"certification sampling: {name} {dtype}")
+                results["certify"].append(bench_certify(
+                    name, CERTIFY_CASES[name], dtype, min(reps, 3) if name == "vitb" else reps))
+                done(results["certify"][-1]["timings"])
+    results["loadavg_end"] = os.getloadavg()
+    print()
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_jsonable(results), f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
