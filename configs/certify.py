@@ -7,7 +7,7 @@ The papers' protocols (alpha = 0.001, N0 = 100):
   CIFAR-10: all 10,000 test images, N = 100,000:
     python -m dmae_jax.main --config=configs/certify.py:dataset=cifar10,sigma=0.25 \
         --workdir=runs/cert_c10_025 --config.checkpoint=runs/ft_c10_025/export
-  digits (CPU): every test image, N = 500:
+  digits (CPU): every second test image (148), N = 500:
     python -m dmae_jax.main --config=configs/certify.py:dataset=digits,sigma=0.25 \
         --workdir=runs/digits/certify --config.checkpoint=runs/digits/finetune_0.25/export
 A killed run restarted with the same command resumes after the last logged image.

@@ -82,9 +82,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.train import finetune, pretrain
 
     sigmas = C.sigmas(config, "sigmas")
+    baseline = config.get("random_init_baseline", 0.0)
     names = (["pretrain DMAE"] + [f"fine-tune sigma={s}" for s in sigmas]
-             + [f"certify sigma={s}" for s in sigmas] + ["certify cascade", "report"])
-    stages = _Stages(names, [3] + [1.5] * len(sigmas) + [1] * len(sigmas) + [1.5, 0.1])
+             + [f"certify sigma={s}" for s in sigmas] + ["certify cascade"]
+             + ([f"random-init baseline sigma={baseline}"] if baseline else []) + ["report"])
+    stages = _Stages(names, [3] + [1.5] * len(sigmas) + [1] * len(sigmas) + [1.5]
+                     + ([2.5] if baseline else []) + [0.1])
     os.makedirs(workdir, exist_ok=True)
     k = 0
 
@@ -126,6 +129,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     tasks.run(cfg, cert_dir)
     logs["cascade"] = os.path.join(cert_dir, cfg.log_name)
     k += 1
+
+    if baseline:
+        # Issue #4's claim in small: the same fine-tuning from a random initialisation.
+        stages.start(k)
+        ft_dir = os.path.join(workdir, f"finetune_{baseline}_random_init")
+        if not _finished(os.path.join(ft_dir, "export")):
+            cfg = _finetune_config(config, baseline, init_from="")
+            finetune.validate(cfg)
+            finetune.run(cfg, ft_dir)
+        cfg = _certify_config(config, task="certify", sigma=baseline,
+                              checkpoint=os.path.join(ft_dir, "export"),
+                              log_name=f"certify_sigma_{baseline}_random_init.tsv")
+        tasks.validate(cfg)
+        tasks.run(cfg, cert_dir)
+        logs[f"sigma={baseline}, random init"] = os.path.join(cert_dir, cfg.log_name)
+        k += 1
 
     stages.start(k)
     if jax.process_index() == 0:
