@@ -41,7 +41,8 @@ def positive(config, field: str, *, allow_zero: bool = False) -> None:
     value = get(config, field)
     ok = isinstance(value, (int, float)) and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        raise ConfigError(f"config.{field} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{field} must be {bound}, got {value!r}")
 
 
 def in_range(config, field: str, low: float, high: float, *, closed_high: bool = False) -> None:
