@@ -28,7 +28,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from dmae_jax.data import datasets
     from dmae_jax.models import vit
 
-    C.positive(config, "sigma")
+    # sigma = 0 trains a clean classifier (the "off-the-shelf" classifier that denoised
+    # smoothing puts behind a denoiser); the smoothed models use sigma > 0.
+    C.positive(config, "sigma", allow_zero=True)
     C.positive(config, "num_noise_samples")
     if config.con_reg and config.num_noise_samples < 2:
         raise C.ConfigError(
