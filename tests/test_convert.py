@@ -200,6 +200,14 @@ def test_parameter_counts_match_pytorch(variant, dmae_count, classifier_count):
     assert ours == torch_counts == (dmae_count, classifier_count)
 
 
+def test_a_dmae_converted_for_another_image_size_gets_the_sin_cos_of_its_grid(dmae_pair):
+    params = convert.convert_state_dict(dmae_pair[0].state_dict(), "dmae",
+                                        dict(CFG, img_size=48))
+    model = create_dmae(dict(CFG, img_size=48), rngs=nnx.Rngs(0))
+    set_params(model, params)
+    np.testing.assert_array_equal(model.pos_embed.value[0], vit.sincos_2d_posemb(6, 64))
+
+
 # ------------------------------------------------------------------ Errors.
 
 
