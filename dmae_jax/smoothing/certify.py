@@ -288,7 +288,7 @@ def _sample(
     replicated = NamedSharding(mesh, P())
     static_fn, fn_arrays = _partition(logits_fn)
     fn_arrays = jax.device_put(fn_arrays, replicated)
-    images_dev = jax.device_put(jnp.asarray(images, jnp.float32), replicated)
+    images_dev = jax.device_put(images, replicated)
     keys_dev = jax.device_put(image_keys, replicated)
     counts = jax.device_put(jnp.zeros((num_images, num_classes), jnp.int32), replicated)
     nan_counts = jax.device_put(jnp.zeros((num_images,), jnp.int32), replicated)
