@@ -125,8 +125,9 @@ def test_read_log_ignores_a_torn_last_line(tmp_path):
 
 
 def fake_items(count, skip=50):
-    """Strided dataset indices (every 50th image, as the ImageNet protocol) with lazy images."""
-    return [(k * skip, lambda: np.full((2, 2, 1), 0.5, np.float32), k % 3) for k in range(count)]
+    """Strided dataset indices (every 50th image, as the ImageNet protocol), loaded lazily."""
+    return [(k * skip, lambda: np.full((2, 2, 1), 0.5, np.float32), lambda k=k: k % 3)
+            for k in range(count)]
 
 
 def fake_certify(idx, image, label):

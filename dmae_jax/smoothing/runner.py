@@ -35,7 +35,8 @@ from dmae_jax.smoothing.logs import (
     read_log,
 )
 
-Item = tuple[int, Any, int]  # (idx, image [H, W, C] or a zero-argument loader of it, label)
+# (idx, image [H, W, C], label); image and label may be zero-argument loaders instead.
+Item = tuple[int, Any, Any]
 CertifyOne = Callable[[int, Any, int], dict[str, Any]]
 _PART = re.compile(r"\.part-(\d+)-of-(\d+)$")
 
@@ -100,10 +101,11 @@ def run_certification(
 ) -> str:
     """Certifies this process's share of `items` into a resumable log; returns the log path.
 
-    items: (idx, image, label) in a fixed order; image may be a zero-argument callable that
-    loads it, so skipped items cost nothing. certify_one(idx, image, label) returns a dict
-    with `predict`, `radius` and every extra column; idx, label, correct (int(predict ==
-    label)) and time (seconds spent in certify_one) are filled in unless it returns them.
+    items: (idx, image, label) in a fixed order, the same on every process; image and label
+    may be zero-argument callables that load them, so skipped items cost nothing.
+    certify_one(idx, image, label) returns a dict with `predict`, `radius` and every extra
+    column; idx, label, correct (int(predict == label)) and time (seconds spent in
+    certify_one) are filled in unless it returns them.
     total: how many items this process owns (for the ETA); by default len(items) / processes.
     """
     log_path = os.fspath(log_path)
@@ -127,6 +129,7 @@ def run_certification(
                 skipped += 1
                 continue
             image = image() if callable(image) else image
+            label = label() if callable(label) else label
             before = time.monotonic()
             result = certify_one(int(idx), image, int(label))
             seconds = time.monotonic() - before
