@@ -3,9 +3,10 @@ r"""The embedded default: the whole DMAE pipeline on real handwritten digits, on
 scikit-learn ships 1797 real 8x8 digits; we upscale them to 16x16 RGB (1501 train / 296
 test), pretrain DMAE (sigma 0.25, 75% masking), fine-tune a smoothed classifier from its
 encoder at sigma 0.25, 0.5 and 1.0 (two noisy copies, consistency regularisation, label
-smoothing, layer decay: the official CIFAR-10 recipe), certify every second test image (148) at each sigma (N0 = 100, N = 500,
-alpha = 0.001) and with the multi-scale cascade, and write workdir/report.md with the plot and the
-reconstruction grid. About 10 minutes on 2 cores:
+smoothing, layer decay: the official CIFAR-10 recipe), certify every second test image
+(148) at each sigma (N0 = 100, N = 500, alpha = 0.001) and with the multi-scale cascade, and
+write workdir/report.md with the plot and the reconstruction grid. About 10 minutes on
+2 cores:
 
   python -m dmae_jax.main --config=configs/digits.py --workdir=runs/digits
 
