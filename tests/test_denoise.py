@@ -193,9 +193,13 @@ def test_bad_pad_to_is_an_error(pad_to):
 # ---------------------------------------------------------------------------------------
 
 
+def _linear_logits(w, images):
+    return images.mean(axis=(1, 2)) @ w
+
+
 def linear_classifier(num_classes=10):
     w = jax.random.normal(jax.random.key(0), (3, num_classes))
-    return lambda images: images.mean(axis=(1, 2)) @ w
+    return jax.tree_util.Partial(_linear_logits, w)
 
 
 def test_logits_fn_of_a_real_unet_maps_noisy_images_to_logits_and_jits():
@@ -204,13 +208,32 @@ def test_logits_fn_of_a_real_unet_maps_noisy_images_to_logits_and_jits():
     logits_fn = denoise.make_denoised_logits_fn(
         unet, schedule, linear_classifier(), 0.5, rescale_timesteps=False
     )
+    # A pytree over the weights, so jitted callers get them as arguments, not constants.
+    num_params = len(jax.tree.leaves(nnx.state(unet, nnx.Param)))
+    arrays = [leaf for leaf in jax.tree.leaves(logits_fn) if isinstance(leaf, jax.Array)]
+    assert len(arrays) == num_params + 1  # + the classifier's w
     _, noisy = noisy_batch(0.5, shape=(4, 8, 8, 3))
-    logits = jax.jit(logits_fn)(jnp.asarray(noisy))
+    logits = jax.jit(lambda f, x: f(x))(logits_fn, jnp.asarray(noisy))
     assert logits.shape == (4, 10) and logits.dtype == jnp.float32
     # A fresh UNet predicts eps = 0, so it returns the clipped noisy image.
     np.testing.assert_allclose(
         np.asarray(logits), np.asarray(linear_classifier()(np.clip(noisy, 0, 1))), atol=1e-4
     )
+
+
+def test_the_certification_engine_runs_denoise_and_classify():
+    from dmae_jax.smoothing import certify
+
+    unet = UNet(TINY, rngs=nnx.Rngs(0))
+    logits_fn = denoise.make_denoised_logits_fn(
+        unet, make_schedule("cosine", 1000), linear_classifier(), 0.25, rescale_timesteps=False
+    )
+    x = noisy_batch(0.25, shape=(1, 8, 8, 3))[0][0]  # a clean image in [0, 1]
+    prediction, radius = certify(
+        logits_fn, x, sigma=0.25, n0=8, n=16, alpha=0.001, batch_size=8,
+        rng=jax.random.key(0), num_classes=10,
+    )
+    assert -1 <= prediction < 10 and radius >= 0.0
 
 
 def test_any_denoiser_can_sit_in_front_of_the_classifier():

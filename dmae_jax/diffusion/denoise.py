@@ -17,6 +17,7 @@ used; a learned variance is ignored.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -93,6 +94,54 @@ def one_shot_denoise(
     return (x0 + 1.0) / 2.0
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffusionDenoiser:
+    """One-shot diffusion denoiser at a fixed sigma: noisy01 [B, H, W, C] -> clean01.
+
+    A pytree whose only children are the UNet's (when `unet_apply` is a `UNet` or another
+    pytree); sigma, the schedule and the options are static. Jitted callers such as the
+    certification engine then take the weights as arguments instead of baking them into
+    the compiled program.
+    """
+
+    unet_apply: UNetApply
+    schedule: DiffusionSchedule
+    sigma: float
+    rescale_timesteps: bool
+    pad_to: int | None = None
+
+    def __call__(self, x_noisy01: jax.Array) -> jax.Array:
+        """[B, H, W, C] noisy images in [0, 1] units -> denoised [B, H, W, C] in [0, 1]."""
+        return one_shot_denoise(
+            self.unet_apply, self.schedule, x_noisy01, self.sigma,
+            rescale_timesteps=self.rescale_timesteps, pad_to=self.pad_to,
+        )
+
+
+jax.tree_util.register_dataclass(
+    DiffusionDenoiser,
+    data_fields=["unet_apply"],
+    meta_fields=["schedule", "sigma", "rescale_timesteps", "pad_to"],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisedClassifier:
+    """logits_fn(noisy01 [B, H, W, C]) -> [B, K] = classifier(denoise(noisy01)); a pytree."""
+
+    denoise_fn: DenoiseFn
+    classifier_logits_fn: LogitsFn
+
+    def __call__(self, x_noisy01: jax.Array) -> jax.Array:
+        """[B, H, W, C] noisy images in [0, 1] units -> logits [B, K]."""
+        return self.classifier_logits_fn(self.denoise_fn(x_noisy01))
+
+
+jax.tree_util.register_dataclass(
+    DenoisedClassifier, data_fields=["denoise_fn", "classifier_logits_fn"], meta_fields=[]
+)
+
+
 def make_diffusion_denoise_fn(
     unet_apply: UNetApply,
     schedule: DiffusionSchedule,
@@ -100,26 +149,21 @@ def make_diffusion_denoise_fn(
     *,
     rescale_timesteps: bool,
     pad_to: int | None = None,
-) -> DenoiseFn:
-    """`denoise_fn(noisy01 [B, H, W, C]) -> clean01` at a fixed sigma (t* chosen once, here)."""
+) -> DiffusionDenoiser:
+    """`denoise_fn(noisy01 [B, H, W, C]) -> clean01` at a fixed sigma (checked here, once)."""
     timestep_for_sigma(schedule, sigma)  # Fail at construction, not at the first batch.
-
-    def denoise_fn(x_noisy01: jax.Array) -> jax.Array:
-        return one_shot_denoise(
-            unet_apply, schedule, x_noisy01, sigma,
-            rescale_timesteps=rescale_timesteps, pad_to=pad_to,
-        )
-
-    return denoise_fn
+    return DiffusionDenoiser(unet_apply, schedule, float(sigma), bool(rescale_timesteps), pad_to)
 
 
-def denoise_then_classify(denoise_fn: DenoiseFn, classifier_logits_fn: LogitsFn) -> LogitsFn:
-    """logits_fn(noisy01 [B, H, W, C]) -> [B, K] = classifier(denoise(noisy01)), any denoiser."""
+def denoise_then_classify(
+    denoise_fn: DenoiseFn, classifier_logits_fn: LogitsFn
+) -> DenoisedClassifier:
+    """logits_fn(noisy01 [B, H, W, C]) -> [B, K] = classifier(denoise(noisy01)), any denoiser.
 
-    def logits_fn(x_noisy01: jax.Array) -> jax.Array:
-        return classifier_logits_fn(denoise_fn(x_noisy01))
-
-    return logits_fn
+    Pytree denoisers and classifiers (nnx modules, `DiffusionDenoiser`, Partials) keep
+    their arrays as leaves, so they stay jit arguments.
+    """
+    return DenoisedClassifier(denoise_fn, classifier_logits_fn)
 
 
 def make_denoised_logits_fn(
@@ -130,12 +174,12 @@ def make_denoised_logits_fn(
     *,
     rescale_timesteps: bool,
     pad_to: int | None = None,
-) -> LogitsFn:
+) -> DenoisedClassifier:
     """The certification engine's logits_fn: noisy images [B, H, W, C] in [0, 1] -> [B, K].
 
-    `unet` is a `UNet` or any (x, t) -> output callable. The result is a pure function of
-    its input, so the caller can jit it; the engine adds the noise, this only denoises
-    (one UNet call at t*(sigma)) and classifies.
+    `unet` is a `UNet` or any (x, t) -> output callable. The engine adds the noise; this
+    only denoises (one UNet call at t*(sigma)) and classifies. The result is a pure,
+    jittable pytree (see `DiffusionDenoiser`).
     """
     denoise_fn = make_diffusion_denoise_fn(
         unet, schedule, sigma, rescale_timesteps=rescale_timesteps, pad_to=pad_to
