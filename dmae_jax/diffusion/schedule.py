@@ -68,6 +68,11 @@ def make_schedule(name: str, num_timesteps: int) -> DiffusionSchedule:
         betas = cosine_betas(num_timesteps)
     else:
         raise ValueError(f"noise schedule must be 'linear' or 'cosine', got {name!r}")
+    # The official create_gaussian_diffusion always wraps the schedule in SpacedDiffusion,
+    # which (even keeping every step) recomputes betas from alphas_cumprod; doing the same
+    # round trip makes every coefficient, and so t*, bit-identical to theirs.
+    abar = np.cumprod(1.0 - betas)
+    betas = 1.0 - abar / np.append(1.0, abar[:-1])
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
     abar_prev = np.append(1.0, abar[:-1])

@@ -258,7 +258,8 @@ class ResBlock(nnx.Module):
         self.in_norm = GroupNorm32(channels, dtype=dtype)
         self.in_conv = _conv(channels, out_channels, 3, dtype=dtype, rngs=rngs)
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
-        self.emb_proj = _linear(emb_channels, emb_out, dtype=dtype, rngs=rngs)
+        # Float32 like the official fp16 models, which convert only convolutions to half.
+        self.emb_proj = _linear(emb_channels, emb_out, dtype=jnp.float32, rngs=rngs)
         self.out_norm = GroupNorm32(out_channels, dtype=dtype)
         self.out_conv = _conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs, zero=True)
         # A 1x1 conv only when the width changes (the official use_conv=False skip).
