@@ -1,0 +1,134 @@
+"""Denoisers from parameter exports: what certification puts in front of a classifier.
+
+Two kinds of export can denoise:
+
+* "diffusion": a UNet export (meta kind "unet": ours from `train_denoiser` /
+  `finetune_denoiser`, or an official checkpoint from `dmae_jax.diffusion.convert`), used as
+  Carlini et al.'s one-shot denoiser at t*(sigma) (`dmae_jax.diffusion.denoise`);
+* "dmae": a DMAE export, used as encoder + decoder with nothing masked (`DMAE.reconstruct`).
+  DMAE is trained at one noise level (0.25), so the same network serves every sigma.
+
+Every denoise_fn maps noisy images [B, H, W, C] in [0, 1] units to clean estimates of the same
+shape in [0, 1], and is a `jax.tree_util.Partial` whose array leaves are the weights, so the
+certification engine passes them to its jitted step as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dmae_jax import checkpoints
+from dmae_jax.diffusion import denoise
+from dmae_jax.diffusion.schedule import DiffusionSchedule, make_schedule
+from dmae_jax.models.unet import UNet, UNetConfig
+
+DENOISER_KINDS = ("diffusion", "dmae")
+# Export meta kind of each denoiser kind.
+EXPORT_KIND = {"diffusion": "unet", "dmae": "dmae"}
+
+
+def unet_schedule(config: UNetConfig) -> DiffusionSchedule:
+    """The noise schedule a UNet's weights were trained with (stored in its config)."""
+    return make_schedule(config.noise_schedule, config.diffusion_steps)
+
+
+def pad_to_for(image_size: int, unet_size: int) -> int | None:
+    """The UNet's own resolution when the data is smaller (ImageNet 224 -> 256), else None.
+
+    The official multi-scale code reflection-pads 224 px crops to the 256 px UNet and crops
+    back (`CropWrapper`); images of the UNet's size or larger run as they are.
+    """
+    return unet_size if image_size < unet_size else None
+
+
+def load_unet(path: str, *, field: str = "config.denoiser"):
+    """(unet_apply, UNetConfig, schedule) of a UNet export.
+
+    unet_apply(x [B, H, W, C] in model space, t [B] float) -> [B, H, W, C or 2C] is a
+    `jax.tree_util.Partial` over the weights; it runs without dropout.
+    """
+    from flax import nnx
+
+    from dmae_jax.train.common import ModelParts
+
+    params, meta = checkpoints.load_params_checked(path, kind="unet", field=field)
+    config = UNetConfig.from_dict(meta["config"])
+    # Built abstractly: every parameter comes from the export.
+    parts = ModelParts.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))))
+
+    def apply(params, x, t):
+        return parts.bind(params)(x, t)
+
+    return jax.tree_util.Partial(apply, jax.tree.map(jnp.asarray, params)), config, \
+        unet_schedule(config)
+
+
+def _diffusion_denoise(
+    unet_apply: Callable, schedule: DiffusionSchedule, x_noisy01: jax.Array, *, sigma: float,
+    rescale_timesteps: bool, unet_size: int,
+) -> jax.Array:
+    # The padding is decided from the batch's static shape, so one denoise_fn serves any
+    # data resolution.
+    return denoise.one_shot_denoise(
+        unet_apply, schedule, x_noisy01, sigma, rescale_timesteps=rescale_timesteps,
+        pad_to=pad_to_for(x_noisy01.shape[1], unet_size),
+    )
+
+
+def _dmae_denoise(apply: Callable, params, x_noisy01: jax.Array) -> jax.Array:
+    from dmae_jax.models import vit
+
+    out = apply(params, x_noisy01)
+    # DMAE reconstructs at its own resolution; give the classifier the input's size back.
+    return vit.resize_to(out, x_noisy01.shape[1]) if out.shape[1:3] != x_noisy01.shape[1:3] \
+        else out
+
+
+def load_denoise_fn(
+    path: str, kind: str, sigma: float, *, image_size: int | None = None
+) -> denoise.DenoiseFn:
+    """denoise_fn(noisy [B, H, W, C] in [0, 1]) -> clean estimate [B, H, W, C] in [0, 1].
+
+    kind: "diffusion" (a UNet export, one-shot denoising at t*(sigma)) or "dmae" (a DMAE
+    export; sigma is not used). image_size, when given, is checked against the UNet now
+    (data smaller than the UNet is reflection-padded to its size and cropped back).
+    """
+    if kind not in DENOISER_KINDS:
+        raise ValueError(f"denoiser kind must be one of {list(DENOISER_KINDS)}, got {kind!r}")
+    if kind == "diffusion":
+        unet_apply, config, schedule = load_unet(path)
+        # Fails now (not at the first batch) when sigma is beyond the schedule.
+        denoise.make_diffusion_denoise_fn(
+            unet_apply, schedule, sigma, rescale_timesteps=config.rescale_timesteps)
+        fn = jax.tree_util.Partial(
+            _diffusion_denoise, unet_apply, schedule, sigma=float(sigma),
+            rescale_timesteps=config.rescale_timesteps, unet_size=config.image_size)
+        channels = config.in_channels
+    else:
+        fn = _load_dmae_denoise_fn(path)
+        channels = 3
+    if image_size is not None:
+        # Traced abstractly (no compute): a size the denoiser cannot take fails here.
+        jax.eval_shape(fn, jax.ShapeDtypeStruct((1, image_size, image_size, channels),
+                                                jnp.float32))
+    return fn
+
+
+def _load_dmae_denoise_fn(path: str) -> denoise.DenoiseFn:
+    import ml_collections
+    from flax import nnx
+
+    from dmae_jax.models import create_dmae
+    from dmae_jax.train.common import ModelParts
+
+    params, meta = checkpoints.load_params_checked(path, kind="dmae", field="config.denoiser")
+    model_cfg = ml_collections.ConfigDict(meta["model"])
+    parts = ModelParts.split(nnx.eval_shape(lambda: create_dmae(model_cfg, rngs=nnx.Rngs(0))))
+
+    def apply(params, x):
+        return parts.bind(params).reconstruct(x)
+
+    return jax.tree_util.Partial(_dmae_denoise, apply, jax.tree.map(jnp.asarray, params))
