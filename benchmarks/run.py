@@ -139,8 +139,8 @@ CERTIFY_CASES = {
     # The classifier of the CPU config (configs/digits.py fine-tuning), 10 classes.
     "cpu": dict(variant="mu", img_size=16, patch_size=4, num_classes=10, batch=500, num=2000),
     # ViT-B/16 at 224, 1000 classes: one batch of noisy samples per call.
-    "vitb": dict(variant="base", img_size=224, patch_size=16, num_classes=1000, batch=32,
-                 num=32),
+    "vitb": dict(variant="base", img_size=224, patch_size=16, num_classes=1000, batch=16,
+                 num=16),
 }
 SIGMA = 0.25
 MASK_RATIO = 0.75
@@ -389,7 +389,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def _fmt(rate: float, unit: str) -> str:
-    return f"{rate / 1e9:.1f} G{unit}" if unit == "FLOP/s" else f"{rate:,.1f}"
+    if unit == "FLOP/s":
+        return f"{rate / 1e9:.1f} G{unit}"
+    return f"{rate:,.1f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -483,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="CPU-config models only, fewer repetitions")
     parser.add_argument("--only", default="pretrain,certify",
                         help="comma-separated subset of pretrain,certify (matmul always runs)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="PyTorch intra-op threads (default: the usable cores)")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 5; quick 3)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
     reps = args.reps or (3 if args.quick else 5)
     cases = ["cpu"] if args.quick else ["cpu", "vitb"]
     results: dict[str, Any] = {"machine": machine_info(), "reps": reps, "matmul_size": 2048}
