@@ -10,7 +10,8 @@ code path: `dmae_jax.train.common.make_train_step` with the pretraining AdamW, a
 (`tests/torch_dmae.py`), eager, forward + backward + `torch.optim.AdamW` for pretraining and
 Cohen et al.'s `_sample_noise` loop for certification. MFU is the model's analytic matmul
 FLOP rate divided by the JAX matmul peak measured in the same run. One JAX device.
-About 4 minutes on 2 idle cores; `--quick` (no ViT-B/16, fewer repetitions) about 1.
+About 16 minutes on 2 cores shared with load 9 (roughly a quarter of that idle); `--quick`
+(no ViT-B/16, fewer repetitions) 2 to 5 minutes.
 """
 
 from __future__ import annotations
