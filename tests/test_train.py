@@ -219,3 +219,45 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     with pytest.raises(ValueError, match="config.batch_size must be a positive multiple of the "
                                          "device count \\(4\\).*got 6"):
         parallel.check_batch_size(6, "config.batch_size")
+
+
+def test_killed_finetuning_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
+    args = [f"--config.data.data_dir={data_dir}", "--config.total_steps=12",
+            "--config.log_every_steps=1", "--config.ckpt_every_steps=4",
+            "--config.eval_every_steps=0", "--config.batch_size=16"]
+    config = "configs/finetune_digits.py:sigma=0.5"
+    reference = str(tmp_path / "reference")
+    ref_out = helpers.run(helpers.main_command(config, reference, *args)).stdout
+    work = str(tmp_path / "interrupted")
+    cmd = helpers.main_command(config, work, *args)
+    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    helpers.wait_for(lambda: helpers.checkpoint_steps(work), 300, "a checkpoint", proc)
+    proc.kill()
+    proc.wait()
+    killed_at = helpers.checkpoint_steps(work)[-1]
+    assert killed_at < 12, "the run finished before it could be killed"
+    out = helpers.run(cmd).stdout
+    assert min(helpers.losses(out)) == killed_at + 1
+    ref_losses, got = helpers.losses(ref_out), helpers.losses(out)
+    for step in got:
+        np.testing.assert_allclose(got[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
+    np.testing.assert_allclose(_flat(_export(work)), _flat(_export(reference)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_digits_pipeline_runs_end_to_end_and_a_rerun_resumes(tmp_path, data_dir):
+    work = str(tmp_path / "digits")
+    dirs = [f"--config.{stage}.data.data_dir={data_dir}"
+            for stage in ("pretrain", "finetune", "certify")]
+    cmd = helpers.main_command("configs/digits.py:runlocal", work, *dirs)
+    first = helpers.run(cmd, timeout=900).stdout
+    report = open(os.path.join(work, "report.md")).read()
+    for name in ("sigma=0.25", "sigma=0.5", "sigma=1.0", "cascade", "ACR"):
+        assert name in report
+    for png in ("certified_accuracy.png", "reconstructions.png"):
+        assert os.path.getsize(os.path.join(work, png)) > 1000
+    assert helpers.losses(first), "the first run trains"
+    second = helpers.run(cmd, timeout=900).stdout
+    assert not helpers.losses(second), "a finished pipeline does not train again"
+    assert "certify sigma=0.25" in second
