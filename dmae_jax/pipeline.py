@@ -76,10 +76,31 @@ def _finished(export_dir: str) -> bool:
     return os.path.exists(os.path.join(export_dir, "meta.json"))
 
 
+def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
+    """Fine-tunes at sigma unless its export exists; returns the export directory."""
+    from dmae_jax.train import finetune
+
+    export = os.path.join(ft_dir, "export")
+    if not _finished(export):
+        cfg = _finetune_config(config, sigma, init_from)
+        finetune.validate(cfg)
+        finetune.run(cfg, ft_dir)
+    return export
+
+
+def _certify_stage(config, cert_dir: str, **updates) -> str:
+    """Runs (or resumes) one certification task; returns its log path."""
+    from dmae_jax.smoothing import tasks
+
+    cfg = _certify_config(config, **updates)
+    tasks.validate(cfg)
+    tasks.run(cfg, cert_dir)
+    return os.path.join(cert_dir, cfg.log_name)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage that has not finished yet, then writes the report."""
-    from dmae_jax.smoothing import tasks
-    from dmae_jax.train import finetune, pretrain
+    from dmae_jax.train import pretrain
 
     sigmas = C.sigmas(config, "sigmas")
     baseline = config.get("random_init_baseline", 0.0)
@@ -100,50 +121,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     exports = {}
     for sigma in sigmas:
         stages.start(k)
-        ft_dir = os.path.join(workdir, f"finetune_{sigma}")
-        exports[sigma] = os.path.join(ft_dir, "export")
-        if not _finished(exports[sigma]):
-            cfg = _finetune_config(config, sigma, os.path.join(pre_dir, "export"))
-            finetune.validate(cfg)
-            finetune.run(cfg, ft_dir)
+        exports[sigma] = _finetune_stage(config, sigma, os.path.join(pre_dir, "export"),
+                                         os.path.join(workdir, f"finetune_{sigma}"))
         k += 1
 
     cert_dir = os.path.join(workdir, "certify")
     logs = {}
     for sigma in sigmas:
         stages.start(k)
-        cfg = _certify_config(config, task="certify", sigma=sigma, checkpoint=exports[sigma],
-                              log_name=f"certify_sigma_{sigma}.tsv")
-        tasks.validate(cfg)
-        tasks.run(cfg, cert_dir)
-        logs[f"sigma={sigma}"] = os.path.join(cert_dir, cfg.log_name)
+        logs[f"sigma={sigma}"] = _certify_stage(
+            config, cert_dir, task="certify", sigma=sigma, checkpoint=exports[sigma],
+            log_name=f"certify_sigma_{sigma}.tsv")
         k += 1
 
     stages.start(k)
     order = sorted(sigmas, reverse=True)
-    cfg = _certify_config(
-        config, task="cascade", sigmas=tuple(order), p0=config.p0,
+    logs["cascade"] = _certify_stage(
+        config, cert_dir, task="cascade", sigmas=tuple(order), p0=config.p0,
         checkpoints=tuple(exports[s] for s in order),
         log_name="cascade_" + "_".join(str(s) for s in order) + ".tsv")
-    tasks.validate(cfg)
-    tasks.run(cfg, cert_dir)
-    logs["cascade"] = os.path.join(cert_dir, cfg.log_name)
     k += 1
 
     if baseline:
         # Issue #4's claim in small: the same fine-tuning from a random initialisation.
         stages.start(k)
-        ft_dir = os.path.join(workdir, f"finetune_{baseline}_random_init")
-        if not _finished(os.path.join(ft_dir, "export")):
-            cfg = _finetune_config(config, baseline, init_from="")
-            finetune.validate(cfg)
-            finetune.run(cfg, ft_dir)
-        cfg = _certify_config(config, task="certify", sigma=baseline,
-                              checkpoint=os.path.join(ft_dir, "export"),
-                              log_name=f"certify_sigma_{baseline}_random_init.tsv")
-        tasks.validate(cfg)
-        tasks.run(cfg, cert_dir)
-        logs[f"sigma={baseline}, random init"] = os.path.join(cert_dir, cfg.log_name)
+        export = _finetune_stage(config, baseline, "",
+                                 os.path.join(workdir, f"finetune_{baseline}_random_init"))
+        logs[f"sigma={baseline}, random init"] = _certify_stage(
+            config, cert_dir, task="certify", sigma=baseline, checkpoint=export,
+            log_name=f"certify_sigma_{baseline}_random_init.tsv")
         k += 1
 
     stages.start(k)

@@ -49,13 +49,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, 
     # after that save.
     work = str(tmp_path / "interrupted")
     cmd = helpers.main_command(CONFIG, work, *args)
-    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    helpers.wait_for(lambda: helpers.checkpoint_steps(work), 300, "a checkpoint", proc)
-    proc.kill()
-    proc.wait()
-    killed_at = helpers.checkpoint_steps(work)[-1]
-    assert killed_at < total, "the run finished before it could be killed"
+    killed_at = _kill_at_first_checkpoint(cmd, work, total)
 
     # Restart; SIGTERM (a preemption notice) after a few more steps must save and exit 143.
     proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(), stdout=subprocess.PIPE,
@@ -84,6 +78,18 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, 
         np.testing.assert_allclose(got[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
     np.testing.assert_allclose(_flat(_export(work)), _flat(_export(reference)),
                                rtol=1e-5, atol=1e-6)
+
+
+def _kill_at_first_checkpoint(cmd: list[str], work: str, total: int) -> int:
+    """Starts `cmd`, SIGKILLs it once a checkpoint is on disk; returns that step."""
+    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    helpers.wait_for(lambda: helpers.checkpoint_steps(work), 300, "a checkpoint", proc)
+    proc.kill()
+    proc.wait()
+    killed_at = helpers.checkpoint_steps(work)[-1]
+    assert killed_at < total, "the run finished before it could be killed"
+    return killed_at
 
 
 def _flat(tree) -> np.ndarray:
@@ -230,13 +236,7 @@ def test_killed_finetuning_resumes_to_the_uninterrupted_result(tmp_path, data_di
     ref_out = helpers.run(helpers.main_command(config, reference, *args)).stdout
     work = str(tmp_path / "interrupted")
     cmd = helpers.main_command(config, work, *args)
-    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    helpers.wait_for(lambda: helpers.checkpoint_steps(work), 300, "a checkpoint", proc)
-    proc.kill()
-    proc.wait()
-    killed_at = helpers.checkpoint_steps(work)[-1]
-    assert killed_at < 12, "the run finished before it could be killed"
+    killed_at = _kill_at_first_checkpoint(cmd, work, 12)
     out = helpers.run(cmd).stdout
     assert min(helpers.losses(out)) == killed_at + 1
     ref_losses, got = helpers.losses(ref_out), helpers.losses(out)

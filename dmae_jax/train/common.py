@@ -301,3 +301,36 @@ def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -
                         total_steps // 2)
         steps = total_steps // 2
     return steps
+
+
+@dataclasses.dataclass
+class TrainData:
+    """The training input of a task: its iterator and the step counts derived from it."""
+
+    iterator: Any
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def train_data(config) -> TrainData:
+    """Grain iterator over `config.data`'s train split, sharded per process, and step counts.
+
+    `config.total_steps` (when > 0) overrides `config.num_epochs`.
+    """
+    from dmae_jax.data import datasets, pipeline
+
+    source = datasets.load_source(
+        config.data.dataset, config.data.train_split,
+        data_dir=config.data.data_dir, image_size=config.data.image_size,
+    )
+    iterator = pipeline.train_iterator(
+        source, global_batch_size=config.batch_size, seed=config.seed,
+        augment=config.data.augment, image_size=config.data.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=config.data.worker_count,
+    )
+    total_steps = config.get("total_steps") or steps_from_epochs(
+        config.num_epochs, len(source), config.batch_size)
+    return TrainData(iterator, len(source), max(len(source) // config.batch_size, 1),
+                     total_steps)

@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
-    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.data import datasets
     from dmae_jax.models import classifier as classifier_lib
     from dmae_jax.models import create_classifier
     from dmae_jax.train import losses, mixup, optim
@@ -74,19 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Data.
     num_classes = datasets.num_classes(config.data.dataset)
-    source = datasets.load_source(
-        config.data.dataset, config.data.train_split,
-        data_dir=config.data.data_dir, image_size=config.data.image_size,
-    )
-    data_iter = pipeline.train_iterator(
-        source, global_batch_size=config.batch_size, seed=config.seed,
-        augment=config.data.augment, image_size=config.data.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count,
-    )
-    steps_per_epoch = max(len(source) // config.batch_size, 1)
-    total_steps = config.get("total_steps") or common.steps_from_epochs(
-        config.num_epochs, len(source), config.batch_size)
+    data = common.train_data(config)
+    data_iter, steps_per_epoch, total_steps = (
+        data.iterator, data.steps_per_epoch, data.total_steps)
 
     # ------------------------------------------------------------------ Model.
     model = create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed))

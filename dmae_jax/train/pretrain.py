@@ -46,7 +46,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
-    from dmae_jax.data import datasets, pipeline
     from dmae_jax.models import create_dmae
     from dmae_jax.train import optim
 
@@ -55,20 +54,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
 
     # ------------------------------------------------------------------ Data.
-    source = datasets.load_source(
-        config.data.dataset, config.data.train_split,
-        data_dir=config.data.data_dir, image_size=config.data.image_size,
-    )
-    data_iter = pipeline.train_iterator(
-        source, global_batch_size=config.batch_size, seed=config.seed,
-        augment=config.data.augment, image_size=config.data.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count,
-    )
-    steps_per_epoch = len(source) // config.batch_size
-    total_steps = config.get("total_steps") or common.steps_from_epochs(
-        config.num_epochs, len(source), config.batch_size)
-    logging.info("%d examples, %d steps/epoch, %d steps", len(source), steps_per_epoch,
+    data = common.train_data(config)
+    data_iter, steps_per_epoch, total_steps = (
+        data.iterator, data.steps_per_epoch, data.total_steps)
+    logging.info("%d examples, %d steps/epoch, %d steps", data.num_examples, steps_per_epoch,
                  total_steps)
 
     # ------------------------------------------------------------------ Model.
@@ -83,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     schedule = optim.lr_schedule(
         base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
         total_steps=total_steps,
-        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, max(steps_per_epoch, 1),
+        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
                                          total_steps),
         min_lr=config.optim.min_lr,
     )
