@@ -4,9 +4,9 @@ Carlini et al.'s premise in small: a classifier trained on clean images only, ma
 a diffusion denoiser in front of it (one UNet for every sigma). Every 4th test image (74),
 N0 = 100, N = 200, alpha = 0.001; minutes per sigma on 2 cores.
 
-  # 1. The clean classifier (digits fine-tuning recipe at sigma = 0, from a DMAE export
-  #    when one is given, e.g. the digits pipeline's runs/digits/pretrain/export):
-  python -m dmae_jax.main --config=configs/denoise_certify_digits.py:stage=classifier \
+  # 1. The clean classifier (digits fine-tuning recipe at sigma = 0), e.g. from the digits
+  #    pipeline's DMAE pretraining:
+  python -m dmae_jax.main --config=configs/finetune_digits.py:sigma=0 \
       --workdir=runs/denoise/clf --config.init_from=runs/digits/pretrain/export
   # 2. The denoiser: configs/denoiser_digits.py. 3. Certify at one sigma, or the cascade:
   python -m dmae_jax.main --config=configs/denoise_certify_digits.py:stage=certify,sigma=0.5 \
@@ -23,20 +23,15 @@ from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """stage=classifier|certify|cascade, sigma=... (certify), n=200, skip=4."""
+    """stage=certify|cascade, sigma=... (certify), n=200, skip=4."""
     args = config_lib.parse_arg(arg, stage="certify", sigma=0.25, n=200, skip=4)
-    if args.stage == "classifier":
-        # sigma = 0: clean training, one copy per image, no consistency regularisation.
-        cfg = defaults.digits_finetune(sigma=0.0)
-        cfg.update(num_noise_samples=1, con_reg=False, eval_noise_draws=1)
-        return cfg
     if args.stage == "certify":
         cfg = defaults.certify("digits", args.sigma, args.n)
     elif args.stage == "cascade":
         cfg = defaults.cascade("digits", (1.0, 0.5, 0.25), args.n)
     else:
         raise config_lib.ConfigError(
-            f"config argument stage must be one of ['classifier', 'certify', 'cascade'], "
+            f"config argument stage must be one of ['certify', 'cascade'], "
             f"got {args.stage!r}")
     cfg.skip = args.skip
     cfg.denoiser_kind = "diffusion"

@@ -15,6 +15,7 @@ certification engine passes them to its jitted step as arguments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -67,7 +68,7 @@ def load_unet(path: str, *, field: str = "config.denoiser"):
 
 
 def _diffusion_denoise(
-    unet_apply: Callable, schedule: DiffusionSchedule, x_noisy01: jax.Array, *, sigma: float,
+    unet_apply: Callable, x_noisy01: jax.Array, *, schedule: DiffusionSchedule, sigma: float,
     rescale_timesteps: bool, unet_size: int,
 ) -> jax.Array:
     # The padding is decided from the batch's static shape, so one denoise_fn serves any
@@ -78,7 +79,7 @@ def _diffusion_denoise(
     )
 
 
-def _dmae_denoise(apply: Callable, params, x_noisy01: jax.Array) -> jax.Array:
+def _dmae_denoise(params, x_noisy01: jax.Array, *, apply: Callable) -> jax.Array:
     from dmae_jax.models import vit
 
     out = apply(params, x_noisy01)
@@ -103,9 +104,13 @@ def load_denoise_fn(
         # Fails now (not at the first batch) when sigma is beyond the schedule.
         denoise.make_diffusion_denoise_fn(
             unet_apply, schedule, sigma, rescale_timesteps=config.rescale_timesteps)
+        # Everything but the weights sits in the (static) function, so the Partial's leaves
+        # are arrays only and a plain jax.jit can take it as an argument.
         fn = jax.tree_util.Partial(
-            _diffusion_denoise, unet_apply, schedule, sigma=float(sigma),
-            rescale_timesteps=config.rescale_timesteps, unet_size=config.image_size)
+            functools.partial(_diffusion_denoise, schedule=schedule, sigma=float(sigma),
+                              rescale_timesteps=config.rescale_timesteps,
+                              unet_size=config.image_size),
+            unet_apply)
         channels = config.in_channels
     else:
         fn = _load_dmae_denoise_fn(path)
@@ -126,9 +131,11 @@ def _load_dmae_denoise_fn(path: str) -> denoise.DenoiseFn:
 
     params, meta = checkpoints.load_params_checked(path, kind="dmae", field="config.denoiser")
     model_cfg = ml_collections.ConfigDict(meta["model"])
-    parts = ModelParts.split(nnx.eval_shape(lambda: create_dmae(model_cfg, rngs=nnx.Rngs(0))))
+    # Built for real: its fixed position embeddings are not parameters, so not in the export.
+    parts = ModelParts.split(create_dmae(model_cfg, rngs=nnx.Rngs(0)))
 
     def apply(params, x):
         return parts.bind(params).reconstruct(x)
 
-    return jax.tree_util.Partial(_dmae_denoise, apply, jax.tree.map(jnp.asarray, params))
+    return jax.tree_util.Partial(functools.partial(_dmae_denoise, apply=apply),
+                                 jax.tree.map(jnp.asarray, params))

@@ -437,7 +437,8 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     def exported(state):
         if config.ema_decay:
-            return state["opt_state"].inner_states["train"].inner_state.ema
+            # multi_transform masks the frozen branch out of the inner state's trees.
+            return state["opt_state"].inner_states["train"].inner_state.ema["unet"]
         return state["params"]["unet"]
 
     writer = common.create_writer(workdir)
@@ -473,8 +474,9 @@ def _classifier(path: str):
 
     params, meta = checkpoints.load_params_checked(path, kind="classifier",
                                                    field="config.classifier")
-    model = nnx.eval_shape(lambda: create_classifier(
-        ml_collections.ConfigDict(meta["model"]), meta["num_classes"], rngs=nnx.Rngs(0)))
+    # Built for real: its fixed position embeddings are not parameters, so not in the export.
+    model = create_classifier(ml_collections.ConfigDict(meta["model"]), meta["num_classes"],
+                              rngs=nnx.Rngs(0))
     parts = common.ModelParts.split(model)
     return parts, _checked(parts.params, params, "config.classifier")
 

@@ -1,0 +1,312 @@
+"""Denoiser training and calibration: losses, EMA, the two tasks end to end, loading, config errors.
+
+The tasks run in-process on a tiny UNet registered as a preset for the test (8x8 digits), so
+the whole file takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dmae_jax import checkpoints, defaults
+from dmae_jax.config import ConfigError
+from dmae_jax.diffusion import loading, losses
+from dmae_jax.models import count_params
+from dmae_jax.models import unet as unet_lib
+from dmae_jax.train import common, denoiser
+from tests.test_train import load_config
+
+# One level, no attention: the smallest UNet that compiles fast.
+TINY = unet_lib.UNetConfig(
+    image_size=8, in_channels=3, model_channels=32, num_res_blocks=1, channel_mult=(1,),
+    attention_ds=(), dropout=0.1, noise_schedule="cosine", diffusion_steps=100,
+)
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from dmae_jax.data import datasets
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    datasets.load_source("digits", "train", data_dir=path, image_size=8)
+    return path
+
+
+def _train_config(data_dir: str) -> ml_collections.ConfigDict:
+    config = load_config("configs/denoiser_digits.py", "runlocal")
+    config.model.preset = "test_tiny"
+    config.data.update(image_size=8, data_dir=data_dir)
+    return config
+
+
+@pytest.fixture(scope="module")
+def ddpm_export(tmp_path_factory, data_dir):
+    """workdir of a 4-step train_denoiser run of the tiny UNet (its export is in export/)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
+        workdir = str(tmp_path_factory.mktemp("ddpm"))
+        config = _train_config(data_dir)
+        denoiser.validate(config)
+        denoiser.run(config, workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def classifier_export(tmp_path_factory):
+    """A randomly initialised 8x8 digits classifier export (only its being frozen matters)."""
+    from dmae_jax.models import create_classifier
+
+    model_cfg = defaults.model("mu", img_size=8, patch_size=4)
+    model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(3))
+    path = str(tmp_path_factory.mktemp("clf") / "export")
+    checkpoints.save_params(path, nnx.state(model, nnx.Param).to_pure_dict(),
+                            {"kind": "classifier", "model": model_cfg.to_dict(),
+                             "num_classes": 10})
+    return path
+
+
+def _calibration_config(data_dir, ddpm_export, classifier_export) -> ml_collections.ConfigDict:
+    config = load_config("configs/calibrate_digits.py", "runlocal")
+    config.data.update(image_size=8, data_dir=data_dir)
+    config.denoiser = os.path.join(ddpm_export, "export")
+    config.classifier = classifier_export
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration losses.
+# ---------------------------------------------------------------------------------------
+
+
+def test_brier_score_is_the_mean_squared_distance_to_the_one_hot_label():
+    probs = jnp.array([[[0.7, 0.2, 0.1]], [[0.5, 0.3, 0.2]]])      # M = 2 draws, B = 1
+    expected = ((0.3**2 + 0.2**2 + 0.1**2) + (0.5**2 + 0.3**2 + 0.2**2)) / 2
+    np.testing.assert_allclose(denoiser.brier_score(probs, jnp.array([0])), [expected],
+                               rtol=1e-6)
+
+
+def test_majority_vote_counts_argmaxes_and_breaks_ties_towards_the_lower_class():
+    probs = jnp.array([
+        [[0.1, 0.8, 0.1], [0.6, 0.3, 0.1]],
+        [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]],
+        [[0.5, 0.4, 0.1], [0.2, 0.7, 0.1]],
+    ])                                                                # [M=3, B=2, K=3]
+    # Image 0 votes 1, 1, 0 -> 1; image 1 votes 0, 2, 1 -> a three-way tie -> 0.
+    np.testing.assert_array_equal(denoiser.majority_vote(probs), [1, 0])
+
+
+def test_brier_applies_to_recoverable_images_and_anti_consistency_to_the_others():
+    probs = jnp.array([
+        [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1]],
+        [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]],
+    ])                                                                # [M=2, B=2, K=3]
+    labels = jnp.array([0, 2])              # image 0 voted 0 (right), image 1 voted 1 (wrong)
+    loss, aux = denoiser.calibration_loss(probs, labels, lambda_brier=2.0, lambda_ac=3.0)
+    np.testing.assert_array_equal(aux["recoverable"], [True, False])
+    brier0 = denoiser.brier_score(probs[:, :1], labels[:1])[0]
+    ac1 = ((0.7 + 0.6) / 2) ** 2            # the wrong majority class 1's mean probability
+    np.testing.assert_allclose(aux["brier"], brier0 / 2, rtol=1e-6)   # / B: batch means
+    np.testing.assert_allclose(aux["ac"], ac1 / 2, rtol=1e-6)
+    np.testing.assert_allclose(loss, 2.0 * brier0 / 2 + 3.0 * ac1 / 2, rtol=1e-6)
+
+
+def test_a_gradient_step_lowers_the_wrong_class_and_raises_the_label_where_recoverable():
+    logits = jnp.array([
+        [[2.0, 0.5, 0.0], [0.0, 2.0, 0.5]],
+        [[1.0, 0.8, 0.0], [0.1, 1.5, 0.4]],
+    ])
+    labels = jnp.array([0, 2])
+
+    def loss(z):
+        return denoiser.calibration_loss(jax.nn.softmax(z), labels, lambda_brier=1.0,
+                                         lambda_ac=1.0)[0]
+
+    before = jax.nn.softmax(logits).mean(0)
+    after = jax.nn.softmax(logits - 1.0 * jax.grad(loss)(logits)).mean(0)
+    assert after[1, 1] < before[1, 1], "the wrong majority class of image 1 must lose mass"
+    assert after[0, 0] > before[0, 0], "the label of the recoverable image 0 must gain mass"
+
+
+# ---------------------------------------------------------------------------------------
+# DDPM training.
+# ---------------------------------------------------------------------------------------
+
+
+def test_ddpm_steps_lower_the_loss_on_a_fixed_batch_and_the_ema_follows():
+    model = unet_lib.UNet(TINY, rngs=nnx.Rngs(0))
+    parts = common.ModelParts.split(model)
+    schedule = loading.unet_schedule(TINY)
+    x0 = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3)) * 2 - 1
+    key = jax.random.key(2)  # the same t, eps (and dropout) at every step
+
+    def loss_fn(params):
+        return losses.ddpm_loss(lambda x, t, rng: parts.bind(params)(x, t, rng=rng),
+                                schedule, x0, key, rescale_timesteps=False)
+
+    tx = denoiser.with_ema(optax.adam(2e-3), 0.5)
+    params = parts.params
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    first = None
+    for _ in range(12):
+        prev = params
+        params, state, loss = step(params, state)
+        first = loss if first is None else first
+    assert float(loss_fn(params)) < 0.8 * float(first)
+    # ema = 0.5 * old ema + 0.5 * new params: strictly between when they differ.
+    leaf = lambda t: np.asarray(t["out_conv"]["bias"])  # noqa: E731
+    assert not np.allclose(leaf(state.ema), leaf(params))
+    assert not np.allclose(leaf(state.ema), leaf(prev))
+
+
+def test_train_task_exports_a_unet_that_certification_can_load(ddpm_export):
+    path = os.path.join(ddpm_export, "export")
+    _, meta = checkpoints.load_params(path)
+    assert meta["kind"] == "unet" and meta["preset"] == "test_tiny"
+    assert unet_lib.UNetConfig.from_dict(meta["config"]) == TINY
+    assert os.path.getsize(os.path.join(ddpm_export, "denoising", "step_000004.png")) > 100
+
+    denoise_fn = loading.load_denoise_fn(path, "diffusion", 0.5, image_size=8)
+    noisy = jax.random.uniform(jax.random.key(0), (5, 8, 8, 3)) + 0.5 * jax.random.normal(
+        jax.random.key(1), (5, 8, 8, 3))
+    out = jax.jit(lambda f, x: f(x))(denoise_fn, noisy)
+    assert out.shape == (5, 8, 8, 3)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert sum(a.size for a in jax.tree.leaves(denoise_fn)) == count_params(
+        unet_lib.UNet(TINY, rngs=nnx.Rngs(0)), nnx.Param), "the weights are pytree leaves"
+
+
+def test_smaller_images_are_padded_to_the_unet_and_impossible_sizes_fail_at_load(ddpm_export):
+    path = os.path.join(ddpm_export, "export")
+    denoise_fn = loading.load_denoise_fn(path, "diffusion", 0.25, image_size=4)
+    assert denoise_fn(jnp.full((2, 4, 4, 3), 0.5)).shape == (2, 4, 4, 3)
+    with pytest.raises(ValueError, match="pad_to"):
+        loading.load_denoise_fn(path, "diffusion", 0.25, image_size=5)
+    with pytest.raises(ValueError, match="denoiser kind must be one of"):
+        loading.load_denoise_fn(path, "gan", 0.25)
+
+
+def test_a_dmae_export_denoises_with_nothing_masked(tmp_path):
+    from dmae_jax.models import create_dmae
+
+    model_cfg = defaults.model("mu", img_size=8, patch_size=4, decoder_width=32,
+                               decoder_depth=1, decoder_heads=2)
+    model = create_dmae(model_cfg, rngs=nnx.Rngs(0))
+    path = str(tmp_path / "dmae")
+    checkpoints.save_params(path, nnx.state(model, nnx.Param).to_pure_dict(),
+                            {"kind": "dmae", "model": model_cfg.to_dict()})
+    denoise_fn = loading.load_denoise_fn(path, "dmae", 0.5)
+    noisy = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
+    np.testing.assert_allclose(denoise_fn(noisy), model.reconstruct(noisy), atol=1e-5)
+    assert denoise_fn(jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))).shape == (
+        3, 16, 16, 3), "output comes back at the input's size"
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration.
+# ---------------------------------------------------------------------------------------
+
+
+def test_calibration_trains_the_unet_and_leaves_the_classifier_untouched(
+        tmp_path, data_dir, ddpm_export, classifier_export):
+    import orbax.checkpoint as ocp
+
+    config = _calibration_config(data_dir, ddpm_export, classifier_export)
+    config.ema_decay = 0.5  # exports the average, which also moves
+    denoiser.validate(config)
+    workdir = str(tmp_path / "calib")
+    denoiser.run(config, workdir)
+
+    before, _ = checkpoints.load_params(config.denoiser)
+    after, meta = checkpoints.load_params(os.path.join(workdir, "export"))
+    assert meta["kind"] == "unet" and meta["calibrated_from"] == config.denoiser
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
+    assert any(changed), "the UNet must be trained"
+    loading.load_denoise_fn(os.path.join(workdir, "export"), "diffusion", 1.0, image_size=8)
+
+    clf, _ = checkpoints.load_params(classifier_export)
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               item_names=("state", "extra")) as manager:
+        saved = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))["state"]
+    frozen = checkpoints._int_keys(saved["params"]["classifier"])
+    for a, b in zip(jax.tree.leaves(clf), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------
+# Config errors.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.preset", "huge", "config.model.preset must be one of"),
+    ("data.image_size", 16, "config.data.image_size must be the UNet preset's resolution (8"),
+    ("ema_decay", 1.0, "config.ema_decay must be in [0.0, 1.0), got 1.0"),
+    ("optim.lr", 0.0, "config.optim.lr must be > 0, got 0.0"),
+    ("eval_sigmas", (0.5, 100.0), "config.eval_sigmas: sigma = 100.0 exceeds the largest"),
+])
+def test_bad_training_config_names_the_field(data_dir, field, value, message):
+    config = _train_config(data_dir)
+    _set(config, field, value)
+    with pytest.raises(ValueError) as e:
+        denoiser.validate(config)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 10, "config.batch_size must be a multiple of len(config.sigmas) = 3"),
+    ("sigmas", (), "config.sigmas must be a non-empty list of sigmas > 0"),
+    ("num_noise_samples", 0, "config.num_noise_samples must be > 0, got 0"),
+    ("lambda_ac", -1.0, "config.lambda_ac must be >= 0, got -1.0"),
+    ("denoiser", "/no/such/export", "config.denoiser = '/no/such/export' does not exist"),
+    ("data.image_size", 5, "cannot be reflection-padded to the UNet's 8"),
+])
+def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifier_export,
+                                                field, value, message):
+    config = _calibration_config(data_dir, ddpm_export, classifier_export)
+    _set(config, field, value)
+    with pytest.raises(ValueError) as e:
+        denoiser.validate(config)
+    assert message in str(e.value)
+
+
+def test_calibration_refuses_a_denoiser_as_classifier_and_zero_calibration_weights(
+        data_dir, ddpm_export, classifier_export):
+    config = _calibration_config(data_dir, ddpm_export, classifier_export)
+    config.classifier = config.denoiser
+    with pytest.raises(checkpoints.CheckpointError, match="holds a 'unet' export, expected "
+                                                          "'classifier'"):
+        denoiser.validate(config)
+    config = _calibration_config(data_dir, ddpm_export, classifier_export)
+    config.lambda_brier = config.lambda_ac = 0.0
+    with pytest.raises(ConfigError, match="both 0"):
+        denoiser.validate(config)
+
+
+def _set(config, field: str, value) -> None:
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
