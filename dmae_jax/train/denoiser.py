@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 
 from dmae_jax import checkpoints, parallel, visualize
@@ -255,23 +254,6 @@ def _host(tree):
         lambda x: np.asarray(jax.device_get(x if x.is_fully_addressable else _gather(x))), tree)
 
 
-def _train_data(config):
-    from dmae_jax.data import datasets, pipeline
-
-    source = datasets.load_source(
-        config.data.dataset, config.data.train_split,
-        data_dir=config.data.data_dir, image_size=config.data.image_size)
-    data_iter = pipeline.train_iterator(
-        source, global_batch_size=config.batch_size, seed=config.seed,
-        augment=config.data.augment, image_size=config.data.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=config.data.worker_count)
-    total_steps = config.get("total_steps") or common.steps_from_epochs(
-        config.num_epochs, len(source), config.batch_size)
-    logging.info("%d examples, %d steps", len(source), total_steps)
-    return data_iter, total_steps
-
-
 def _loop(config, total_steps: int) -> common.LoopConfig:
     return common.LoopConfig(
         total_steps=total_steps, log_every=config.log_every_steps,
@@ -308,7 +290,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
 
     # ------------------------------------------------------------------ Data.
-    data_iter, total_steps = _train_data(config)
+    data = common.train_data(config)
+    data_iter, total_steps = data.iterator, data.total_steps
 
     # ------------------------------------------------------------------ Model.
     unet_config = UNET_PRESETS[config.model.preset]
@@ -370,7 +353,8 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
 
     # ------------------------------------------------------------------ Data.
-    data_iter, total_steps = _train_data(config)
+    data = common.train_data(config)
+    data_iter, total_steps = data.iterator, data.total_steps
 
     # ------------------------------------------------------------------ Models.
     unet_params, unet_meta = checkpoints.load_params_checked(
