@@ -148,7 +148,7 @@ class DMAE(nnx.Module):
             kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.norm = vit.layer_norm(width, dtype, rngs)
 
-        self.decoder_embed = nnx.Linear(width, decoder_width, kernel_init=xavier, dtype=dtype,
+        self.decoder_embed = vit.Dense(width, decoder_width, kernel_init=xavier, dtype=dtype,
                                         rngs=rngs)
         self.mask_token = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (1, 1, decoder_width)))
@@ -158,7 +158,7 @@ class DMAE(nnx.Module):
             decoder_depth, decoder_width, decoder_heads, mlp_ratio=mlp_ratio,
             drop_path_rate=0.0, kernel_init=xavier, dtype=dtype, rngs=rngs)
         self.decoder_norm = vit.layer_norm(decoder_width, dtype, rngs)
-        self.decoder_pred = nnx.Linear(decoder_width, patch_size * patch_size * in_chans,
+        self.decoder_pred = vit.Dense(decoder_width, patch_size * patch_size * in_chans,
                                        kernel_init=xavier, dtype=dtype, rngs=rngs)
 
     def patchify(self, images: jax.Array) -> jax.Array:
