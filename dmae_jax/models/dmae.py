@@ -242,32 +242,40 @@ class DMAE(nnx.Module):
         loss = reconstruction_loss(pred, self.patchify(clean), self.norm_pix_loss)
         return DMAEOutput(loss=loss, pred=pred, mask=mask)
 
-    def reconstruct(self, images_noisy: jax.Array) -> jax.Array:
+    def reconstruct(self, images_noisy: jax.Array, sigma: float | None = None) -> jax.Array:
         """Best-effort clean image [B, img_size, img_size, C] in [0, 1] from noisy [B, H, W, C].
 
         Encoder and decoder see all patches (nothing masked); see `pred_to_images` for how
-        the prediction becomes pixels.
+        the prediction becomes pixels and what `sigma` (the input's noise level) is for.
         """
         x = self.preprocess(images_noisy)
         batch = x.shape[0]
         ids = jnp.broadcast_to(
             jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
         latent, _, ids_restore = self.forward_encoder(x, ids, self.num_patches)
-        return self._to_pixels(self.forward_decoder(latent, ids_restore), x)
+        return self._to_pixels(self.forward_decoder(latent, ids_restore), x, sigma)
 
-    def pred_to_images(self, pred: jax.Array, images_noisy: jax.Array) -> jax.Array:
+    def pred_to_images(self, pred: jax.Array, images_noisy: jax.Array,
+                       sigma: float | None = None) -> jax.Array:
         """Decoder output [B, L, p*p*C] -> images [B, img_size, img_size, C] in [0, 1].
 
         A norm_pix_loss model predicts each patch only up to its mean and scale; those are
-        taken from the *noisy* input patch (`images_noisy` [B, H, W, C] in [0, 1], the
-        encoder's input; normalised units), as the MAE visualisation does, so patch brightness
-        and contrast carry the input noise. Outputs are un-normalised and clipped to [0, 1].
+        estimated from the *noisy* input patch (`images_noisy` [B, H, W, C] in [0, 1], the
+        encoder's input; normalised units), as the MAE visualisation does. The patch mean of
+        the noisy input is unbiased; with the noise level `sigma` ([0,1] pixel units) given,
+        the noise's share is also subtracted from the patch variance (otherwise the
+        reconstruction inherits the noise's contrast). Outputs are clipped to [0, 1].
         """
-        return self._to_pixels(pred, self.preprocess(images_noisy))
+        return self._to_pixels(pred, self.preprocess(images_noisy), sigma)
 
-    def _to_pixels(self, pred: jax.Array, x: jax.Array) -> jax.Array:
+    def _to_pixels(self, pred: jax.Array, x: jax.Array, sigma: float | None) -> jax.Array:
         if self.norm_pix_loss:
             _, mean, var = normalize_patches(self.patchify(x))
+            if sigma is not None:
+                # Per-value noise variance in normalised units, averaged over the channels
+                # (every channel appears equally often in a patch).
+                noise_var = jnp.mean(jnp.square(sigma / jnp.asarray(self.std, jnp.float32)))
+                var = jnp.maximum(var - noise_var, 0.0)
             pred = pred * jnp.sqrt(var + NORM_PIX_EPS) + mean
         images = self.unpatchify(pred.astype(jnp.float32))
         images = images * jnp.asarray(self.std, jnp.float32) + jnp.asarray(self.mean, jnp.float32)

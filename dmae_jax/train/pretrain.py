@@ -154,7 +154,12 @@ def _gather(x):
 
 
 def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
-    """Eval hook: reconstruction loss on a fixed batch and a PNG grid of clean/masked/recon."""
+    """Eval hook: reconstruction loss on a fixed batch and a PNG grid.
+
+    Rows: clean; noisy with the masked patches grey (the encoder's input); the reconstruction
+    from it; the whole noisy image; DMAE's reconstruction of it with nothing masked (DMAE as
+    a one-step denoiser).
+    """
     from dmae_jax.data import datasets, pipeline
 
     if not config.eval_every_steps:
@@ -176,16 +181,18 @@ def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
         out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, noise=noise,
                     rng=rng)
         noisy = images + config.sigma * noise
-        return out.loss, out.mask, noisy, model.pred_to_images(out.pred, noisy)
+        return (out.loss, out.mask, noisy, model.pred_to_images(out.pred, noisy, config.sigma),
+                model.reconstruct(noisy, config.sigma))
 
     def eval_fn(step, state):
         params = jax.tree.map(lambda x: x if x.is_fully_addressable else _gather(x),
                               state["params"])
-        loss, mask, noisy, recon = jax.device_get(evaluate(params))
+        loss, mask, noisy, recon, denoised = jax.device_get(evaluate(params))
         writer.write_scalars(step, {"eval_loss": float(loss)})
         if jax.process_index() == 0:
             grid = visualize.image_grid(
-                [images, visualize.masked_view(noisy, mask, config.model.patch_size), recon],
+                [images, visualize.masked_view(noisy, mask, config.model.patch_size), recon,
+                 noisy, denoised],
                 scale=max(1, 96 // config.data.image_size),
             )
             path = f"{workdir}/reconstructions/step_{step:06d}.png"
