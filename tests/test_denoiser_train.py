@@ -275,7 +275,7 @@ def test_bad_training_config_names_the_field(data_dir, field, value, message):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("batch_size", 10, "config.batch_size must be a multiple of len(config.sigmas) = 3"),
+    ("batch_size", 10, "config.batch_size must be a multiple of len(config.sigmas) = 3 times"),
     ("sigmas", (), "config.sigmas must be a non-empty list of sigmas > 0"),
     ("num_noise_samples", 0, "config.num_noise_samples must be > 0, got 0"),
     ("lambda_ac", -1.0, "config.lambda_ac must be >= 0, got -1.0"),

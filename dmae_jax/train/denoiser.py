@@ -166,10 +166,11 @@ def _validate_calibration(config) -> None:
         raise C.ConfigError(
             "config.lambda_brier and config.lambda_ac are both 0: nothing would calibrate "
             "the denoiser (use task train_denoiser for plain DDPM training)")
-    if config.batch_size % len(sigmas):
+    if config.batch_size % (len(sigmas) * config.accum_steps):
         raise C.ConfigError(
             f"config.batch_size must be a multiple of len(config.sigmas) = {len(sigmas)} "
-            f"(one equal chunk per sigma), got {config.batch_size}")
+            f"times config.accum_steps = {config.accum_steps} (one equal chunk per sigma in "
+            f"every micro-batch), got {config.batch_size}")
     _check_padding(config.data.image_size, unet_config)
     C.in_range(config, "p0", 1e-12, 1.0)
     C.positive(config, "eval_batch_size")
@@ -563,8 +564,10 @@ def _calibration_evaluator(config, mesh, writer, probs_at):
         x, y, mask = batch["image"], batch["label"], batch["mask"]
         out = []
         for k, sigma in enumerate(sigmas):
-            preds = jnp.argmax(probs_at(params, x, sigma, jax.random.fold_in(rng, k), draws),
-                               -1)                                       # [draws, B]
+            # One draw at a time (lax.map): memory stays that of one batch at any scale.
+            keys = jax.random.split(jax.random.fold_in(rng, k), draws)
+            preds = jax.lax.map(lambda key, s=sigma: jnp.argmax(
+                probs_at(params, x, s, key, 1)[0], -1), keys)            # [draws, B]
             votes = jax.nn.one_hot(preds, num_classes).sum(0)           # [B, K]
             top, share = jnp.argmax(votes, -1), votes.max(-1) / draws
             out.append(jnp.stack([
