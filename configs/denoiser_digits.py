@@ -2,8 +2,12 @@ r"""DDPM training of the digits UNet (16x16 RGB, ~1.2M parameters) on 2 CPU core
 
 The whole of improved-diffusion's recipe at CPU size: L_simple on images in [-1, 1], cosine
 schedule with T = 1000, AdamW without weight decay at a constant lr, EMA of the weights (what
-gets exported). Theirs is lr 1e-4, batch 128, EMA 0.9999 over 500K steps; a run of a few
-minutes needs a larger lr and a shorter EMA horizon:
+gets exported). Theirs is lr 1e-4, batch 128, EMA 0.9999 over 500K steps; a CPU-sized run
+needs a larger lr (1e-3 after 100 warm-up steps) and a shorter EMA horizon (0.995).
+About 100 images/s on 2 idle cores (1.3 s/step), so 1500 steps take ~32 minutes;
+`--config.total_steps=500` (~11 minutes) already denoises usefully. Eval MSE (128 test
+images, [0, 1] units) at sigma 0.25 / 0.5 / 1.0: step 500: 0.0029 / 0.0090 / 0.0276,
+step 1000: 0.0019 / 0.0054 / 0.0156, step 1500: 0.0017 / 0.0049 / 0.0135.
 
   python -m dmae_jax.main --config=configs/denoiser_digits.py --workdir=runs/denoise/ddpm
 

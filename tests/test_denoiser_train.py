@@ -195,6 +195,15 @@ def test_train_task_exports_a_unet_that_certification_can_load(ddpm_export):
         unet_lib.UNet(TINY, rngs=nnx.Rngs(0)), nnx.Param), "the weights are pytree leaves"
 
 
+def test_the_cascade_denoisers_share_one_copy_of_the_weights(ddpm_export):
+    fns = loading.load_denoise_fns(os.path.join(ddpm_export, "export"), "diffusion",
+                                   (1.0, 0.5, 0.25))
+    for leaves in zip(*(jax.tree.leaves(f) for f in fns), strict=True):
+        assert leaves[0] is leaves[1] is leaves[2]
+    x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3))
+    assert not np.allclose(fns[0](x), fns[2](x)), "each sigma has its own t*"
+
+
 def test_smaller_images_are_padded_to_the_unet_and_impossible_sizes_fail_at_load(ddpm_export):
     path = os.path.join(ddpm_export, "export")
     denoise_fn = loading.load_denoise_fn(path, "diffusion", 0.25, image_size=4)

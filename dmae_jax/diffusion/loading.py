@@ -97,29 +97,43 @@ def load_denoise_fn(
     export; sigma is not used). image_size, when given, is checked against the UNet now
     (data smaller than the UNet is reflection-padded to its size and cropped back).
     """
+    return load_denoise_fns(path, kind, (sigma,), image_size=image_size)[0]
+
+
+def load_denoise_fns(
+    path: str, kind: str, sigmas, *, image_size: int | None = None
+) -> list[denoise.DenoiseFn]:
+    """One denoise_fn per sigma (see `load_denoise_fn`), all sharing one copy of the weights.
+
+    The cascade's denoisers: the export is read once and its arrays are the leaves of every
+    returned function, so several sigmas cost the memory of one model.
+    """
     if kind not in DENOISER_KINDS:
         raise ValueError(f"denoiser kind must be one of {list(DENOISER_KINDS)}, got {kind!r}")
     if kind == "diffusion":
         unet_apply, config, schedule = load_unet(path)
-        # Fails now (not at the first batch) when sigma is beyond the schedule.
-        denoise.make_diffusion_denoise_fn(
-            unet_apply, schedule, sigma, rescale_timesteps=config.rescale_timesteps)
-        # Everything but the weights sits in the (static) function, so the Partial's leaves
-        # are arrays only and a plain jax.jit can take it as an argument.
-        fn = jax.tree_util.Partial(
-            functools.partial(_diffusion_denoise, schedule=schedule, sigma=float(sigma),
-                              rescale_timesteps=config.rescale_timesteps,
-                              unet_size=config.image_size),
-            unet_apply)
+        fns = []
+        for sigma in sigmas:
+            # Fails now (not at the first batch) when sigma is beyond the schedule.
+            denoise.make_diffusion_denoise_fn(
+                unet_apply, schedule, sigma, rescale_timesteps=config.rescale_timesteps)
+            # Everything but the weights sits in the (static) function, so the Partial's
+            # leaves are arrays only and a plain jax.jit can take it as an argument.
+            fns.append(jax.tree_util.Partial(
+                functools.partial(_diffusion_denoise, schedule=schedule, sigma=float(sigma),
+                                  rescale_timesteps=config.rescale_timesteps,
+                                  unet_size=config.image_size),
+                unet_apply))
         channels = config.in_channels
     else:
-        fn = _load_dmae_denoise_fn(path)
+        fns = [_load_dmae_denoise_fn(path)] * len(sigmas)
         channels = 3
     if image_size is not None:
         # Traced abstractly (no compute): a size the denoiser cannot take fails here.
-        jax.eval_shape(fn, jax.ShapeDtypeStruct((1, image_size, image_size, channels),
-                                                jnp.float32))
-    return fn
+        for fn in fns:
+            jax.eval_shape(fn, jax.ShapeDtypeStruct((1, image_size, image_size, channels),
+                                                    jnp.float32))
+    return fns
 
 
 def _load_dmae_denoise_fn(path: str) -> denoise.DenoiseFn:
