@@ -76,23 +76,66 @@ def rrc_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarr
     return random_flip(random_resized_crop(image, size, rng), rng)
 
 
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """torchvision `Resize(short_side)` output (h, w): the shorter side becomes `short_side`,
+    the longer one `int(short_side * long / short)` (truncated, as torchvision computes it)."""
+    if width <= height:
+        return int(short_side * height / width), short_side
+    return short_side, int(short_side * width / height)
+
+
+def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision `CenterCrop(size)` offsets (top, left): round((side - size) / 2)."""
+    if height < size or width < size:
+        raise ValueError(f"center crop of {size} needs an image at least that big, got "
+                         f"{height}x{width}")
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
 def center_crop_resize(
     image: np.ndarray, size: int, crop_fraction: float = EVAL_CROP_FRACTION
 ) -> np.ndarray:
     """uint8 [H, W, 3] -> [size, size, 3]: torchvision Resize(int(size / crop_fraction),
-    bicubic) on the shorter side, then CenterCrop(size), as MAE/DMAE evaluate ImageNet."""
+    bicubic) on the shorter side of the PIL image, then CenterCrop(size), as MAE/DMAE
+    evaluate and certify ImageNet (`util/datasets.py` eval transform)."""
     if not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     height, width = image.shape[:2]
-    short_target = int(size / crop_fraction)
-    # torchvision keeps the aspect ratio and truncates the long side.
-    if height <= width:
-        new_h, new_w = short_target, int(short_target * width / height)
-    else:
-        new_h, new_w = int(short_target * height / width), short_target
+    new_h, new_w = resized_shape(height, width, int(size / crop_fraction))
     pil = PIL.Image.fromarray(image)
-    if (new_h, new_w) != (height, width):
+    if (new_h, new_w) != (height, width):  # torchvision returns the image itself then.
         pil = pil.resize((new_w, new_h), _BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top, left = center_crop_box(new_h, new_w, size)
     return np.asarray(pil.crop((left, top, left + size, top + size)))
+
+
+# Data sets whose evaluation (and certification) input is Resize(256) + CenterCrop(224) of
+# the variable-size image; the others (32x32 CIFAR-10, digits) are used as stored.
+RESIZE_CROP_DATASETS = ("imagenet2012",)
+
+
+def eval_image(image: np.ndarray, dataset: str, image_size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> the official evaluation input of `dataset` (uint8).
+
+    imagenet2012: Resize(image_size / 0.875, bicubic) + CenterCrop(image_size), for every
+    image (a 224x224 image is also upsampled to 256 and cropped, as torchvision does).
+    Other data sets: the image itself, which must already be image_size x image_size.
+    """
+    if dataset in RESIZE_CROP_DATASETS:
+        return center_crop_resize(image, image_size)
+    if image.shape[:2] != (image_size, image_size):
+        raise ValueError(
+            f"{dataset} images are used at their stored size, so config.data.image_size must "
+            f"be {image.shape[0]}x{image.shape[1]}, got {image_size}")
+    return image
+
+
+def certification_input(image: np.ndarray, dataset: str, image_size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1]: the image CERTIFY adds noise to.
+
+    As the official certification: the evaluation transform (`eval_image`), then ToTensor's
+    division by 255; the noise is then drawn at this resolution (224 for ImageNet, 32 for
+    CIFAR-10, which the model upsamples after the noise).
+    """
+    return eval_image(np.asarray(image, np.uint8), dataset, image_size).astype(
+        np.float32) / np.float32(255.0)

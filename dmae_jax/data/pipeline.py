@@ -31,10 +31,11 @@ _PREFETCH_BATCHES = 2
 _EVAL_THREADS = 2
 
 
-def _fit(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> [image_size, image_size, 3]; identity if it already has that size,
-    else the ImageNet evaluation transform (bicubic resize of the short side, center crop)."""
-    if image.shape[0] == image.shape[1] == image_size:
+def _fit(image: np.ndarray, image_size: int, dataset: str | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] -> [image_size, image_size, 3]: ImageNet's evaluation transform
+    (bicubic resize of the short side to image_size / 0.875, center crop) for ImageNet
+    images of any size, and for other images whose size differs; else the image itself."""
+    if dataset not in aug.RESIZE_CROP_DATASETS and image.shape[0] == image.shape[1] == image_size:
         return image
     return aug.center_crop_resize(image, image_size)
 
@@ -109,7 +110,7 @@ class _Augment:
         if self._augment == "rrc_flip":
             image = aug.rrc_flip(image, self._size, rng)
         else:
-            image = _fit(image, self._size)
+            image = _fit(image, self._size, getattr(self._source, "name", None))
             if self._augment == "flip":
                 image = aug.random_flip(image, rng)
         return {"image": np.ascontiguousarray(image), "label": np.int32(record["label"])}
@@ -290,7 +291,8 @@ class _EvalRow:
         index = self._indices[position]
         record = self._source[index]
         return {
-            "image": np.ascontiguousarray(_fit(record["image"], self._size)),
+            "image": np.ascontiguousarray(
+                _fit(record["image"], self._size, getattr(self._source, "name", None))),
             "label": np.int32(record["label"]),
             "index": np.int32(index),
             "mask": np.float32(1.0),

@@ -15,7 +15,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from dmae_jax import checkpoints
@@ -102,7 +101,7 @@ def _items(config) -> tuple[list, int]:
     Loading is deferred (the runner calls `load_image()` only for indices it certifies), so
     a resumed run does not decode what it has already logged.
     """
-    from dmae_jax.data import datasets
+    from dmae_jax.data import augment, datasets
 
     source = datasets.load_source(config.data.dataset, config.data.split,
                                   data_dir=config.data.data_dir,
@@ -110,7 +109,8 @@ def _items(config) -> tuple[list, int]:
     stop = len(source) if config.max < 0 else min(config.max, len(source))
 
     def loader(idx):
-        return lambda: np.asarray(source[idx]["image"], np.float32) / 255.0
+        return lambda: augment.certification_input(  # ImageNet: Resize(256) + CenterCrop(224)
+            source[idx]["image"], config.data.dataset, config.data.image_size)
 
     labels = _labels(source, range(0, stop, config.skip))
     return [(idx, loader(idx), label) for idx, label in labels]
