@@ -95,8 +95,9 @@ def _logits_fn_for(config, classifier_fn, sigma: float):
     return denoise.denoise_then_classify(denoise_fn, classifier_fn)
 
 
-def _items(config) -> tuple[list, int]:
-    """[(idx, load_image, label)] for every `skip`-th index below `max`; images load lazily.
+def _items(config) -> tuple[list, dict]:
+    """[(idx, load_image, label)] for every `skip`-th image, positions 0 to `max`, in the
+    official order (ImageNet: ImageFolder order), and {idx: image name}; images load lazily.
 
     Loading is deferred (the runner calls `load_image()` only for indices it certifies), so
     a resumed run does not decode what it has already logged.
@@ -106,14 +107,16 @@ def _items(config) -> tuple[list, int]:
     source = datasets.load_source(config.data.dataset, config.data.split,
                                   data_dir=config.data.data_dir,
                                   image_size=config.data.image_size)
-    stop = len(source) if config.max < 0 else min(config.max, len(source))
+    subset = datasets.official_subset(len(source), config.data.dataset, config.data.split,
+                                      skip=config.skip, stop=config.max,
+                                      data_dir=config.data.data_dir)
 
     def loader(idx):
         return lambda: augment.certification_input(  # ImageNet: Resize(256) + CenterCrop(224)
             source[idx]["image"], config.data.dataset, config.data.image_size)
 
-    labels = _labels(source, range(0, stop, config.skip))
-    return [(idx, loader(idx), label) for idx, label in labels]
+    labels = _labels(source, [idx for idx, _ in subset])
+    return [(idx, loader(idx), label) for idx, label in labels], dict(subset)
 
 
 def _labels(source, indices) -> list[tuple[int, int]]:
@@ -156,8 +159,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             batch_size=config.batch_size, rng=rng, num_classes=num_classes)
         columns = cascade.CASCADE_COLUMNS
 
+    items, names = _items(config)  # the "image" column names each row's file (ImageNet)
+    named_one = lambda idx, image, label: {**certify_one(idx, image, label),  # noqa: E731
+                                           "image": names[idx]}
     runner.run_certification(
-        _items(config), certify_one, log_path=log_path, extra_columns=columns,
+        items, named_one, log_path=log_path, extra_columns=(*columns, "image"),
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0 and os.path.exists(log_path):
         rows = report.load(log_path)
