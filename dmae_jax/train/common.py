@@ -229,7 +229,7 @@ def run_training(
 
 
 class _Progress:
-    """One progress line per log step: step, loss, lr, images/s and ETA; scalars to CLU."""
+    """One progress line per log step: step, loss, lr, images/s and ETA; scalars to TensorBoard."""
 
     def __init__(self, total_steps: int, start: int, global_batch_size: int):
         self.total, self.batch = total_steps, global_batch_size
@@ -261,15 +261,6 @@ def _fmt(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def create_writer(workdir: str):
-    """CLU metric writer (TensorBoard + console) on process 0, logging-only elsewhere."""
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
-    )
 
 
 def log_parameter_overview(params: Any, title: str) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dmae_jax import checkpoints, parallel, visualize
+from dmae_jax import checkpoints, metrics, parallel, visualize
 from dmae_jax import config as C
 from dmae_jax.train import common
 
@@ -322,7 +322,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     def exported(state):
         return state["opt_state"].ema if config.ema_decay else state["params"]
 
-    writer = common.create_writer(workdir)
+    writer = metrics.create_writer(workdir)
     eval_fn = _denoising_writer(config, workdir, parts, unet_config, schedule, writer,
                                 exported)
 
@@ -426,7 +426,7 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
             return state["opt_state"].inner_states["train"].inner_state.ema["unet"]
         return state["params"]["unet"]
 
-    writer = common.create_writer(workdir)
+    writer = metrics.create_writer(workdir)
     eval_fn = _calibration_evaluator(config, mesh, writer, probs_at)
 
     # ------------------------------------------------------------------ Loop.

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dmae_jax import checkpoints, parallel
+from dmae_jax import checkpoints, metrics, parallel
 from dmae_jax import config as C
 from dmae_jax.train import common
 
@@ -133,7 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             loss_fn, tx, mesh=mesh, state_sharding=shardings,
             accum_steps=config.accum_steps, lr_fn=schedule)
 
-    writer = common.create_writer(workdir)
+    writer = metrics.create_writer(workdir)
     eval_fn = make_evaluator(config, parts, mesh, num_classes, writer)
 
     # ------------------------------------------------------------------ Loop.

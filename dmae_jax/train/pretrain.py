@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dmae_jax import checkpoints, parallel, visualize
+from dmae_jax import checkpoints, metrics, parallel, visualize
 from dmae_jax import config as C
 from dmae_jax.train import common
 
@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         )
 
     key = jax.random.key(config.seed)
-    writer = common.create_writer(workdir)
+    writer = metrics.create_writer(workdir)
     eval_fn = _reconstruction_writer(config, workdir, parts, writer)
 
     # ------------------------------------------------------------------ Loop.

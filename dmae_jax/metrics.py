@@ -1,0 +1,262 @@
+"""TensorBoard event files without TensorFlow: scalars, images, text and certification results.
+
+`create_writer(workdir)` returns a writer with the methods of CLU's `MetricWriter` that the
+trainers use (`write_scalars`, `write_images`, `write_texts`, `write_hparams`, `flush`,
+`close`), so a CLU writer can stand in for it and vice versa. It writes the TFRecord framing
+itself (length, masked CRC32C, data, masked CRC32C) around TensorBoard's own protocol buffers
+(`tensorboard.compat.proto`): neither TensorFlow nor PyTorch is imported, where CLU's writers
+import TensorFlow, TensorBoard's `EventFileWriter` imports TensorFlow when it is installed
+and tensorboardX imports PyTorch when that is installed (seconds at every start).
+
+One run, one events stream: the file is `<workdir>/events.out.tfevents.dmae_jax` (the name
+TensorBoard looks for); a resumed run appends to it. Before appending, a record cut short
+by a kill is truncated, and the first event written after reopening is preceded by a
+`SessionLog.START` at its step, so TensorBoard discards the steps the killed attempt logged
+after its last checkpoint instead of showing them twice. Only process 0 writes; other
+processes get a writer that does nothing. Local directories only (a `gs://` workdir gets
+the no-op writer and a warning: TensorBoard on GCS needs TensorFlow's file system).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+EVENTS_FILE = "events.out.tfevents.dmae_jax"
+_FILE_VERSION = "brain.Event:2"
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of `data`, as TFRecord framing uses it."""
+    crc = 0xFFFFFFFF
+    table = _CRC_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15 bits and add a constant."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """One TFRecord: uint64 length, masked CRC of the length, data, masked CRC of the data."""
+    header = struct.pack("<Q", len(data))
+    return (header + struct.pack("<I", masked_crc32c(header)) + data
+            + struct.pack("<I", masked_crc32c(data)))
+
+
+def valid_prefix_length(path: str) -> int:
+    """Bytes of `path` that hold whole, checksummed records (a killed writer's tail is cut)."""
+    size, end = os.path.getsize(path), 0
+    with open(path, "rb") as f:
+        while end + 12 <= size:
+            f.seek(end)
+            header = f.read(12)
+            (length,) = struct.unpack("<Q", header[:8])
+            if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
+                break
+            if end + 12 + length + 4 > size:
+                break
+            data = f.read(length)
+            if struct.unpack("<I", f.read(4))[0] != masked_crc32c(data):
+                break
+            end += 12 + length + 4
+    return end
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _uint8_images(name: str, value: Any) -> np.ndarray:
+    """[N, H, W, C] uint8 from uint8 or float-in-[0,1] images, [H, W, C] or [N, H, W, C]."""
+    array = np.asarray(value)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"image {name!r} must be [H, W, C] or [N, H, W, C] with C in (1, 3, 4), "
+            f"got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return array
+
+
+class SummaryWriter:
+    """CLU-style metric writer appending TensorBoard events to one file per run."""
+
+    def __init__(self, logdir: str, *, filename: str = EVENTS_FILE):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        os.makedirs(logdir, exist_ok=True)
+        self.path = os.path.join(logdir, filename)
+        resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
+        if resumed:
+            valid = valid_prefix_length(self.path)
+            if valid < os.path.getsize(self.path):
+                logging.warning("%s: dropping %d bytes of a cut-off record", self.path,
+                                os.path.getsize(self.path) - valid)
+                os.truncate(self.path, valid)
+            resumed = valid > 0
+        self._file = open(self.path, "ab")  # noqa: SIM115 (closed in close())
+        self._restart_pending = resumed
+        if not resumed:
+            self._write(self._event_pb2.Event(wall_time=time.time(), file_version=_FILE_VERSION))
+
+    def _write(self, event) -> None:
+        self._file.write(frame_record(event.SerializeToString()))
+
+    def _write_summary(self, step: int, values: list) -> None:
+        if self._restart_pending:
+            self._restart_pending = False
+            self._write(self._event_pb2.Event(
+                wall_time=time.time(), step=int(step),
+                session_log=self._event_pb2.SessionLog(
+                    status=self._event_pb2.SessionLog.START)))
+        self._write(self._event_pb2.Event(
+            wall_time=time.time(), step=int(step),
+            summary=self._summary_pb2.Summary(value=values)))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """One scalar per tag at `step`."""
+        value = self._summary_pb2.Summary.Value
+        self._write_summary(step, [value(tag=k, simple_value=float(v))
+                                   for k, v in scalars.items()])
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Images [H, W, C] or [N, H, W, C], uint8 or float in [0, 1]; N > 1 gives tag/i."""
+        summary = self._summary_pb2.Summary
+        values = []
+        for name, value in images.items():
+            batch = _uint8_images(name, value)
+            for i, image in enumerate(batch):
+                h, w, c = image.shape
+                tag = name if len(batch) == 1 else f"{name}/{i}"
+                values.append(summary.Value(tag=tag, image=summary.Image(
+                    height=h, width=w, colorspace=c,
+                    encoded_image_string=_png(image[..., 0] if c == 1 else image))))
+        self._write_summary(step, values)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Markdown text per tag (TensorBoard's Text tab)."""
+        from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+        meta = self._summary_pb2.SummaryMetadata(
+            plugin_data=self._summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        values = [
+            self._summary_pb2.Summary.Value(tag=k, metadata=meta, tensor=tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING, string_val=[str(v).encode("utf-8")],
+                tensor_shape=tensor_shape_pb2.TensorShapeProto()))
+            for k, v in texts.items()
+        ]
+        self._write_summary(step, values)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """The run's hyperparameters, as a markdown table under the tag `hparams`."""
+        lines = ["| name | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(hparams.items())]
+        self.write_texts(0, {"hparams": "\n".join(lines)})
+
+    def flush(self) -> None:
+        """Makes everything written so far visible to TensorBoard."""
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the file."""
+        if not self._file.closed:
+            self._file.close()
+
+
+class NullWriter:
+    """The writer of processes other than 0: accepts everything, writes nothing."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Does nothing."""
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Does nothing."""
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Does nothing."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Does nothing."""
+
+    def flush(self) -> None:
+        """Does nothing."""
+
+    def close(self) -> None:
+        """Does nothing."""
+
+
+def create_writer(workdir: str) -> SummaryWriter | NullWriter:
+    """The run's TensorBoard writer on process 0 (events in `workdir`), a no-op elsewhere."""
+    import jax
+
+    if jax.process_index() > 0:
+        return NullWriter()
+    if "://" in os.fspath(workdir):
+        logging.warning("TensorBoard events are written to local directories only; %s is "
+                        "not one, so this run writes none", workdir)
+        return NullWriter()
+    return SummaryWriter(os.fspath(workdir))
+
+
+CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100
+
+
+def write_certification(writer: Any, rows: Sequence[Mapping[str, Any]], *, name: str,
+                        plot: np.ndarray | None = None, table: str | None = None) -> None:
+    """Certification results: ACR, abstention, the certified-accuracy curve and its plot.
+
+    The curve goes to the scalar `<name>/certified_accuracy` with TensorBoard's step axis
+    standing for the radius in hundredths (step 150 = radius 1.5), from 0 to the largest
+    certified radius; `<name>/acr`, `<name>/abstain` and `<name>/clean_accuracy` (radius 0)
+    are written at step 0, the plot (uint8 [H, W, 3]) and the markdown table if given.
+    """
+    from dmae_jax import report
+
+    radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
+    finite = radius[np.isfinite(radius)]
+    largest = float(finite.max()) if finite.size else 0.0
+    steps = np.arange(0, int(np.floor(largest * CERTIFY_RADIUS_STEPS)) + 2)
+    curve = report.certified_accuracy(rows, steps / CERTIFY_RADIUS_STEPS)
+    for step, accuracy in zip(steps, curve, strict=True):
+        writer.write_scalars(int(step), {f"{name}/certified_accuracy": float(accuracy)})
+    writer.write_scalars(0, {f"{name}/acr": report.acr(rows),
+                             f"{name}/abstain": report.abstention_rate(rows),
+                             f"{name}/clean_accuracy": float(curve[0])})
+    if plot is not None:
+        writer.write_images(0, {f"{name}/certified_accuracy_plot": plot})
+    if table is not None:
+        writer.write_texts(0, {f"{name}/report": table})
+    writer.flush()
