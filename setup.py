@@ -19,26 +19,28 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "grain>=0.2.18",
+        # Reading TFDS ArrayRecord data sets and preparing `digits` need no TensorFlow.
         "tensorflow-datasets>=4.9.10",
         "importlib_resources>=6.0",  # imported by TFDS builders, no longer pulled in by etils
-        # CLU's metric writers and TFDS's image encoding import TensorFlow; never used in
-        # the jitted step (see DESIGN.md).
-        "tensorflow-cpu>=2.21.0",
-        "clu>=0.0.12",
-        "tensorboard>=2.15",
+        "clu>=0.0.12",  # parameter_overview only (CLU's metric writers import TensorFlow)
+        "tensorboard>=2.15",  # event protos for dmae_jax.metrics, and the viewer
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "numpy>=2.0",
         "scipy>=1.14",
-        "statsmodels>=0.14",
         "scikit-learn>=1.5",
         "pillow>=10.0",
         "matplotlib>=3.8",
     ],
     extras_require={
-        # torch==2.13.0 installs a CPU build from a local file on our build machines.
-        "test": ["pytest>=8.0", "portpicker>=1.6", "torch==2.13.0"],
-        "convert": ["torch>=2.0"],
+        # `python -m dmae_jax.prepare` for cifar10 and imagenet2012: TFDS's builders of these
+        # encode images and read the archives with TensorFlow (digits needs none).
+        "prepare": ["tensorflow-cpu>=2.21.0"],
+        # On PyPI, torch==2.13.0 for Linux x86-64 is the CUDA build (~4.4 GB with its NVIDIA
+        # wheels); for the CPU build install torch first from
+        # https://download.pytorch.org/whl/cpu (README, "Tests").
+        "test": ["pytest>=8.0", "portpicker>=1.6", "statsmodels>=0.14", "torch==2.13.0",
+                 "tensorflow-cpu>=2.21.0"],
         "bench": ["torch==2.13.0"],
     },
 )
