@@ -28,10 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match the model being built."""
-
+from dmae_jax.errors import CheckpointError
 
 # ---------------------------------------------------------------------------------------
 # Parameter exports.

@@ -48,7 +48,7 @@ def initialize_distributed(
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif _on_multihost_tpu():
+    elif _on_multihost_tpu() or _on_cluster():
         jax.distributed.initialize()
     else:
         return
@@ -63,16 +63,25 @@ def _on_multihost_tpu() -> bool:
     return "," in hosts or any(k in os.environ for k in _TPU_ENV_HINTS[1:])
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    """A ("data", "fsdp") mesh over every device; `fsdp` devices share each parameter."""
-    n = jax.device_count()
+def _on_cluster() -> bool:
+    """One task of several under SLURM (srun) or Open MPI (mpirun): JAX reads the rest."""
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in os.environ for k in slurm) and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    return ("OMPI_MCA_orte_hnp_uri" in os.environ
+            and int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp") mesh over `devices` (default: all); `fsdp` devices share each param."""
+    n = jax.device_count() if devices is None else len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(
             f"config.mesh.fsdp must be a divisor of the device count {n}, got {fsdp}"
         )
     # Auto axes: XLA propagates shardings from the inputs (jax.make_mesh defaults to Explicit
     # axes since JAX 0.8, which would make every op's sharding part of its type).
-    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES,
+    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
