@@ -5,7 +5,8 @@
 
 Reads a bare state_dict (the released DMAE files), a `{'model': state_dict}` wrapper, or a
 fine-tuned classifier state_dict (with `fc_norm`/`head`, or `norm`/`head` for cls-token
-pooling) with `torch.load(weights_only=True)`, so no arbitrary Python object is unpickled.
+pooling) with `dmae_jax.pth`, a weights-only unpickler that needs no PyTorch: a file whose
+pickle asks for anything but tensors in dicts is refused before any of it runs.
 Every key must be used: an unknown or missing key, or a shape mismatch, is an error naming
 the key and both shapes. The result is a parameter export (`dmae_jax.checkpoints.save_params`)
 holding `nnx.state(model, nnx.Param).to_pure_dict()` and meta
@@ -16,7 +17,7 @@ Mapping: Linear `weight` (out, in) -> `kernel` (in, out); Conv `weight` (D, C, p
 sin-cos `pos_embed` / `decoder_pos_embed` are not parameters: they are checked against the
 sin-cos embedding of the checkpoint's grid and then regenerated for the requested img_size.
 A classifier's trainable `pos_embed` is interpolated bicubically (MAE's
-`interpolate_pos_embed`) when the grid differs.
+`interpolate_pos_embed`, PyTorch's bicubic map computed in JAX) when the grid differs.
 """
 
 from __future__ import annotations
@@ -45,38 +46,34 @@ class ConvertError(ValueError):
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads a .pth file as {timm key: float32 array}, unwrapping {'model': ...} and 'module.'."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ConvertError("reading .pth files needs PyTorch: pip install 'dmae_jax[convert]'"
-                           ) from e
+    from dmae_jax import pth
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConvertError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; the message matters.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e):
-            raise ConvertError(
-                f"{path} holds Python objects besides tensors (e.g. a training checkpoint's "
-                "'args'); we never unpickle those. Re-save only the weights from a trusted "
-                "file: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth')"
-            ) from e
-        raise ConvertError(f"{path} is not a PyTorch checkpoint ({first_line})") from e
+        obj = pth.load(path)
+    except pth.UnsafeCheckpointError as e:
+        raise ConvertError(
+            f"{path} holds Python objects besides tensors (e.g. a training checkpoint's "
+            "'args'); we never unpickle those. Re-save only the weights from a trusted "
+            "file: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth') "
+            f"({e})") from None
+    except pth.CheckpointFormatError as e:
+        raise ConvertError(f"{path} is not a PyTorch checkpoint ({e})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not obj:
         raise ConvertError(f"{path} does not hold a state_dict (got {type(obj).__name__})")
     state_dict = {}
     for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, np.ndarray):
             raise ConvertError(
                 f"{path} is not a state_dict: entry {key!r} is a {type(value).__name__}, "
                 "not a tensor"
             )
         name = key[len("module."):] if key.startswith("module.") else key
-        state_dict[name] = value.detach().to(torch.float32).numpy()
+        state_dict[name] = value.astype(np.float32)
     return state_dict
 
 
@@ -130,15 +127,8 @@ def _grid_of(key: str, shape: tuple) -> int:
 
 def _resize_pos_embed(value: np.ndarray, grid_size: int) -> np.ndarray:
     """MAE `interpolate_pos_embed`: torch bicubic (align_corners=False) on the grid, cls kept."""
-    import torch
-    import torch.nn.functional as F
-
-    old = _grid_of("pos_embed", value.shape)
-    dim = value.shape[2]
-    grid = torch.from_numpy(value[:, 1:]).reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, dim).numpy()
-    return np.concatenate([value[:, :1], grid], axis=1)
+    _grid_of("pos_embed", value.shape)
+    return np.asarray(vit.interpolate_pos_embed(value, grid_size), np.float32)
 
 
 def _check_sincos(key: str, value: np.ndarray) -> None:

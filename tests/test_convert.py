@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dmae_jax import convert
+from dmae_jax import convert, pth
 from dmae_jax.checkpoints import load_params
 from dmae_jax.models import (
     count_params,
@@ -253,6 +253,53 @@ def test_a_training_checkpoint_with_python_objects_is_refused_without_unpickling
         convert.read_checkpoint(path)
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a weights-only reader must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_and_nothing_runs(tmp_path, where):
+    marker = tmp_path / "pwned"
+    payload = _RunsCode(marker)
+    obj = payload if where == "top" else {"model": {"cls_token": torch.zeros(1, 1, 8)},
+                                          "x": [payload]}
+    path = tmp_path / "evil.pth"
+    torch.save(obj, path)  # a genuine torch zip file whose data.pkl calls os.system
+    with pytest.raises(convert.ConvertError, match="besides tensors.*system"):
+        convert.read_checkpoint(path)
+    with pytest.raises(pth.UnsafeCheckpointError):
+        pth.load(path)
+    assert not marker.exists()
+
+
+def test_the_reader_without_torch_equals_torch_load_for_every_dtype_and_layout(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 4), "f64": torch.randn(2, 2, dtype=torch.float64),
+        "f16": torch.randn(5).half(), "bf16": torch.randn(6).bfloat16(),
+        "i64": torch.arange(7), "u8": torch.arange(4, dtype=torch.uint8),
+        "bool": torch.tensor([True, False]), "transposed": torch.randn(4, 3).t(),
+        "slice": torch.randn(10)[2:7:2], "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+    }
+    shared = torch.randn(8)
+    obj = {"model": {**tensors, "view_a": shared[:4], "view_b": shared[4:]},
+           "param": torch.nn.Parameter(torch.ones(2)), "epoch": 3, "names": ("a", "b")}
+    path = tmp_path / "all.pth"
+    torch.save(obj, path)
+    ours, ref = pth.load(path), torch.load(path, weights_only=True)
+    assert ours["epoch"] == 3 and ours["names"] == ("a", "b")
+    for key, value in ref["model"].items():
+        assert ours["model"][key].shape == tuple(value.shape), key
+        np.testing.assert_array_equal(np.asarray(ours["model"][key], np.float64),
+                                      value.double().numpy(), err_msg=key)
+    np.testing.assert_array_equal(ours["param"], np.ones(2, np.float32))
+
+
 def test_a_file_that_is_not_a_checkpoint_fails_with_one_line_and_no_traceback(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"this is not a checkpoint\n" * 10)
@@ -304,7 +351,12 @@ def test_cli_resizes_a_classifier_pos_embed_to_a_new_image_size(tmp_path):
     old = reference.pos_embed.detach().numpy()
     assert params["pos_embed"].shape == (1, 1 + 6 * 6, 128)
     np.testing.assert_array_equal(params["pos_embed"][:, 0], old[:, 0])
-    # The importer's torch interpolation equals the JAX one used by init_from_dmae.
+    # MAE's interpolate_pos_embed: PyTorch bicubic (align_corners=False) on the 4x4 grid.
+    grid = torch.from_numpy(old[:, 1:]).reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic",
+                                           align_corners=False)
+    np.testing.assert_allclose(params["pos_embed"][:, 1:],
+                               grid.permute(0, 2, 3, 1).reshape(1, 36, 128).numpy(), atol=1e-5)
     np.testing.assert_allclose(params["pos_embed"], vit.interpolate_pos_embed(old, 6),
-                               atol=1e-5)
+                               atol=1e-6)
     set_params(create_classifier(meta["model"], 7, rngs=nnx.Rngs(0)), params)
