@@ -15,43 +15,14 @@ classifier, 97.6%; the configs/denoiser_digits.py UNet; every 2nd test image, N 
 raised the cascade's ACR from 1.187 to 1.215 and its clean accuracy from 92.6% to 93.9%.
 """
 
-import ml_collections
-
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """`runlocal` for a few-step smoke run."""
+    """runlocal: a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    cfg = ml_collections.ConfigDict()
-    cfg.task = "finetune_denoiser"
-    cfg.seed = 0
-    cfg.denoiser = ""             # UNet export to start from (train_denoiser or converted)
-    cfg.classifier = ""           # frozen classifier export (trained on clean images)
-    cfg.model = ml_collections.ConfigDict(dict(dtype="float32"))
-    cfg.data = defaults.data("digits", image_size=16, augment="none", eval_split="test")
-    cfg.sigmas = (0.25, 0.5, 1.0)
-    cfg.num_noise_samples = 4     # M one-step denoisings per image and step
-    cfg.lambda_brier = 1.0
-    cfg.lambda_ac = 1.0
-    cfg.lambda_mse = 1.0          # DDPM loss on the clean batch: keeps it a denoiser
-    cfg.p0 = 0.5                  # eval only: the cascade's confidence threshold
-    cfg.batch_size = 48           # distinct images per step: 16 per sigma, x M draws
-    cfg.num_epochs = 0
-    cfg.total_steps = 300
-    cfg.accum_steps = 1
-    cfg.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=20))
-    cfg.ema_decay = 0.0
-    cfg.eval_batch_size = 152
-    cfg.eval_noise_draws = 16
-    cfg.eval_skip = 2
-    cfg.log_every_steps = 25
-    cfg.ckpt_every_steps = 100
-    cfg.keep_ckpts = 2
-    cfg.eval_every_steps = 150
-    cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+    cfg = defaults.digits_finetune_denoiser()
     if args.runlocal:
         cfg.update(total_steps=4, batch_size=12, num_noise_samples=2, log_every_steps=2,
                    ckpt_every_steps=2, eval_every_steps=4, eval_batch_size=16,

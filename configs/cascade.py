@@ -14,6 +14,6 @@ from dmae_jax import defaults
 
 def get_config(arg=None):
     """dataset=imagenet2012|cifar10|digits, sigmas=1.0/0.5/0.25 ('/'-separated), n=..."""
-    args = config_lib.parse_arg(arg, dataset="imagenet2012", sigmas="1.0/0.5/0.25", n=0)
-    sigmas = tuple(float(s) for s in args.sigmas.split("/"))
-    return defaults.cascade(args.dataset, sigmas, args.n)
+    args = config_lib.parse_arg(arg, dataset=config_lib.OneOf(*defaults.CERTIFY_PROTOCOLS),
+                                sigmas=(1.0, 0.5, 0.25), n=0)
+    return defaults.cascade(args.dataset, args.sigmas, args.n)

@@ -19,5 +19,6 @@ from dmae_jax import defaults
 
 def get_config(arg=None):
     """dataset=imagenet2012|cifar10|digits, sigma=..., n=... (0: the protocol's N)."""
-    args = config_lib.parse_arg(arg, dataset="imagenet2012", sigma=0.25, n=0)
+    args = config_lib.parse_arg(arg, dataset=config_lib.OneOf(*defaults.CERTIFY_PROTOCOLS),
+                                sigma=0.25, n=0)
     return defaults.certify(args.dataset, args.sigma, args.n)

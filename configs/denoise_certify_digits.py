@@ -24,15 +24,12 @@ from dmae_jax import defaults
 
 def get_config(arg=None):
     """stage=certify|cascade, sigma=... (certify), n=200, skip=4."""
-    args = config_lib.parse_arg(arg, stage="certify", sigma=0.25, n=200, skip=4)
+    args = config_lib.parse_arg(arg, stage=config_lib.OneOf("certify", "cascade"), sigma=0.25,
+                                n=200, skip=4)
     if args.stage == "certify":
         cfg = defaults.certify("digits", args.sigma, args.n)
-    elif args.stage == "cascade":
-        cfg = defaults.cascade("digits", (1.0, 0.5, 0.25), args.n)
     else:
-        raise config_lib.ConfigError(
-            f"config argument stage must be one of ['certify', 'cascade'], "
-            f"got {args.stage!r}")
+        cfg = defaults.cascade("digits", (1.0, 0.5, 0.25), args.n)
     cfg.skip = args.skip
     cfg.denoiser_kind = "diffusion"
     return cfg

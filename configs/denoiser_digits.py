@@ -16,38 +16,14 @@ workdir/denoising/step_*.png (rows: clean, then noisy and denoised per sigma). T
 (workdir/export, kind "unet") plugs into certification with --config.denoiser=...
 """
 
-import ml_collections
-
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """`runlocal` for a few-step smoke run."""
+    """runlocal: a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    cfg = ml_collections.ConfigDict()
-    cfg.task = "train_denoiser"
-    cfg.seed = 0
-    cfg.model = ml_collections.ConfigDict(dict(
-        preset="digits",          # a key of dmae_jax.models.unet.UNET_PRESETS
-        dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
-    ))
-    cfg.data = defaults.data("digits", image_size=16, augment="none", eval_split="test")
-    cfg.batch_size = 128
-    cfg.num_epochs = 0
-    cfg.total_steps = 1500
-    cfg.accum_steps = 1
-    cfg.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=100))
-    cfg.ema_decay = 0.995         # 0: export the raw weights
-    cfg.eval_sigmas = (0.25, 0.5, 1.0)
-    cfg.eval_batch_size = 128     # images for the eval MSE (the first num_grid_images shown)
-    cfg.num_grid_images = 10
-    cfg.log_every_steps = 50
-    cfg.ckpt_every_steps = 500
-    cfg.keep_ckpts = 2
-    cfg.eval_every_steps = 500
-    cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+    cfg = defaults.digits_train_denoiser()
     if args.runlocal:
         cfg.update(total_steps=4, batch_size=16, log_every_steps=2, ckpt_every_steps=2,
                    eval_every_steps=4, eval_batch_size=8, num_grid_images=4)

@@ -17,23 +17,17 @@ certifies it next to the DMAE-initialised one (DMAE's claim, in small):
   python -m dmae_jax.main --config=configs/digits.py:compare --workdir=runs/digits
 """
 
-import ml_collections
-
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """The digits pipeline; `arg`: `compare` (random-init baseline), `runlocal` (tests)."""
-    cfg = ml_collections.ConfigDict()
-    cfg.task = "pipeline"
-    cfg.sigmas = (0.25, 0.5, 1.0)
-    cfg.p0 = 0.5
-    cfg.pretrain = defaults.digits_pretrain()
-    cfg.finetune = defaults.digits_finetune()
-    cfg.certify = defaults.certify("digits")
-    cfg.report_radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-    cfg.random_init_baseline = 0.25 if arg and "compare" in arg else 0.0
-    if arg and "runlocal" in arg:
+    """compare: also the random-init baseline at sigma 0.25; runlocal: a few steps (tests)."""
+    args = config_lib.parse_arg(arg, compare=False, runlocal=False)
+    cfg = defaults.pipeline()
+    if args.compare:
+        cfg.random_init_baseline = 0.25
+    if args.runlocal:
         cfg.pretrain.update(total_steps=4, log_every_steps=2, ckpt_every_steps=2,
                             eval_every_steps=4)
         cfg.finetune.update(total_steps=4, log_every_steps=2, ckpt_every_steps=2,

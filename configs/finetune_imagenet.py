@@ -19,7 +19,8 @@ from dmae_jax import defaults
 
 def get_config(arg=None):
     """variant=base|large, sigma=0.25|0.5|1.0, runlocal for a smoke run."""
-    args = config_lib.parse_arg(arg, variant="base", sigma=0.25, runlocal=False)
+    args = config_lib.parse_arg(arg, variant=config_lib.OneOf("base", "large"), sigma=0.25,
+                                runlocal=False)
     cfg = defaults.finetune(dataset="imagenet2012", variant=args.variant, sigma=args.sigma)
     if args.variant == "large":
         cfg.num_epochs = 50

@@ -7,13 +7,15 @@ trains in about a minute on 2 cores (patch 4 on 16x16: 16 patches, 4 visible):
 Reconstruction grids go to workdir/reconstructions/.
 """
 
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """CPU-sized DMAE pretraining on digits; `arg` may be `runlocal` (a few steps)."""
+    """runlocal: a few-step smoke run."""
+    args = config_lib.parse_arg(arg, runlocal=False)
     cfg = defaults.digits_pretrain()
-    if arg == "runlocal":
+    if args.runlocal:
         cfg.total_steps, cfg.log_every_steps, cfg.ckpt_every_steps = 6, 2, 3
         cfg.eval_every_steps = 6
     return cfg

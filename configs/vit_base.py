@@ -11,16 +11,18 @@ ImageNet must be prepared first (TFDS manual download):
   tfds build imagenet2012 --file_format=array_record --manual_dir=DIR --data_dir=DATA_DIR
 """
 
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """Config for DMAE-B/16; `arg` may be `runlocal` for a few-step smoke run."""
+    """DMAE-B/16; runlocal: a few-step smoke run."""
+    args = config_lib.parse_arg(arg, runlocal=False)
     cfg = defaults.pretrain(dataset="imagenet2012", variant="base")
     cfg.num_epochs = 1100
     cfg.data.worker_count = 16
     cfg.log_every_steps = 100
     cfg.ckpt_every_steps = 2000
-    if arg == "runlocal":
+    if args.runlocal:
         cfg.batch_size, cfg.total_steps, cfg.data.worker_count = 8, 10, 0
     return cfg

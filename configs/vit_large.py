@@ -10,16 +10,18 @@ Add --config.model.remat=True when activations do not fit, --config.mesh.fsdp=N 
 parameters and optimizer state over N chips, --config.accum_steps=K on fewer chips.
 """
 
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """Config for DMAE-L/16; `arg` may be `runlocal` for a few-step smoke run."""
+    """DMAE-L/16; runlocal: a few-step smoke run."""
+    args = config_lib.parse_arg(arg, runlocal=False)
     cfg = defaults.pretrain(dataset="imagenet2012", variant="large")
     cfg.num_epochs = 1600
     cfg.data.worker_count = 16
     cfg.log_every_steps = 100
     cfg.ckpt_every_steps = 2000
-    if arg == "runlocal":
+    if args.runlocal:
         cfg.batch_size, cfg.total_steps, cfg.data.worker_count = 8, 10, 0
     return cfg

@@ -1,12 +1,18 @@
-"""Every config field with its default, one function per task; `configs/*.py` set the rest.
+"""Every config field with its default, one factory per task; `configs/*.py` set the rest.
 
-A config file states what differs from these defaults (the paper's numbers for that
-experiment) and carries its exact command in its docstring, as big_vision's configs do.
+This is the only place config defaults are written. A config file calls one factory,
+overrides what differs for its experiment and carries its exact command in its docstring,
+as big_vision's configs do. Fields derived from others (`eta` from `sigma`, `log_name`) are
+left empty here (None or "") and filled by the task when it starts
+(`dmae_jax.config.resolve`), so `--config.sigma=...` changes them too.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from dmae_jax.errors import ConfigError
 
 
 def model(variant: str = "base", **overrides) -> ml_collections.ConfigDict:
@@ -33,9 +39,9 @@ def data(dataset: str, **overrides) -> ml_collections.ConfigDict:
     """The input block (`config.data`)."""
     cfg = ml_collections.ConfigDict(dict(
         dataset=dataset,          # digits | cifar10 | imagenet2012
-        data_dir=ml_collections.config_dict.placeholder(str),  # TFDS data dir (None: TFDS default)
+        data_dir=placeholder(str),  # TFDS data dir (None: TFDS default)
         train_split="train",
-        eval_split="test",
+        eval_split="validation" if dataset == "imagenet2012" else "test",
         image_size=224,           # resolution the pipeline produces
         augment="rrc_flip",       # rrc_flip (pretraining) | flip | none
         worker_count=0,           # Grain worker processes per host (0: in-process)
@@ -44,15 +50,18 @@ def data(dataset: str, **overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _loop(cfg: ml_collections.ConfigDict) -> None:
+def _loop(cfg: ml_collections.ConfigDict, **overrides) -> None:
+    """The training-loop fields every trainer shares."""
     cfg.seed = 0
-    cfg.total_steps = 0           # 0: derived from num_epochs
-    cfg.log_every_steps = 50
-    cfg.ckpt_every_steps = 1000
-    cfg.keep_ckpts = 3
-    cfg.eval_every_steps = 1000
-    cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))
+    cfg.num_epochs = 0            # epochs to train when total_steps is 0
+    cfg.total_steps = 0           # optimizer steps (0: derived from num_epochs)
+    cfg.log_every_steps = 50      # progress line and TensorBoard scalars
+    cfg.ckpt_every_steps = 1000   # resumable checkpoint (also saved on SIGTERM and at the end)
+    cfg.keep_ckpts = 3            # newest checkpoints kept (>= 1)
+    cfg.eval_every_steps = 1000   # 0: no evaluation
+    cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices sharing parameters (FSDP)
     cfg.accum_steps = 1           # micro-batches per optimizer step (batch stays global)
+    cfg.update(overrides)
 
 
 def pretrain(dataset: str = "imagenet2012", variant: str = "base") -> ml_collections.ConfigDict:
@@ -60,18 +69,17 @@ def pretrain(dataset: str = "imagenet2012", variant: str = "base") -> ml_collect
     cfg = ml_collections.ConfigDict()
     cfg.task = "pretrain"
     cfg.model = model(variant)
-    cfg.data = data(dataset, eval_split="validation" if dataset == "imagenet2012" else "test")
+    cfg.data = data(dataset)
     cfg.sigma = 0.25              # pretraining noise, [0,1] pixel units (all released models)
     cfg.mask_ratio = 0.75
     cfg.batch_size = 4096
-    cfg.num_epochs = 1100
     cfg.optim = ml_collections.ConfigDict(dict(
         base_lr=1.5e-4,           # lr = base_lr * batch_size / 256
         min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.95, warmup_epochs=40,
     ))
     cfg.init_from = ""            # a DMAE export to continue from (e.g. CIFAR-10 continuation)
-    cfg.num_grid_images = 8
-    _loop(cfg)
+    cfg.num_grid_images = 8       # reconstruction grid rows written at each evaluation
+    _loop(cfg, num_epochs=1100)
     return cfg
 
 
@@ -81,27 +89,25 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     cfg = ml_collections.ConfigDict()
     cfg.task = "finetune"
     cfg.model = model(variant, drop_path_rate=0.1)
-    cfg.data = data(dataset, augment="rrc_flip",
-                    eval_split="validation" if dataset == "imagenet2012" else "test")
+    cfg.data = data(dataset, augment="rrc_flip")
     cfg.init_from = ""            # DMAE export (ours or converted); "" = random init
     cfg.linear_probe = False      # freeze the encoder, train fc_norm + head only
     cfg.sigma = sigma             # Gaussian augmentation noise, [0,1] pixel units
     cfg.num_noise_samples = 2     # m noisy copies per image (consistency regularisation)
     cfg.con_reg = True
     cfg.lbd = 2.0                 # consistency weight lambda
-    cfg.eta = 0.1 if sigma >= 1.0 else 0.5   # entropy weight eta (official per-sigma value)
+    cfg.eta = placeholder(float)  # entropy weight eta; None: 0.1 at sigma >= 1.0, else 0.5
     cfg.mixup = 0.8
     cfg.cutmix = 1.0
     cfg.label_smoothing = 0.1
     cfg.batch_size = 1024         # distinct images per step (x m noisy copies)
-    cfg.num_epochs = 100
     cfg.optim = ml_collections.ConfigDict(dict(
         base_lr=5e-4, min_lr=1e-6, weight_decay=0.05, b1=0.9, b2=0.999,
         warmup_epochs=5, layer_decay=0.65,
     ))
     cfg.eval_batch_size = 256
     cfg.eval_noise_draws = 8      # majority vote over this many noise draws during eval
-    _loop(cfg)
+    _loop(cfg, num_epochs=100)
     return cfg
 
 
@@ -118,7 +124,7 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
             n: int = 0) -> ml_collections.ConfigDict:
     """Certification defaults: alpha = 0.001, N0 = 100, the data set's protocol."""
     if dataset not in CERTIFY_PROTOCOLS:
-        raise ValueError(
+        raise ConfigError(
             f"config argument dataset must be one of {sorted(CERTIFY_PROTOCOLS)}, got {dataset!r}")
     split, skip, default_n, batch_size, image_size = CERTIFY_PROTOCOLS[dataset]
     cfg = ml_collections.ConfigDict()
@@ -128,8 +134,7 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
     cfg.denoiser = ""             # optional denoiser export in front of the classifier
     cfg.denoiser_kind = "diffusion"   # diffusion (UNet export) | dmae (DMAE export)
     cfg.data = ml_collections.ConfigDict(dict(
-        dataset=dataset, split=split, image_size=image_size,
-        data_dir=ml_collections.config_dict.placeholder(str)))
+        dataset=dataset, split=split, image_size=image_size, data_dir=placeholder(str)))
     cfg.skip = skip               # certify every skip-th image ...
     cfg.max = -1                  # ... with index below max (-1: all), as Cohen's certify.py
     cfg.sigma = sigma
@@ -139,7 +144,7 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
     cfg.batch_size = batch_size   # noisy samples per step, split over the local devices
     cfg.compute_dtype = "float32"  # or bfloat16
     cfg.early_abstain = False     # DMAE's shortcut: abstain when the n0 guess is not the label
-    cfg.log_name = f"certify_sigma_{sigma}.tsv"
+    cfg.log_name = ""             # "": certify_sigma_<sigma>.tsv in the workdir
     return cfg
 
 
@@ -149,11 +154,78 @@ def cascade(dataset: str = "imagenet2012", sigmas=(1.0, 0.5, 0.25),
     cfg = certify(dataset, sigmas[0], n)
     cfg.task = "cascade"
     del cfg.sigma
-    cfg.sigmas = tuple(sigmas)
+    cfg.sigmas = tuple(sigmas)    # visited from the largest down
     cfg.checkpoints = ()          # one classifier export per sigma, aligned with sigmas
     cfg.p0 = 0.5
-    cfg.log_name = "cascade_" + "_".join(str(s) for s in sigmas) + ".tsv"
+    cfg.log_name = ""             # "": cascade_<sigma>_<sigma>....tsv in the workdir
     return cfg
+
+
+def train_denoiser(dataset: str = "cifar10",
+                   preset: str = "cifar10_uncond_50M_500K") -> ml_collections.ConfigDict:
+    """DDPM training defaults: improved-diffusion's recipe (lr 1e-4, batch 128, EMA 0.9999)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "train_denoiser"
+    cfg.model = ml_collections.ConfigDict(dict(
+        preset=preset,            # a key of dmae_jax.models.unet.UNET_PRESETS
+        dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+    ))
+    cfg.data = data(dataset, image_size=32, augment="none")
+    cfg.batch_size = 128
+    cfg.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=0))
+    cfg.ema_decay = 0.9999        # 0: export the raw weights
+    cfg.eval_sigmas = (0.25, 0.5, 1.0)  # one-shot denoising MSE at these noise levels
+    cfg.eval_batch_size = 128     # images for the eval MSE (the first num_grid_images shown)
+    cfg.num_grid_images = 10
+    _loop(cfg, total_steps=500_000, keep_ckpts=2, ckpt_every_steps=10_000,
+          eval_every_steps=10_000)
+    return cfg
+
+
+def finetune_denoiser(dataset: str = "digits") -> ml_collections.ConfigDict:
+    """Denoiser calibration defaults: Brier + anti-consistency + DDPM loss, frozen classifier."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "finetune_denoiser"
+    cfg.denoiser = ""             # UNet export to start from (train_denoiser or converted)
+    cfg.classifier = ""           # frozen classifier export (trained on clean images)
+    cfg.model = ml_collections.ConfigDict(dict(dtype="float32"))
+    cfg.data = data(dataset, augment="none")
+    cfg.sigmas = (0.25, 0.5, 1.0)  # the cascade's noise levels, one equal batch chunk each
+    cfg.num_noise_samples = 4     # M one-step denoisings per image and step
+    cfg.lambda_brier = 1.0
+    cfg.lambda_ac = 1.0
+    cfg.lambda_mse = 1.0          # DDPM loss on the clean batch: keeps it a denoiser
+    cfg.p0 = 0.5                  # eval only: the cascade's confidence threshold
+    cfg.batch_size = 48           # distinct images per step, split over sigmas, x M draws
+    cfg.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=20))
+    cfg.ema_decay = 0.0           # 0: export the raw weights
+    cfg.eval_batch_size = 152
+    cfg.eval_noise_draws = 16     # majority vote over this many denoisings per image
+    cfg.eval_skip = 2             # evaluate every eval_skip-th test image
+    _loop(cfg, total_steps=300, log_every_steps=25, ckpt_every_steps=100, keep_ckpts=2,
+          eval_every_steps=150)
+    return cfg
+
+
+def pipeline() -> ml_collections.ConfigDict:
+    """The end-to-end task: pretrain, fine-tune per sigma, certify, cascade, report (digits)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "pipeline"
+    cfg.sigmas = (0.25, 0.5, 1.0)  # one fine-tuned classifier and one certification each
+    cfg.p0 = 0.5                  # the cascade's confidence threshold
+    cfg.pretrain = digits_pretrain()
+    cfg.finetune = digits_finetune()  # sigma, eta and init_from are set per stage
+    cfg.certify = certify("digits")   # task, sigma, checkpoint and log_name set per stage
+    cfg.report_radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+    cfg.random_init_baseline = 0.0  # > 0: also fine-tune from random init at this sigma
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Digits: every stage at the size of 2 CPU cores (16x16 RGB).
+# ---------------------------------------------------------------------------------------
 
 
 def digits_pretrain() -> ml_collections.ConfigDict:
@@ -161,13 +233,11 @@ def digits_pretrain() -> ml_collections.ConfigDict:
     cfg = pretrain(dataset="digits", variant="mu")
     cfg.model.update(img_size=16, patch_size=4, decoder_width=128, decoder_depth=2,
                      decoder_heads=4)
-    cfg.data.update(image_size=16, augment="rrc_flip", eval_split="test")
+    cfg.data.update(image_size=16, augment="rrc_flip")
     cfg.batch_size = 128
     cfg.num_epochs = 20
     cfg.optim.update(base_lr=1.5e-3, warmup_epochs=2)
-    cfg.log_every_steps = 50
-    cfg.ckpt_every_steps = 200
-    cfg.eval_every_steps = 200
+    cfg.update(log_every_steps=50, ckpt_every_steps=200, eval_every_steps=200)
     return cfg
 
 
@@ -177,13 +247,28 @@ def digits_finetune(sigma: float = 0.25) -> ml_collections.ConfigDict:
     cfg.model.update(img_size=16, patch_size=4, drop_path_rate=0.1)
     # Like the official CIFAR-10 fine-tuning (small images): no crop, no Mixup/CutMix, label
     # smoothing 0.1; and no flips either, since a mirrored digit is another symbol.
-    cfg.data.update(image_size=16, augment="none", eval_split="test")
+    cfg.data.update(image_size=16, augment="none")
     cfg.mixup = cfg.cutmix = 0.0
     cfg.batch_size = 64           # x 2 noisy copies
     cfg.num_epochs = 10
     cfg.optim.update(base_lr=4e-3, warmup_epochs=1, layer_decay=0.75)
     cfg.eval_batch_size = 296 - 296 % 8
-    cfg.log_every_steps = 50
-    cfg.ckpt_every_steps = 100
-    cfg.eval_every_steps = 115    # every 5 epochs
+    cfg.update(log_every_steps=50, ckpt_every_steps=100, eval_every_steps=115)  # eval: 5 epochs
+    return cfg
+
+
+def digits_train_denoiser() -> ml_collections.ConfigDict:
+    """DDPM training of the digits UNet: a larger lr and a shorter EMA horizon than CIFAR-10."""
+    cfg = train_denoiser(dataset="digits", preset="digits")
+    cfg.data.update(image_size=16)
+    cfg.optim.update(lr=1e-3, warmup_steps=100)
+    cfg.ema_decay = 0.995
+    cfg.update(total_steps=1500, ckpt_every_steps=500, eval_every_steps=500)
+    return cfg
+
+
+def digits_finetune_denoiser() -> ml_collections.ConfigDict:
+    """Calibration of the digits UNet against the clean digits classifier."""
+    cfg = finetune_denoiser(dataset="digits")
+    cfg.data.update(image_size=16)
     return cfg

@@ -14,8 +14,10 @@ processes of a multi-host job, and runs `config.task`:
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -43,7 +45,7 @@ _RUNNERS = {
 
 
 def main(argv) -> None:
-    """Validates the config, initialises distributed JAX, dispatches the task."""
+    """Checks the workdir and config, initialises distributed JAX, dispatches the task."""
     del argv
     config = _CONFIG.value
     if config is None:
@@ -55,7 +57,9 @@ def main(argv) -> None:
         # Progress, evaluation and reports are printed; absl INFO (Orbax's per-save chatter)
         # only with --verbosity=0.
         logging.set_verbosity(logging.WARNING)
+    config_lib.workdir_usable(_WORKDIR.value)
     task = config_lib.task(config)
+    config = config_lib.resolve(config)
     module = importlib.import_module(_RUNNERS[task])
     module.validate(config)
 
@@ -66,27 +70,90 @@ def main(argv) -> None:
     module.run(config, _WORKDIR.value)
 
 
-def _run() -> None:
-    """Runs main; a config or data problem is one clear line on stderr, not a traceback."""
-    from dmae_jax.checkpoints import CheckpointError
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
-    expected = (config_lib.ConfigError, CheckpointError, FileNotFoundError, ValueError)
+
+def _user_error(error: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None (keep the traceback).
+
+    Our own errors derive from `UserError` (the innermost one is reported: config_flags
+    re-raises a config file's error with the traceback text in its message); a full disk
+    is recognised anywhere in the exception's chain, since libraries (Orbax, TensorStore)
+    wrap the OSError.
+    """
+    from dmae_jax.errors import UserError
+
+    message, chain, seen = None, error, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, UserError):
+            message = str(chain)
+        elif message is None and isinstance(chain, OSError) and chain.errno in _DISK_ERRNOS:
+            message = f"cannot write to disk: {chain}"
+        elif message is None and "No space left on device" in str(chain):
+            message = "cannot write to disk: No space left on device"
+        chain = chain.__cause__ or chain.__context__
+    return message
+
+
+def _config_path(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return "?"
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str | None:
+    """One line for a bad --config file, :arg or --config.field, or None (not ours)."""
+    message = _user_error(error)
+    if message is not None:
+        return message
+    if isinstance(error, AttributeError | KeyError):
+        # ml_collections' error for a --config.field the config does not have.
+        field = str(error).split("\\n")[0].split("\n")[0].strip("'\"\\")
+        flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                     and a.split("=", 1)[0].endswith("." + field)), f"--config.{field}")
+        close = re.search(r'Did you mean "([^"]+)"', str(error))
+        hint = f"; did you mean {close.group(1)!r}?" if close else ""
+        return f"{flag}: the config has no field {field!r}{hint}"
+    if isinstance(error, flags.Error) and "\n" not in str(error).strip():
+        return str(error)
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing where a bad config file, :arg or field is one line on stderr."""
     try:
-        from dmae_jax.data.datasets import DatasetNotFoundError
+        remaining = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("task")  # raises here when the config file failed to load
+        return remaining
+    except Exception as e:
+        message = _flag_error(e, argv)
+        if message is None and "No such file or directory" in str(e):
+            message = f"--config: no such config file {_config_path(argv)!r}"
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
-        expected = expected + (DatasetNotFoundError,)
-    except ImportError:
-        pass
 
-    def guarded(argv):
-        try:
-            main(argv)
-        except expected as e:
-            logging.error("%s: %s", type(e).__name__, e)
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+def _guarded(argv) -> None:
+    """main, with the project's user-facing errors as one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
-    app.run(guarded)
+
+def _run() -> None:
+    app.run(_guarded, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

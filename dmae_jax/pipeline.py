@@ -29,7 +29,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the stage configs that can be checked before anything has been trained."""
     from dmae_jax.train import finetune, pretrain
 
-    pretrain.validate(config.pretrain)
+    pretrain.validate(C.resolve(config.pretrain))
     sigmas = C.sigmas(config, "sigmas")
     for sigma in sigmas:
         finetune.validate(_finetune_config(config, sigma, init_from=""))
@@ -40,18 +40,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _finetune_config(config, sigma: float, init_from: str) -> ml_collections.ConfigDict:
+    """The fine-tuning stage at `sigma`, resolved (eta: the user's, else sigma's official)."""
     cfg = ml_collections.ConfigDict(config.finetune.to_dict())
     cfg.sigma = sigma
-    cfg.eta = 0.1 if sigma >= 1.0 else 0.5
     cfg.init_from = init_from
-    return cfg
+    return C.resolve(cfg)
 
 
 def _certify_config(config, **updates) -> ml_collections.ConfigDict:
+    """One certification stage: config.certify with `updates`, resolved."""
     cfg = ml_collections.ConfigDict(config.certify.to_dict())
+    if updates.get("task") == "cascade":
+        del cfg.sigma
     for key, value in updates.items():
         cfg[key] = value
-    return cfg
+    return C.resolve(cfg)
 
 
 class _Stages:
@@ -115,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pre_dir = os.path.join(workdir, "pretrain")
     stages.start(k)
     if not _finished(os.path.join(pre_dir, "export")):
-        pretrain.run(config.pretrain, pre_dir)
+        pretrain.run(C.resolve(config.pretrain), pre_dir)
     k += 1
 
     exports = {}
@@ -130,16 +133,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     for sigma in sigmas:
         stages.start(k)
         logs[f"sigma={sigma}"] = _certify_stage(
-            config, cert_dir, task="certify", sigma=sigma, checkpoint=exports[sigma],
-            log_name=f"certify_sigma_{sigma}.tsv")
+            config, cert_dir, task="certify", sigma=sigma, checkpoint=exports[sigma])
         k += 1
 
     stages.start(k)
     order = sorted(sigmas, reverse=True)
     logs["cascade"] = _certify_stage(
         config, cert_dir, task="cascade", sigmas=tuple(order), p0=config.p0,
-        checkpoints=tuple(exports[s] for s in order),
-        log_name="cascade_" + "_".join(str(s) for s in order) + ".tsv")
+        checkpoints=tuple(exports[s] for s in order))
     k += 1
 
     if baseline:

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dmae_jax.data import digits
+from dmae_jax.errors import UserError
 
 DATASETS = ("digits", "cifar10", "imagenet2012")
 NUM_CLASSES = {"digits": digits.NUM_CLASSES, "cifar10": 10, "imagenet2012": 1000}
@@ -26,7 +27,7 @@ DEFAULT_DIGITS_SIZE = 32
 IN_MEMORY_BYTES = 64 * 2**20
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A data set cannot be read as asked (not prepared, wrong format)."""
 
 
