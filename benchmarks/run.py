@@ -10,6 +10,8 @@ code path: `dmae_jax.train.common.make_train_step` with the pretraining AdamW, a
 (`tests/torch_dmae.py`), eager, forward + backward + `torch.optim.AdamW` for pretraining and
 Cohen et al.'s `_sample_noise` loop for certification. MFU is the model's analytic matmul
 FLOP rate divided by the JAX matmul peak measured in the same run. One JAX device.
+Every row records the 1-minute load average before and after it (os.getloadavg): a figure
+taken while other processes ran is marked as such, not mistaken for this machine's speed.
 About 16 minutes on 2 cores shared with load 9 (roughly a quarter of that idle); `--quick`
 (no ViT-B/16, fewer repetitions) 2 to 5 minutes.
 """
@@ -76,53 +78,12 @@ def time_interleaved(
     return {name: Timing(seconds[name], works[name]) for name in fns}
 
 
-# -------------------------------------------------------------------------------------------
-# FLOP counts (matmuls only: the rest is a few percent of a ViT).
-# -------------------------------------------------------------------------------------------
-
-
-def blocks_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> float:
-    """Forward matmul FLOPs of `depth` pre-norm ViT blocks on one sample of `tokens` tokens.
-
-    Per block: qkv (3 D^2), proj (D^2) and the MLP (2 * ratio * D^2) per token, plus
-    q k^T and attn v (N^2 D each); 2 FLOPs per multiply-add.
-    """
-    hidden = int(width * mlp_ratio)
-    per_token = 2 * (3 * width * width + width * width + 2 * width * hidden)
-    attention = 2 * 2 * tokens * tokens * width
-    return float(depth * (tokens * per_token + attention))
-
-
-def dmae_forward_flops(cfg: dict, mask_ratio: float) -> float:
-    """Forward FLOPs of DMAE on one image: encoder on the visible tokens, decoder on all."""
-    from dmae_jax.models.dmae import num_kept
-
-    num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
-    kept = num_kept(num_patches, mask_ratio)
-    patch_dim = cfg["patch_size"] ** 2 * 3
-    width, dec = cfg["width"], cfg["decoder_width"]
-    return (
-        2.0 * num_patches * patch_dim * width  # patch embedding (before masking, all patches)
-        + blocks_flops(1 + kept, width, cfg["depth"])
-        + 2.0 * (1 + kept) * width * dec  # decoder_embed
-        + blocks_flops(1 + num_patches, dec, cfg["decoder_depth"])
-        + 2.0 * (1 + num_patches) * dec * patch_dim  # decoder_pred
-    )
-
-
-def classifier_forward_flops(cfg: dict, num_classes: int) -> float:
-    """Forward FLOPs of the ViT classifier on one image (all patches + cls token)."""
-    num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
-    patch_dim = cfg["patch_size"] ** 2 * 3
-    return (
-        2.0 * num_patches * patch_dim * cfg["width"]
-        + blocks_flops(1 + num_patches, cfg["width"], cfg["depth"])
-        + 2.0 * cfg["width"] * num_classes
-    )
-
-
-# Training = forward + backward (twice the forward: gradients w.r.t. inputs and weights).
-TRAIN_FLOPS_FACTOR = 3.0
+# FLOP counts (matmuls only): the same analytic counts the compile-only mode reports MFU with.
+from dmae_jax.aot import (  # noqa: E402
+    TRAIN_FLOPS_FACTOR,
+    classifier_forward_flops,
+    dmae_forward_flops,
+)
 
 # -------------------------------------------------------------------------------------------
 # Model configurations.
@@ -401,26 +362,29 @@ def markdown(results: dict[str, Any]) -> str:
     mm = results.get("matmul", {})
     peak = mm["jax_fp32"].rate if "jax_fp32" in mm else float("nan")
     peak_bf16 = mm["jax_bf16"].rate if "jax_bf16" in mm else float("nan")
-    rows = ["| figure | ours | PyTorch | ours / PyTorch | MFU ours (PyTorch) vs JAX fp32 peak |",
-            "|---|---|---|---|---|"]
+    rows = ["| figure | ours | PyTorch | ours / PyTorch | MFU ours (PyTorch) vs JAX fp32 peak "
+            "| load (1 min) before-after |",
+            "|---|---|---|---|---|---|"]
 
     def row(label, ours: Timing, theirs: Timing, unit: str, flops: float | None,
-            note: str = "") -> None:
+            note: str = "", load: tuple | None = None) -> None:
         ratio = ours.rate / theirs.rate
         mfu = ""
         if flops is not None:
             mfu = f"{100 * ours.rate * flops / peak:.0f}% ({100 * theirs.rate * flops / peak:.0f}%)"
+        loads = f"{load[0]:.1f}-{load[1]:.1f}" if load else ""
         rows.append(f"| {label} | {_fmt(ours.rate, unit)} {ours.spread()} | "
-                    f"{_fmt(theirs.rate, unit)} {theirs.spread()} | {ratio:.2f} | {mfu}{note} |")
+                    f"{_fmt(theirs.rate, unit)} {theirs.spread()} | {ratio:.2f} | {mfu}{note} "
+                    f"| {loads} |")
 
     for name in ("fp32", "bf16"):
         if f"jax_{name}" in mm:
             row(f"matmul {results['matmul_size']}^3 {name} (GFLOP/s)", mm[f"jax_{name}"],
-                mm[f"torch_{name}"], "FLOP/s", None)
+                mm[f"torch_{name}"], "FLOP/s", None, load=results.get("matmul_load"))
     for r in results.get("pretrain", []):
         t = r["timings"]
         row(f"pretrain step {r['case']} batch {r['batch']} (images/s)", t["ours"], t["torch"],
-            "", r["flops_per_image"])
+            "", r["flops_per_image"], load=r.get("load"))
     overheads = []
     for r in results.get("certify", []):
         t = r["timings"]
@@ -428,7 +392,7 @@ def markdown(results: dict[str, Any]) -> str:
         if r["dtype"] == "bfloat16":
             note = f"; {100 * t['ours'].rate * r['flops_per_sample'] / peak_bf16:.0f}% of bf16 peak"
         row(f"certify {r['case']} {r['dtype']} batch {r['batch']} (noisy samples/s)",
-            t["ours"], t["torch"], "", r["flops_per_sample"], note)
+            t["ours"], t["torch"], "", r["flops_per_sample"], note, load=r.get("load"))
         sampler = statistics.median(t["ours"].seconds)
         model = statistics.median(t["model_only"].seconds)
         trivial = statistics.median(t["trivial"].seconds)
@@ -505,27 +469,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def done(timings: dict[str, Timing]) -> None:
-        say("  " + ", ".join(f"{k} {t.rate:,.4g}/s {t.spread()}" for k, t in timings.items()))
+        say("  " + ", ".join(f"{k} {t.rate:,.4g}/s {t.spread()}" for k, t in timings.items())
+            + f"; load {os.getloadavg()[0]:.2f}")
 
     say("matmul peak")
+    load0 = os.getloadavg()[0]
     results["matmul"] = bench_matmul(results["matmul_size"], max(reps, 5))
+    results["matmul_load"] = (load0, os.getloadavg()[0])
     done(results["matmul"])
     if "pretrain" in only:
         results["pretrain"] = []
         for name in cases:
             say(f"pretraining step: {name}")
             steps = 5 if name == "cpu" else 1
+            load0 = os.getloadavg()[0]
             results["pretrain"].append(
                 bench_pretrain(name, PRETRAIN_CASES[name], min(reps, 3) if name == "vitb"
                                else reps, steps))
+            results["pretrain"][-1]["load"] = (load0, os.getloadavg()[0])
             done(results["pretrain"][-1]["timings"])
     if "certify" in only:
         results["certify"] = []
         for name in cases:
             for dtype in ("float32", "bfloat16"):
                 say(f"certification sampling: {name} {dtype}")
+                load0 = os.getloadavg()[0]
                 results["certify"].append(bench_certify(
                     name, CERTIFY_CASES[name], dtype, min(reps, 3) if name == "vitb" else reps))
+                results["certify"][-1]["load"] = (load0, os.getloadavg()[0])
                 done(results["certify"][-1]["timings"])
     results["loadavg_end"] = os.getloadavg()
     print()
