@@ -22,8 +22,12 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dmae_jax.data import augment as aug
+from dmae_jax.data import randaugment
 
-AUGMENTATIONS = ("rrc_flip", "flip", "none")
+# rrc_flip: pretraining (RandomResizedCrop scale (0.2, 1) + flip); rrc_flip_randaug: ImageNet
+# fine-tuning (RandomResizedCrop scale (0.08, 1) + flip + RandAugment rand-m9-mstd0.5-inc1);
+# flip: flip only (CIFAR-10); none: the stored image (resized/cropped to size if it differs).
+AUGMENTATIONS = ("rrc_flip", "rrc_flip_randaug", "flip", "none")
 DATA_SPEC = PartitionSpec("data")
 STATE_VERSION = 1
 # Batches each Grain reader (main process or worker) prepares ahead of the training step.
@@ -109,6 +113,8 @@ class _Augment:
         rng = np.random.default_rng([self._seed, epoch, index])
         if self._augment == "rrc_flip":
             image = aug.rrc_flip(image, self._size, rng)
+        elif self._augment == "rrc_flip_randaug":
+            image = randaugment.finetune_train_transform(image, self._size, rng)
         else:
             image = _fit(image, self._size, getattr(self._source, "name", None))
             if self._augment == "flip":

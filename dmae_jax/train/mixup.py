@@ -40,14 +40,27 @@ def rand_bbox(
     [margin * cut, side - margin * cut); the box spans centre -/+ cut // 2, clipped to the image.
     """
     lam = jnp.asarray(lam, jnp.float32)
-    ratio = jnp.sqrt(1.0 - lam)
-    cut_h = jnp.floor(height * ratio).astype(jnp.int32)
-    cut_w = jnp.floor(width * ratio).astype(jnp.int32)
+    cut_h, cut_w = _cut_size(lam, height, width)
     margin_y = jnp.floor(margin * cut_h).astype(jnp.int32)
     margin_x = jnp.floor(margin * cut_w).astype(jnp.int32)
     key_y, key_x = jax.random.split(rng)
     cy = jax.random.randint(key_y, lam.shape, margin_y, height - margin_y)
     cx = jax.random.randint(key_x, lam.shape, margin_x, width - margin_x)
+    return bbox_from_center(cy, cx, lam, height=height, width=width)
+
+
+def _cut_size(lam: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+    ratio = jnp.sqrt(1.0 - jnp.asarray(lam, jnp.float32))
+    return (jnp.floor(height * ratio).astype(jnp.int32),
+            jnp.floor(width * ratio).astype(jnp.int32))
+
+
+def bbox_from_center(
+    cy: jax.Array, cx: jax.Array, lam: jax.Array, *, height: int, width: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """timm's CutMix box (yl, yh, xl, xh) around centre (cy, cx): side * sqrt(1 - lam)
+    (truncated), centre -/+ half of it, clipped to the image."""
+    cut_h, cut_w = _cut_size(lam, height, width)
     yl = jnp.clip(cy - cut_h // 2, 0, height)
     yh = jnp.clip(cy + cut_h // 2, 0, height)
     xl = jnp.clip(cx - cut_w // 2, 0, width)
@@ -148,7 +161,19 @@ def mix(
         return x
 
     lam, use_cutmix, yl, yh, xl, xh = map(per_row, (lam, use_cutmix, yl, yh, xl, xh))
+    mixed = apply_mix(images, lam, use_cutmix, (yl, yh, xl, xh))
+    return mixed, mixup_target(labels, num_classes, lam, label_smoothing), lam, use_cutmix
 
+
+def apply_mix(
+    images: jax.Array, lam: jax.Array, use_cutmix: jax.Array,
+    box: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+) -> jax.Array:
+    """Rows of images [B, H, W, C] mixed with their partner row B-1-i, with given parameters
+    per row: lam [B], use_cutmix [B] (paste the partner's box instead of blending) and
+    box = (yl, yh, xl, xh), each [B], as timm's `_mix_batch` does for one (lam, box)."""
+    height, width = images.shape[1:3]
+    yl, yh, xl, xh = box
     partner = images[::-1]
     rows = jnp.arange(height)[None, :, None]
     cols = jnp.arange(width)[None, None, :]
@@ -161,8 +186,7 @@ def mix(
     lam_img = lam.astype(images.dtype)[:, None, None, None]
     blended = images * lam_img + partner * (1 - lam_img)
     pasted = jnp.where(in_box[..., None], partner, images)
-    mixed = jnp.where(use_cutmix[:, None, None, None], pasted, blended)
-    return mixed, mixup_target(labels, num_classes, lam, label_smoothing), lam, use_cutmix
+    return jnp.where(use_cutmix[:, None, None, None], pasted, blended)
 
 
 def mixup_fn(
@@ -178,32 +202,51 @@ def mixup_fn(
     mode: str = "batch",
     correct_lam: bool = True,
     label_smoothing: float = 0.1,
+    group_size: int = 0,
+    copies: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-    """timm Mixup/CutMix of images [B, H, W, C] with labels [B] -> (images, soft targets [B, K]).
+    """timm Mixup/CutMix of images [N, H, W, C] with labels [N] -> (images, soft targets [N, K]).
 
-    B must be even. With mixup_alpha = cutmix_alpha = 0 the images are returned unchanged with
-    label-smoothed one-hot targets.
+    With mixup_alpha = cutmix_alpha = 0 the images are returned unchanged with label-smoothed
+    one-hot targets.
 
-    DMAE fine-tuning (dmae.md pitfall 5) calls this on the NOISY repeated batch
-    [x + e1; x + e2] of 2B rows, after the noise, so the partner of row i is row 2B-1-i:
-    copy 0 of image j is mixed with copy 1 of image B-1-j and copy 1 of image j with copy 0 of
-    image B-1-j. Both copies of image j get the same lam, box and target
-    lam * y_j + (1 - lam) * y_{B-1-j}, so the consistency term compares the same mixed clean
-    image under two independent noises. A Mixup (not CutMix) batch lowers the effective noise
-    std to sigma * sqrt(lam^2 + (1 - lam)^2); CutMix keeps sigma. Mixing before the noise, or
-    each copy separately, would change the objective.
+    The batch is `copies` blocks of B images, [x + e1; x + e2; ...] (N = copies * B): DMAE
+    fine-tuning mixes the NOISY repeated batch, after the noise. group_size = 0 mixes the whole
+    batch at once: one (lam, mixup-or-cutmix, box) and partner row N-1-i, so copy 0 of image j
+    is mixed with copy 1 of image B-1-j and copy 1 of image j with copy 0 of image B-1-j.
+    group_size = g > 0 is the official granularity: every block of g consecutive images (one
+    GPU's micro-batch in the official run, 32 images) is repeated, noised and mixed on its
+    own, as `[x_g + e1; x_g + e2]` with its own (lam, mode, box) and partners inside the group;
+    the result is laid out again as copies blocks of B. Both copies of an image get the same
+    lam, box and target, so the consistency term compares the same mixed clean image under
+    independent noises. A Mixup (not CutMix) batch lowers the effective noise std to
+    sigma * sqrt(lam^2 + (1 - lam)^2); CutMix keeps sigma. Mixing before the noise, or each copy
+    separately, would change the objective.
     """
-    mixed, targets, _, _ = mix(
-        images,
-        labels,
-        rng,
-        num_classes=num_classes,
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        prob=prob,
-        switch_prob=switch_prob,
-        mode=mode,
-        correct_lam=correct_lam,
-        label_smoothing=label_smoothing,
-    )
-    return mixed, targets
+    kwargs = dict(num_classes=num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                  prob=prob, switch_prob=switch_prob, mode=mode, correct_lam=correct_lam,
+                  label_smoothing=label_smoothing)
+    if group_size == 0:
+        mixed, targets, _, _ = mix(images, labels, rng, **kwargs)
+        return mixed, targets
+    n = images.shape[0]
+    if copies < 1 or n % copies:
+        raise ValueError(f"copies must be >= 1 and divide the batch ({n}), got {copies}")
+    batch = n // copies
+    if group_size < 0 or batch % group_size:
+        raise ValueError(
+            f"group_size must be 0 or divide the {batch} images of each copy, got {group_size}")
+    groups = batch // group_size
+
+    def to_groups(x):  # [copies * B, ...] -> [G, copies * g, ...]
+        x = x.reshape(copies, groups, group_size, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1).reshape(groups, copies * group_size, *x.shape[3:])
+
+    def from_groups(x):  # inverse of to_groups
+        x = x.reshape(groups, copies, group_size, *x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape(n, *x.shape[3:])
+
+    keys = jax.random.split(rng, groups)
+    mixed, targets, _, _ = jax.vmap(lambda x, y, k: mix(x, y, k, **kwargs))(
+        to_groups(images), to_groups(labels), keys)
+    return from_groups(mixed), from_groups(targets)
