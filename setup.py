@@ -39,8 +39,11 @@ setup(
         # On PyPI, torch==2.13.0 for Linux x86-64 is the CUDA build (~4.4 GB with its NVIDIA
         # wheels); for the CPU build install torch first from
         # https://download.pytorch.org/whl/cpu (README, "Tests").
+        # jax[tpu] brings libtpu: it compiles for named TPU topologies on a CPU-only machine
+        # (python -m dmae_jax.aot, tests/test_aot.py); tests/conftest.py keeps JAX on the CPU.
         "test": ["pytest>=8.0", "portpicker>=1.6", "statsmodels>=0.14", "torch==2.13.0",
-                 "tensorflow-cpu>=2.21.0"],
+                 "tensorflow-cpu>=2.21.0", "jax[tpu]>=0.10.2"],
         "bench": ["torch==2.13.0"],
+        "tpu-compile": ["jax[tpu]>=0.10.2"],
     },
 )
