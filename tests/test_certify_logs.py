@@ -261,3 +261,94 @@ def test_early_abstain_rows_record_it(tmp_path):
     wrong, right = smoothing.read_log(path)
     assert (wrong["predict"], wrong["abstained_early"], wrong["n_drawn"]) == (-1, 1, 16)
     assert (right["predict"], right["abstained_early"], right["n_drawn"]) == (1, 0, 216)
+
+
+# ---------------------------------------------------------------------------------------
+# Checked writes, malformed rows, identity.
+# ---------------------------------------------------------------------------------------
+
+
+def test_short_writes_are_continued_so_every_row_is_whole(tmp_path, monkeypatch):
+    path = tmp_path / "log.tsv"
+    real_write = os.write
+
+    def short_write(fd, data):  # the kernel may write fewer bytes than asked
+        return real_write(fd, bytes(data[:7]))
+
+    with smoothing.CertifyLog(path) as log:
+        monkeypatch.setattr(os, "write", short_write)
+        for i in range(3):
+            log.append(row(i))
+    monkeypatch.undo()
+    assert [r["idx"] for r in smoothing.read_log(path)] == [0, 1, 2]
+
+
+def test_a_full_disk_never_tears_a_middle_row(tmp_path, monkeypatch):
+    from dmae_jax.errors import DiskError
+
+    path = tmp_path / "log.tsv"
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_disk(fd, data):  # row 1 gets 10 bytes in, then the disk is full
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    with smoothing.CertifyLog(path) as log:
+        log.append(row(0))
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(DiskError, match="No space left on device.*rerun the same command"):
+            log.append(row(1))
+        monkeypatch.undo()
+        log.append(row(2))  # a later row (after space was freed) follows a complete row
+    assert [r["idx"] for r in smoothing.read_log(path)] == [0, 2]
+    with smoothing.CertifyLog(path) as log:
+        assert log.done_indices() == {0, 2}
+
+
+def test_a_malformed_row_names_file_and_line(tmp_path):
+    from dmae_jax.errors import LogFormatError
+
+    path = tmp_path / "log.tsv"
+    path.write_text(HEADER + "\n0\t3\t3\t0.5\t1\t0:00:01\nabc\t3\t3\t0.5\t1\t0:00:01\n")
+    with pytest.raises(LogFormatError, match=f"{path}:3: column idx must be an integer, got 'abc'"):
+        smoothing.CertifyLog(path)
+    with pytest.raises(LogFormatError, match=f"{path}:3: column idx cannot be read from 'abc'"):
+        smoothing.read_log(path)
+    path.write_text(HEADER + "\n0\t3\t3\tbig\t1\t0:00:01\n")
+    with pytest.raises(LogFormatError, match=f"{path}:2: column radius cannot be read from 'big'"):
+        smoothing.read_log(path)
+
+
+def test_identity_is_recorded_then_enforced_naming_field_values_and_way_out(tmp_path):
+    from dmae_jax.errors import IdentityError
+    from dmae_jax.smoothing import logs
+
+    path = str(tmp_path / "log.tsv")
+    identity = {"task": "certify", "sigma": 0.25, "n": 200}
+    logs.check_identity(path, identity, has_rows=False)
+    assert logs.read_identity(path) == identity
+    logs.check_identity(path, dict(identity), has_rows=True)  # same identity: resumes
+    with pytest.raises(IdentityError) as e:
+        logs.check_identity(path, dict(identity, n=300), has_rows=True)
+    assert str(e.value) == (
+        f"{path} holds rows certified with n = 200, but this run has n = 300. To resume it, "
+        "rerun with --config.n=200; to certify anew, use another --workdir or "
+        "--config.log_name")
+    logs.check_identity(path, dict(identity, n=300), has_rows=False)  # no rows: re-recorded
+    assert logs.read_identity(path)["n"] == 300
+
+
+def test_rows_outside_the_configured_subset_are_an_error(tmp_path):
+    from dmae_jax.errors import IdentityError
+
+    path = tmp_path / "log.tsv"
+    items = [(i, np.zeros((2, 2, 1)), 0) for i in range(0, 10, 2)]
+    certify_one = lambda idx, image, label: {"predict": 0, "radius": 0.5}  # noqa: E731
+    smoothing.run_certification(items, certify_one, log_path=path, process_index=0,
+                                process_count=1, print_fn=lambda s: None)
+    with pytest.raises(IdentityError, match=r"3 images outside this run's subset \(idx 4, 6, 8\)"):
+        smoothing.run_certification(items[:2], certify_one, log_path=path, process_index=0,
+                                    process_count=1, print_fn=lambda s: None)

@@ -6,9 +6,15 @@ tab-separated, first columns `idx label predict radius correct time`, then extra
 `str(datetime.timedelta)`. We write the radius with full precision (repr of the float):
 Cohen's `{:.3}` rounds 0.4996 up to 0.5, which inflates certified accuracy at grid radii.
 
-Writing is append-only, one whole line per `os.write`, then flush and fsync, so a run killed
-at any moment leaves at most one torn last line; reopening the log truncates it away and
-the run resumes after the last complete row. An index is never written twice.
+Writing is append-only, one whole line at a time (a short write is continued, a failed one
+is cut back to the end of the previous row and raised as `DiskError`), then fsync, so a
+run killed at any moment, or stopped by a full disk, leaves at most one torn last line;
+reopening the log truncates it away and the run resumes after the last complete row. An
+index is never written twice.
+
+Next to each log, `<log>.identity.json` records what produced its rows (task, sigmas,
+models by content fingerprint, N0, N, alpha, data set, subset, seed, ...): a run resumes a
+log only under the same identity (`check_identity`).
 
 Reading also accepts Cohen's logs (3 significant digits), the multi-scale code's logs
 (extra columns, predict -2) and Carlini et al.'s diffusion-denoised-smoothing logs, whose
@@ -21,12 +27,15 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import json
 import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from dmae_jax.errors import DiskError, IdentityError, LockError, LogFormatError
 
 BASE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
@@ -140,7 +149,9 @@ class CertifyLog:
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{self.path} is being written by another process") from None
+            raise LockError(
+                f"{self.path} is being written by another process: wait for it to finish, "
+                "or certify into another --workdir") from None
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
@@ -156,7 +167,7 @@ class CertifyLog:
             self._write(self._header + "\n")
             return set()
         if lines[0] != self._header:
-            raise ValueError(
+            raise LogFormatError(
                 f"{self.path} has header {lines[0].split(chr(9))}, expected "
                 f"{list(self.columns)}: resume with the same extra_columns or use a new log path"
             )
@@ -164,18 +175,36 @@ class CertifyLog:
         for number, line in enumerate(lines[1:], start=2):
             fields = line.split("\t")
             if len(fields) != len(self.columns):
-                raise ValueError(
+                raise LogFormatError(
                     f"{self.path}:{number} has {len(fields)} fields, expected {len(self.columns)}"
                 )
-            idx = int(fields[0])
+            idx = parse_int(fields[0], self.path, number, "idx")
             if idx in done:
-                raise ValueError(f"{self.path}:{number} repeats idx {idx}")
+                raise LogFormatError(f"{self.path}:{number} repeats idx {idx}")
             done.add(idx)
         return done
 
     def _write(self, text: str) -> None:
-        os.write(self._file.fileno(), text.encode("utf-8"))
-        os.fsync(self._file.fileno())
+        """Appends `text` whole, or cuts the file back to where it was and raises DiskError."""
+        fd = self._file.fileno()
+        start = os.fstat(fd).st_size
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                written = os.write(fd, data)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "no bytes written")
+                data = data[written:]
+            os.fsync(fd)
+        except OSError as error:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the torn tail is then the last line, which reopening removes
+            reason = error.strerror or str(error)
+            raise DiskError(
+                error.errno, f"could not write to {self.path} ({reason}); its complete rows "
+                "are kept: free space and rerun the same command to resume") from error
 
     def done_indices(self) -> set[int]:
         """Indices already in the log (a restarted run skips them)."""
@@ -220,13 +249,87 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def parse_int(text: str, path: str, number: int, column: str) -> int:
+    """An integer log field; anything else is a LogFormatError naming file, line and column."""
+    try:
+        return int(text)
+    except ValueError:
+        raise LogFormatError(
+            f"{path}:{number}: column {column} must be an integer, got {text!r}") from None
+
+
+def identity_path(log_path: str | os.PathLike) -> str:
+    """Where the identity of a log's rows is recorded: `<log>.identity.json`."""
+    return os.fspath(log_path) + ".identity.json"
+
+
+def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The recorded identity of a log ({field: value}), or None if none was recorded."""
+    path = identity_path(log_path)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as e:
+            raise LogFormatError(f"{path} is not valid JSON ({e}): delete it to re-record") from e
+    return record.get("identity", record)
+
+
+def write_identity(log_path: str | os.PathLike, identity: dict[str, Any],
+                   notes: dict[str, Any] | None = None) -> str:
+    """Records `identity` next to the log (atomically); `notes` are kept but never compared."""
+    path = identity_path(log_path)
+    record = {"identity": identity, "notes": notes or {}}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DiskError(error.errno, f"could not write {path}: {error.strerror}") from error
+    return path
+
+
+def check_identity(log_path: str | os.PathLike, identity: dict[str, Any], *, has_rows: bool,
+                   notes: dict[str, Any] | None = None, hints: dict[str, str] | None = None,
+                   warn=print) -> None:
+    """Lets a run append to `log_path` only if the rows there were made under `identity`.
+
+    No rows yet: records `identity` (replacing any earlier record). Rows and a record: every
+    field must be equal, else IdentityError names the first differing field, the logged and
+    the new value, and the way out (`hints[field]` says how to pass the old value). Rows but
+    no record (a log from before identities were recorded): `warn`s and records it.
+    """
+    log_path = os.fspath(log_path)
+    recorded = read_identity(log_path)
+    if not has_rows or recorded is None:
+        if has_rows:
+            warn(f"warning: {log_path} has rows but no identity record; assuming they come "
+                 f"from this run's configuration and recording it in {identity_path(log_path)}")
+        write_identity(log_path, identity, notes)
+        return
+    fresh = json.loads(json.dumps(identity, sort_keys=True, default=str))
+    for field in sorted(set(recorded) | set(fresh)):
+        old, new = recorded.get(field, "<absent>"), fresh.get(field, "<absent>")
+        if old != new:
+            hint = (hints or {}).get(field) or f"--config.{field}={old}"
+            raise IdentityError(
+                f"{log_path} holds rows certified with {field} = {old!r}, but this run has "
+                f"{field} = {new!r}. To resume it, rerun with {hint}; to certify anew, use "
+                f"another --workdir or --config.log_name")
+
+
 def read_header_and_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Header columns and complete data lines of a log; a torn last line is ignored."""
     with open(path, "rb") as f:
         lines, _ = _split_complete_lines(f.read())
     lines = [line for line in lines if line.strip()]
     if not lines:
-        raise ValueError(f"{os.fspath(path)} is empty; a log starts with a header line")
+        raise LogFormatError(f"{os.fspath(path)} is empty; a log starts with a header line")
     split = (lambda s: s.split("\t")) if "\t" in lines[0] else (lambda s: s.split())
     return split(lines[0]), lines[1:]
 
@@ -241,7 +344,8 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     columns, lines = read_header_and_lines(path)
     required = ("idx", "label", "predict", "radius")
     if any(c not in columns for c in required):
-        raise ValueError(f"{path} must have the columns {list(required)}, got header {columns}")
+        raise LogFormatError(
+            f"{path} must have the columns {list(required)}, got header {columns}")
     separator = "\t" if "\t" in "\t".join(columns) else None
     rows: list[dict[str, Any]] = []
     logged_correct: list[int] = []
@@ -249,19 +353,24 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, start=2):
         fields = line.split("\t") if separator else line.split()
         if len(fields) != len(columns):
-            raise ValueError(f"{path}:{number} has {len(fields)} fields, expected {len(columns)}")
+            raise LogFormatError(
+                f"{path}:{number} has {len(fields)} fields, expected {len(columns)}")
         row: dict[str, Any] = {}
         for column, text in zip(columns, fields, strict=True):
-            if column in _INT_COLUMNS:
-                row[column] = int(text)
-            elif column == "radius":
-                row[column] = float(text)
-            elif column == "time":
-                row[column] = parse_time(text)
-            else:
-                row[column] = _parse_extra(text)
+            try:
+                if column in _INT_COLUMNS:
+                    row[column] = int(text)
+                elif column == "radius":
+                    row[column] = float(text)
+                elif column == "time":
+                    row[column] = parse_time(text)
+                else:
+                    row[column] = _parse_extra(text)
+            except ValueError:
+                raise LogFormatError(
+                    f"{path}:{number}: column {column} cannot be read from {text!r}") from None
         if row["idx"] in seen:
-            raise ValueError(f"{path}:{number} repeats idx {row['idx']}")
+            raise LogFormatError(f"{path}:{number} repeats idx {row['idx']}")
         seen.add(row["idx"])
         if "correct" in row:
             logged_correct.append(row["correct"])
@@ -279,7 +388,7 @@ def _check_correct_column(path: str, logged: list[int], recomputed: list[int]) -
     if logged == np.cumsum(recomputed, dtype=np.int64).tolist():
         return
     first = next(i for i, (a, b) in enumerate(zip(logged, recomputed, strict=True)) if a != b)
-    raise ValueError(
+    raise LogFormatError(
         f"{path}: column correct is neither int(predict == label) per row nor its running "
         f"count (first mismatch at data row {first + 1}: {logged[first]} vs {recomputed[first]})"
     )

@@ -27,10 +27,12 @@ from typing import Any
 
 import jax
 
+from dmae_jax.errors import IdentityError, LogFormatError
 from dmae_jax.smoothing.logs import (
     BASE_COLUMNS,
     CertifyLog,
     _fsync_dir,
+    parse_int,
     read_header_and_lines,
     read_log,
 )
@@ -54,7 +56,13 @@ def _logged_indices(path: str) -> set[int]:
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return set()
     _, lines = read_header_and_lines(path)
-    return {int(line.split("\t", 1)[0]) for line in lines}
+    return {parse_int(line.split("\t", 1)[0], path, number, "idx")
+            for number, line in enumerate(lines, start=2)}
+
+
+def logged_indices(log_path: str | os.PathLike) -> set[int]:
+    """Indices in a log and in its part files (complete rows only)."""
+    return _all_logged_indices(os.fspath(log_path))
 
 
 def _all_logged_indices(log_path: str) -> set[int]:
@@ -118,6 +126,8 @@ def run_certification(
 
     with CertifyLog(write_path, extra_columns) as log:
         skip = log.done_indices() | _all_logged_indices(log_path)
+        if isinstance(items, Sequence):
+            _check_subset(log_path, skip, {int(item[0]) for item in items})
         previous = read_log(write_path)
         logged, correct = len(previous), sum(r["correct"] for r in previous)
         skipped = 0  # items of this process logged by an earlier run
@@ -166,6 +176,18 @@ def run_certification(
     return write_path
 
 
+def _check_subset(log_path: str, logged: set[int], configured: set[int]) -> None:
+    """Every logged idx must be one this run certifies (same subset, or a larger `max`)."""
+    outside = sorted(logged - configured)
+    if outside:
+        shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+        raise IdentityError(
+            f"{log_path} holds rows for {len(outside)} images outside this run's subset "
+            f"(idx {shown}): rerun with the subset it was certified with (config.skip, "
+            f"config.max, the data set and split), or use another --workdir or "
+            f"--config.log_name")
+
+
 def _progress(
     path: str, new: int, skipped: int, logged: int, correct: int, total: int | None, start: float
 ) -> str:
@@ -209,10 +231,10 @@ def merge_logs(
             header = columns
         elif columns != header:
             raise ValueError(f"{source} has header {columns}, expected {header} as in {sources[0]}")
-        for line in lines:
-            idx = int(line.split("\t", 1)[0])
+        for number, line in enumerate(lines, start=2):
+            idx = parse_int(line.split("\t", 1)[0], source, number, "idx")
             if idx in rows and rows[idx] != line:
-                raise ValueError(f"idx {idx} has different rows in the logs {sources}")
+                raise LogFormatError(f"idx {idx} has different rows in the logs {sources}")
             rows[idx] = line
     if header is None or list(header[: len(BASE_COLUMNS)]) != list(BASE_COLUMNS):
         raise ValueError(f"{sources[0]} header must start with {list(BASE_COLUMNS)}, got {header}")
