@@ -211,7 +211,8 @@ def test_radius_on_a_grid_of_counts_equals_an_official_style_rederivation(p0):
         sigmas = [1.0, 0.5, 0.25][:k]
         for stages in itertools.product(STAGE_COUNTS, repeat=k):
             stages = [(c, np.array(v)) for c, v in stages]
-            got = certify_from_counts(iter(stages), sigmas=sigmas, alpha=alpha, p0=p0)
+            got = certify_from_counts(
+                iter(stages), sigmas=sigmas, alpha=alpha, p0=p0, alpha_split="official")
             pred, radius, stage, radius_neg = official_style_certificate(stages, sigmas, alpha, p0)
             assert (got.prediction, got.stage) == (pred, stage)
             assert got.radius == pytest.approx(radius, rel=1e-12, abs=1e-15)
@@ -657,3 +658,130 @@ def test_bad_empirical_mode_arguments_are_clear_value_errors(bad, message):
     fns = [FixedCounts([200, 0])] * 2
     with pytest.raises(ValueError, match=message):
         predict_cascade(fns, clean_logits([0.0, 1.0]), X, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# Soundness by exact enumeration: the distribution of every selection and estimation count is
+# summed over, so the probability of a wrong certificate is computed exactly, not simulated.
+# ------------------------------------------------------------------------------------------
+
+
+class _NeedStage(Exception):
+    """The cascade asked for a stage beyond the enumerated prefix."""
+
+
+def _outcomes(probs, num):
+    """(counts [K], probability) of every multinomial outcome of num draws."""
+    probs = np.asarray(probs, np.float64)
+    support = np.flatnonzero(probs > 0)
+    result = []
+    for head in itertools.product(range(num + 1), repeat=len(support) - 1):
+        if sum(head) > num:
+            continue
+        counts = np.zeros(len(probs), np.int64)
+        counts[support[:-1]] = head
+        counts[support[-1]] = num - sum(head)
+        result.append((counts, float(stats.multinomial.pmf(counts, num, probs))))
+    return result
+
+
+def _theorem_radius(y, k, probs, sigmas, p0):
+    """The cascade theorem's radius for output y at stage k from the TRUE probabilities.
+
+    A certificate (y, R) from stage k with R <= this radius is correct; the proof of the
+    sound split shows R exceeds it only when one of the bounds used failed.
+    """
+    z0 = stats.norm.ppf(p0)
+    radius = sigmas[k] * (stats.norm.ppf(probs[k][y]) - z0)
+    for j in range(k):
+        radius = min(radius, sigmas[j] * (z0 - stats.norm.ppf(np.delete(probs[j], y).max())))
+    return radius
+
+
+def exact_wrong_certificate_probability(probs, sigmas, *, n0, n, alpha, p0=0.5, alpha_split):
+    """P(certify_from_counts returns y >= 0 with a radius above the theorem's true radius)."""
+    probs = [np.asarray(p, np.float64) for p in probs]
+    selection = []
+    for p in probs:  # c_hat = argmax of the n0 selection counts, lowest class on ties
+        dist = np.zeros(len(p))
+        for counts, weight in _outcomes(p, n0):
+            dist[int(np.argmax(counts))] += weight
+        selection.append(dist)
+    estimation = [_outcomes(p, n) for p in probs]
+    wrong = 0.0
+
+    def visit(prefix, weight):
+        nonlocal wrong
+
+        def stages():
+            yield from prefix
+            if len(prefix) < len(sigmas):
+                raise _NeedStage
+
+        try:
+            cert = certify_from_counts(stages(), sigmas=sigmas, alpha=alpha, p0=p0,
+                                       alpha_split=alpha_split)
+        except _NeedStage:
+            d = len(prefix)
+            for c_hat in np.flatnonzero(selection[d] > 0):
+                for counts, w in estimation[d]:
+                    visit(prefix + [(int(c_hat), counts)], weight * selection[d][c_hat] * w)
+            return
+        if cert.prediction >= 0 and cert.radius > _theorem_radius(
+                cert.prediction, cert.stage, probs, sigmas, p0) + 1e-12:
+            wrong += weight
+
+    visit([], 1.0)
+    return wrong
+
+
+def test_official_alpha_split_exceeds_alpha_on_the_boundary_case_and_the_sound_one_does_not():
+    # Two stages, sigmas (1.0, 0.5), alpha = 0.1; stage 0 has p(a) = 0.501, p(b) = 0.499 and
+    # stage 1 always votes b. The official split certifies wrongly w.p. ~0.11 (0.115 at
+    # n = 1000); the sound split stays below alpha.
+    case = dict(probs=[(0.501, 0.499), (0.0, 1.0)], sigmas=[1.0, 0.5], n0=20, n=200, alpha=0.1)
+    official = exact_wrong_certificate_probability(**case, alpha_split="official")
+    sound = exact_wrong_certificate_probability(**case, alpha_split="sound")
+    assert official == pytest.approx(0.1118, abs=5e-4)
+    assert official > 0.1
+    assert sound <= 0.1
+
+
+@pytest.mark.parametrize("probs, sigmas, n0, n", [
+    ([(0.501, 0.499), (0.499, 0.501), (0.0, 1.0)], [1.0, 0.5, 0.25], 6, 30),  # three stages
+    ([(0.3, 0.7), (0.5, 0.5)], [1.0, 0.5], 10, 30),  # the last stage right at p0
+    ([(0.5, 0.45, 0.05), (0.0, 1.0, 0.0)], [1.0, 0.5], 6, 14),  # an off-class near p0
+    ([(0.34, 0.33, 0.33), (0.0, 0.0, 1.0)], [1.0, 0.5], 6, 14),  # no class near p0
+])
+def test_sound_split_wrong_certificates_are_at_most_alpha_exactly(probs, sigmas, n0, n):
+    for alpha in (0.1, 0.2):
+        got = exact_wrong_certificate_probability(
+            probs, sigmas, n0=n0, n=n, alpha=alpha, alpha_split="sound")
+        assert got <= alpha
+
+
+def test_one_stage_sound_cascade_spends_all_of_alpha_like_cohen():
+    # With one sigma the sound split is Cohen's CERTIFY at alpha: with p = 1/2 exactly the
+    # wrong-certificate probability is close to alpha (the bound is tight, not wasteful).
+    got = exact_wrong_certificate_probability(
+        [(0.5, 0.5)], [0.5], n0=10, n=60, alpha=0.1, alpha_split="sound")
+    assert 0.05 < got <= 0.1
+
+
+def test_sound_split_bounds_are_exact_clopper_pearson_at_their_levels():
+    counts = np.array([600, 300, 100])
+    lower_level, family_level = cascade.sound_levels(0, 3, 0.003)
+    assert (lower_level, family_level) == (0.0005, 0.0005)
+    assert cascade.sound_levels(2, 3, 0.003) == (0.001, 0.0)
+    uppers = cascade.class_upper_bounds(counts, family_level)
+    for c in range(3):  # each class at family_level / 3, one-sided
+        expected = proportion_confint(counts[c], 1000, alpha=2 * family_level / 3,
+                                      method="beta")[1]
+        assert uppers[c] == pytest.approx(expected, rel=1e-10)
+    # Stage 0 of two abstains on class 0; stage 1 predicts class 1: the off-class bound of
+    # stage 0 for y = 1 is max(U(0), U(2)) from the family at alpha / 4.
+    stages = [(0, np.array([400, 100, 500])), (1, np.array([0, 1000, 0]))]
+    got = certify_from_counts(iter(stages), sigmas=[1.0, 0.5], alpha=0.004)
+    u = cascade.class_upper_bounds(stages[0][1], 0.001)
+    assert got.r_neg == pytest.approx(1.0 * stats.norm.ppf(max(u[0], u[2])))
+    assert got.prediction == ABSTAIN  # class 2 may exceed 1/2 at stage 0: no certificate

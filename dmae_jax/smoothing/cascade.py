@@ -4,19 +4,55 @@ The cascaded classifier visits smoothed classifiers g_sigma from the largest sig
 outputs the first one whose top-class probability exceeds p0 (abstaining if none does):
 the largest scale keeps the largest radii, smaller scales rescue inputs it over-smooths.
 
-`certify_cascade` is the official `certify.py` / `third_party/core_mdds.py` algorithm:
-stage j (0 = largest sigma) draws fresh n0 selection and n estimation samples and runs a
-Clopper-Pearson test at alpha / (j + 1) on its top class:
+`certify_cascade` is the official `certify.py` / `third_party/core_mdds.py` algorithm with
+a sound split of alpha between the stages (`alpha_split`, below). Stage j (0 = largest
+sigma) draws fresh n0 selection and n estimation samples and tests its top class c_hat:
     pA_lower >= p0            -> predict c_hat, stop;
     pA_lower < p0 <= pA_upper -> abstain AMBIGUOUS (-2), stop (no fall-through);
     pA_upper < p0             -> this scale abstains, keep its counts, go to the next sigma.
 When stage k predicts y, every earlier stage j must keep every class != y below p0 too:
     radius = min(sigma_k (Phi^-1(pA_lower) - Phi^-1(p0)),
                  min_{j<k} sigma_j (Phi^-1(p0) - Phi^-1(pB_upper_j)))
-where pB_upper_j bounds max_{c != y} p_j(c) at level alpha / (k + 1) (`off_class_upper_bound`).
-A negative radius becomes ABSTAIN (-1) with radius 0; a radius of exactly 0 keeps y.
-p0 must be >= 1/2 (official default 1/2): below it two classes of one scale could both
-exceed p0 near x and the certificate would not hold.
+where pB_upper_j bounds max_{c != y} p_j(c). A negative radius becomes ABSTAIN (-1) with
+radius 0; a radius of exactly 0 keeps y. p0 must be >= 1/2 (official default 1/2): below it
+two classes of one scale could both exceed p0 near x and the certificate would not hold.
+
+Alpha split. `alpha_split="official"` tests stage j at alpha / (j + 1) (Clopper-Pearson
+for c_hat, Goodman's simultaneous intervals over pooled cells for pB_upper at the deciding
+stage's level), exactly as the official code. That is NOT a level-alpha procedure: the stage
+that decides is itself random, the events "stage k decides and one of its bounds fails" add
+up over k, and the counts of an abstaining stage feed both its own continue test and later
+off-class bounds (two stages, sigmas (1.0, 0.5), alpha = 0.1, stage 0 with p(a) = 0.501,
+p(b) = 0.499, stage 1 always b: a wrong certificate has probability about 0.11 > alpha; the
+tests compute it exactly). Goodman's intervals are moreover a chi-square approximation.
+
+`alpha_split="sound"` (the default) gives each of the K stages alpha / K, all of it exact:
+    stage j < K - 1: pA_lower_j = Clopper-Pearson lower bound on p_j(c_hat_j) at alpha/(2K);
+                     U_j(c) = Clopper-Pearson upper bound on p_j(c) at alpha/(2K m) for
+                     EVERY class c of the m classes (a Bonferroni family);
+    stage K - 1:     pA_lower at alpha / K (it is never an earlier stage, so needs no U);
+    pB_upper_j(y) = max_{c != y} U_j(c);  the continue test is U_j(c_hat_j) < p0 (the last
+    stage: the Clopper-Pearson upper bound of c_hat at alpha / K).
+Theorem: whatever stage the cascade stops at, P(it returns y with a radius R that is not a
+certificate) <= alpha. Proof. Couple the run with independent draws for all K stages made in
+advance (the cascade reads stage j's draws only if it reaches it; this does not change the
+law of what it returns). Let G_j be the event that the bounds of stage j hold: p_j(c_hat_j)
+>= pA_lower_j and (for j < K - 1) p_j(c) <= U_j(c) for every class c. c_hat_j comes from
+stage j's own selection samples, independent of its estimation counts, so conditionally on
+c_hat_j the Clopper-Pearson bound fails with probability <= its level, and the union over
+the m classes of the U_j(c) failures has probability <= m times each level: P(not G_j) <=
+alpha / K, and P(G_0 and ... and G_{K-1}) >= 1 - alpha. On that event, suppose the cascade
+returns y at stage k with radius R >= 0. Then p_k(y) >= pA_lower_k and, for every j < k and
+c != y, p_j(c) <= pB_upper_j(y), whatever y is (the bounds hold for every class at once, so
+the data-dependent choice of y and k cannot break them). By the cascade theorem (Phi^-1 of
+each smoothed probability is 1/sigma-Lipschitz in x), for every x' with |x' - x| < R:
+p_k(x', y) > p0 and, for j < k, every class c != y has p_j(x', c) < p0, so no earlier stage
+outputs a class other than y and stage k outputs y: casc(x') = y. Hence a wrong certificate
+implies that some G_j failed, which has probability <= alpha. The decision tests (continue
+or ambiguous) may use any statistic: a wrong "continue" only makes a later radius smaller
+(its off-class term is negative if some class != y may exceed p0).
+The price: each bound is at a smaller level than the official one (e.g. alpha / 6 for
+the first stage of three instead of alpha), a few percent of radius at N = 100,000.
 
 Units. The official code works on images in [-1, 1] (u = 2x - 1) with noise std 2 sigma
 and divides its radius by 2 at the end. Our images are in [0, 1] and we add noise of std
@@ -46,6 +82,10 @@ from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, r
 AMBIGUOUS = -2
 # Logged r_neg when no larger scale abstained before the deciding stage (official value).
 R_NEG_NONE = -100.0
+
+# "sound": alpha / K per stage, every bound exact and simultaneous (total <= alpha);
+# "official": stage j at alpha / (j + 1), as jh-jeong/smoothing-multiscale (not level alpha).
+ALPHA_SPLITS = ("sound", "official")
 
 # Log columns after the contract's `idx label predict radius correct time`.
 CASCADE_COLUMNS = ("r_neg", "pred_uc", "corr_uc", "stage", "sigma", "num_samples")
@@ -118,38 +158,90 @@ def off_class_upper_bound(counts: np.ndarray, c: int, alpha: float) -> float:
     return float(goodman_intervals(cells, 2.0 * alpha)[1:, 1].max())
 
 
+def class_upper_bounds(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """[K] Clopper-Pearson upper bounds on every class probability, jointly valid w.p. >= 1 - alpha.
+
+    Each class gets the one-sided level alpha / K (Bonferroni), so the union of the K
+    failure events has probability <= alpha whatever the true probabilities.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or counts.size < 2 or (counts < 0).any() or counts.sum() < 1:
+        raise ValueError(f"counts must be >= 0 over >= 2 classes with a positive total, "
+                         f"got {counts.tolist()}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    n = int(counts.sum())
+    full = counts == n
+    upper = stats.beta.isf(alpha / counts.size, counts + 1, np.where(full, 1, n - counts))
+    return np.where(full, 1.0, upper).astype(np.float64)
+
+
+def sound_levels(stage: int, num_stages: int, alpha: float) -> tuple[float, float]:
+    """(level of stage's pA_lower, level of its all-class upper-bound family) in the sound split.
+
+    Each of the K stages gets alpha / K: half for the lower bound on its top class, half for
+    the upper bounds on every class it may later be asked about as an earlier stage; the
+    last stage is never an earlier stage and puts all of alpha / K on its lower bound.
+    """
+    share = alpha / num_stages
+    if stage == num_stages - 1:
+        return share, 0.0
+    return share / 2.0, share / 2.0
+
+
 def certify_from_counts(
     stages: Iterable[tuple[int, np.ndarray]],
     *,
     sigmas: Sequence[float],
     alpha: float,
     p0: float = 0.5,
+    alpha_split: str = "sound",
 ) -> Certificate:
     """Run the cascade's tests on (c_hat, estimation counts [K]) per stage, largest sigma first.
 
     `stages` is consumed lazily, one stage at a time, and not beyond the deciding stage, so
     a generator that samples on demand gives the cascade's early stopping. `sigmas` must be
-    strictly decreasing (the processing order); stage j is tested at alpha / (j + 1).
+    strictly decreasing (the processing order). alpha_split "sound" (default) spends alpha / K
+    per stage with bounds valid for every class at once (total error <= alpha, see the module
+    docstring); "official" tests stage j at alpha / (j + 1) as the official code.
     """
     _check_sigmas(sigmas)
     if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:], strict=False)):
         raise ValueError(f"sigmas must be strictly decreasing (processing order), got {sigmas}")
     _check_level(alpha, p0)
+    _check_alpha_split(alpha_split)
     z0 = stats.norm.ppf(p0)
-    abstained: list[tuple[float, np.ndarray]] = []
+    num_stages = len(sigmas)
+    # (sigma_j, pB_upper_j as a function of the predicted class y) of every abstaining stage.
+    abstained: list[tuple[float, Callable[[int, float], float]]] = []
     stage, sigma, pA_lower = -1, float("nan"), float("nan")
     for stage, (sigma, (c_hat, counts)) in enumerate(zip(sigmas, stages, strict=True)):
         counts = np.asarray(counts, dtype=np.int64)
-        alpha_stage = alpha / (stage + 1)
-        pA_lower, pA_upper = clopper_pearson(int(counts[c_hat]), int(counts.sum()), alpha_stage)
+        nA, total = int(counts[c_hat]), int(counts.sum())
+        off_class: Callable[[int, float], float] | None = None
+        if alpha_split == "official":
+            alpha_stage = alpha / (stage + 1)
+            pA_lower, pA_upper = clopper_pearson(nA, total, alpha_stage)
+
+            def off_class(y, level, counts=counts):
+                return off_class_upper_bound(counts, y, level)
+        else:
+            alpha_stage = float("nan")  # the sound bounds carry their own levels
+            level_lower, level_family = sound_levels(stage, num_stages, alpha)
+            pA_lower, pA_upper = clopper_pearson(nA, total, level_lower)
+            if level_family > 0.0:
+                uppers = class_upper_bounds(counts, level_family)
+                pA_upper = float(uppers[c_hat])
+
+                def off_class(y, level, uppers=uppers):
+                    return float(np.delete(uppers, y).max())
         if pA_lower >= p0:
             radius = sigma * (stats.norm.ppf(pA_lower) - z0)
             r_neg = R_NEG_NONE
             if abstained:
                 r_neg = max(
-                    sigma_j
-                    * (stats.norm.ppf(off_class_upper_bound(counts_j, c_hat, alpha_stage)) - z0)
-                    for sigma_j, counts_j in abstained
+                    sigma_j * (stats.norm.ppf(bound_j(c_hat, alpha_stage)) - z0)
+                    for sigma_j, bound_j in abstained
                 )
                 radius = min(radius, -r_neg)
             if radius < 0.0:
@@ -157,7 +249,8 @@ def certify_from_counts(
             return Certificate(int(c_hat), float(radius), stage, sigma, float(r_neg), pA_lower)
         if pA_upper >= p0:
             return Certificate(AMBIGUOUS, 0.0, stage, sigma, R_NEG_NONE, pA_lower)
-        abstained.append((sigma, counts))
+        if off_class is not None and stage < num_stages - 1:
+            abstained.append((sigma, off_class))
     return Certificate(ABSTAIN, 0.0, stage, sigma, R_NEG_NONE, pA_lower)
 
 
@@ -175,6 +268,8 @@ def certify_cascade(
     num_classes: int,
     clean_logits_fn: LogitsFn | None = None,
     sampler: Sampler | None = None,
+    alpha_split: str = "sound",
+    check_args: bool = True,
 ) -> CascadeResult:
     """Certify one image [H, W, C] in [0, 1] with the multi-scale cascade (official CERTIFY).
 
@@ -186,9 +281,12 @@ def certify_cascade(
     it is a class, else argmax clean_logits_fn(x[None]) (the classifier on the clean image,
     no noise), or the prediction itself (-1/-2) when clean_logits_fn is None. `sampler`
     defaults to certify.sample_counts; pass functools.partial(sample_counts, devices=...,
-    compute_dtype=...) for its other options.
+    compute_dtype=...) for its other options. alpha_split: see `certify_from_counts`.
+    check_args=False skips the argument checks (for callers that made them once already).
     """
-    _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+    if check_args:
+        _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+        _check_alpha_split(alpha_split)
     sampler = sample_counts if sampler is None else sampler
     order = processing_order(sigmas)
     stage_keys = jax.random.split(rng, len(order))
@@ -204,7 +302,8 @@ def certify_cascade(
             yield int(np.argmax(counts_select)), counts_estimate
 
     certificate = certify_from_counts(
-        sample_stages(), sigmas=[float(sigmas[i]) for i in order], alpha=alpha, p0=p0
+        sample_stages(), sigmas=[float(sigmas[i]) for i in order], alpha=alpha, p0=p0,
+        alpha_split=alpha_split,
     )
     pred_uc = certificate.prediction
     if pred_uc < 0 and clean_logits_fn is not None:
@@ -235,20 +334,23 @@ def make_certify_one(
     num_classes: int,
     clean_logits_fn: LogitsFn | None = None,
     sampler: Sampler | None = None,
+    alpha_split: str = "sound",
 ) -> Callable[[int, Any, int], dict[str, Any]]:
     """certify_one(idx, image, label) -> log row for run_certification (columns CASCADE_COLUMNS).
 
     The row has every column but `time`, which run_certification measures. The image's key
     is jax.random.fold_in(rng, idx), so a resumed run certifies each image exactly as an
-    uninterrupted run does.
+    uninterrupted run does. The arguments are checked here, once, not per image.
     """
     _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+    _check_alpha_split(alpha_split)
 
     def certify_one(idx: int, image: Any, label: int) -> dict[str, Any]:
         result = certify_cascade(
             logits_fns, image, sigmas=sigmas, n0=n0, n=n, alpha=alpha, p0=p0,
             batch_size=batch_size, rng=jax.random.fold_in(rng, idx), num_classes=num_classes,
-            clean_logits_fn=clean_logits_fn, sampler=sampler,
+            clean_logits_fn=clean_logits_fn, sampler=sampler, alpha_split=alpha_split,
+            check_args=False,
         )  # fmt: skip
         label = int(label)
         return {
@@ -378,6 +480,11 @@ def _check_level(alpha: float, p0: float) -> None:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
     if not 0.5 <= p0 < 1.0:
         raise ValueError(f"p0 must be in [0.5, 1) (below 0.5 the certificate is unsound), got {p0}")
+
+
+def _check_alpha_split(alpha_split: str) -> None:
+    if alpha_split not in ALPHA_SPLITS:
+        raise ValueError(f"alpha_split must be one of {ALPHA_SPLITS}, got {alpha_split!r}")
 
 
 def _check_positive_ints(**values: int) -> None:
