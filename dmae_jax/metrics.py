@@ -13,8 +13,9 @@ TensorBoard looks for); a resumed run appends to it. Before appending, a record 
 by a kill is truncated, and the first event written after reopening is preceded by a
 `SessionLog.START` at its step, so TensorBoard discards the steps the killed attempt logged
 after its last checkpoint instead of showing them twice. Only process 0 writes; other
-processes get a writer that does nothing. Local directories only (a `gs://` workdir gets
-the no-op writer and a warning: TensorBoard on GCS needs TensorFlow's file system).
+processes get a writer that does nothing, and so does a run without the `tensorboard`
+package or with a non-local workdir (`gs://...`: appending to GCS objects needs TensorFlow's
+file system), with a warning.
 """
 
 from __future__ import annotations
@@ -227,6 +228,12 @@ def create_writer(workdir: str) -> SummaryWriter | NullWriter:
     if "://" in os.fspath(workdir):
         logging.warning("TensorBoard events are written to local directories only; %s is "
                         "not one, so this run writes none", workdir)
+        return NullWriter()
+    try:
+        import tensorboard.compat.proto.event_pb2  # noqa: F401
+    except ImportError:
+        logging.warning("tensorboard is not installed (pip install tensorboard): this run "
+                        "writes no TensorBoard events")
         return NullWriter()
     return SummaryWriter(os.fspath(workdir))
 

@@ -531,12 +531,15 @@ def _denoising_writer(config, workdir, parts, unet_config, schedule, writer, exp
         writer.write_scalars(step, metrics)
         if jax.process_index() == 0:
             n = config.num_grid_images
-            rows = [images[:n]]
-            for noisy, denoised, _ in results:
+            rows, labels = [images[:n]], ["clean"]
+            for sigma, (noisy, denoised, _) in zip(sigmas, results, strict=True):
                 rows += [noisy[:n], denoised[:n]]
+                labels += [f"noisy (sigma {sigma:g})", f"denoised (sigma {sigma:g})"]
             path = f"{workdir}/denoising/step_{step:06d}.png"
-            visualize.save_png(path, visualize.image_grid(
-                rows, scale=max(1, 64 // config.data.image_size)))
+            grid = visualize.image_grid(rows, scale=max(1, 64 // config.data.image_size),
+                                        labels=labels)
+            visualize.save_png(path, grid)
+            writer.write_images(step, {"denoising": grid})
             print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                   + f" grid {path}", flush=True)
 

@@ -194,9 +194,13 @@ def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
                 [images, visualize.masked_view(noisy, mask, config.model.patch_size), recon,
                  noisy, denoised],
                 scale=max(1, 96 // config.data.image_size),
+                labels=["clean", f"noisy, {config.mask_ratio:.0%} masked (input)",
+                        "reconstruction", f"noisy (sigma {config.sigma:g})",
+                        "reconstruction, unmasked"],
             )
             path = f"{workdir}/reconstructions/step_{step:06d}.png"
             visualize.save_png(path, grid)
+            writer.write_images(step, {"reconstructions": grid})
             logging.info("eval_loss=%.4f, reconstruction grid %s", loss, path)
 
     return eval_fn
