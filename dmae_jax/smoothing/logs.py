@@ -263,17 +263,22 @@ def identity_path(log_path: str | os.PathLike) -> str:
     return os.fspath(log_path) + ".identity.json"
 
 
-def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The recorded identity of a log ({field: value}), or None if none was recorded."""
+def read_identity_record(log_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The whole identity record of a log ({"identity": ..., "notes": ...}), or None."""
     path = identity_path(log_path)
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         try:
-            record = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as e:
             raise LogFormatError(f"{path} is not valid JSON ({e}): delete it to re-record") from e
-    return record.get("identity", record)
+
+
+def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The recorded identity of a log ({field: value}), or None if none was recorded."""
+    record = read_identity_record(log_path)
+    return None if record is None else record["identity"]
 
 
 def write_identity(log_path: str | os.PathLike, identity: dict[str, Any],

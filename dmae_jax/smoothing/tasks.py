@@ -17,8 +17,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from dmae_jax import checkpoints
 from dmae_jax import config as C
-from dmae_jax import exports
 
 DTYPES = ("float32", "bfloat16")
 
@@ -39,7 +39,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.one_of(config, "compute_dtype", DTYPES)
     if config.task == "certify":
         C.positive(config, "sigma")
-        exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
+        checkpoints.load_params_checked(config.checkpoint, kind="classifier",
+                                        field="config.checkpoint")
     else:
         sigmas = C.sigmas(config, "sigmas")
         C.in_range(config, "p0", 1e-12, 1.0)
@@ -49,41 +50,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.checkpoints must have one classifier per sigma ({len(sigmas)}), got "
                 f"{len(per_sigma)}")
         if not per_sigma:
-            exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
+            checkpoints.load_params_checked(config.checkpoint, kind="classifier",
+                                            field="config.checkpoint")
         for i, path in enumerate(per_sigma):
-            exports.load_checked(path, kind="classifier", field=f"config.checkpoints[{i}]")
+            checkpoints.load_params_checked(path, kind="classifier",
+                                            field=f"config.checkpoints[{i}]")
     if config.get("denoiser"):
-        from dmae_jax.diffusion import loading
-
-        C.one_of(config, "denoiser_kind", loading.DENOISER_KINDS)
-        loading.check_export(config.denoiser, config.denoiser_kind, field="config.denoiser")
+        C.one_of(config, "denoiser_kind", ("diffusion", "dmae"))
+        kind = "unet" if config.denoiser_kind == "diffusion" else "dmae"
+        checkpoints.load_params_checked(config.denoiser, kind=kind, field="config.denoiser")
 
 
 def load_classifier(path: str, *, field: str = "config.checkpoint"):
     """A jit-friendly logits_fn ([B,H,W,C] in [0,1] -> [B,K]) and the export's meta."""
-    from dmae_jax.models import classifier
+    import ml_collections as mlc
+    from flax import nnx
 
-    parts, meta = classifier.from_export(path, field=field)
+    from dmae_jax.models import create_classifier
+    from dmae_jax.train.common import ModelParts
+
+    params, meta = checkpoints.load_params_checked(path, kind="classifier", field=field)
+    model = create_classifier(mlc.ConfigDict(meta["model"]), meta["num_classes"],
+                              rngs=nnx.Rngs(0))
+    parts = ModelParts.split(model)
 
     def apply(params, images):
         return parts.bind(params)(images)
 
-    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, parts.params)), meta
+    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, params)), meta
 
 
-def _logits_fns_for(config, classifier_fns, sigmas) -> list:
-    """One logits_fn per sigma: the classifier, behind the denoiser when one is configured.
-
-    The denoiser export is read once for all sigmas (`load_denoise_fns` shares its weights),
-    so a cascade costs the memory of one UNet, not one per sigma.
-    """
+def load_denoiser(config, sigma: float):
+    """A denoise_fn (noisy [B,H,W,C] in [0,1] -> clean estimate) for one sigma, or None."""
     if not config.get("denoiser"):
-        return list(classifier_fns)
-    from dmae_jax.diffusion import denoise, loading
+        return None
+    from dmae_jax.diffusion import loading
 
-    denoise_fns = loading.load_denoise_fns(config.denoiser, config.denoiser_kind, sigmas)
-    return [denoise.denoise_then_classify(d, c)
-            for d, c in zip(denoise_fns, classifier_fns, strict=True)]
+    return loading.load_denoise_fn(config.denoiser, config.denoiser_kind, sigma)
+
+
+def _logits_fn_for(config, classifier_fn, sigma: float):
+    denoise_fn = load_denoiser(config, sigma)
+    if denoise_fn is None:
+        return classifier_fn
+    from dmae_jax.diffusion import denoise
+
+    return denoise.denoise_then_classify(denoise_fn, classifier_fn)
 
 
 def _items(config) -> tuple[list, dict]:
@@ -135,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     if config.task == "certify":
         classifier_fn, _ = load_classifier(config.checkpoint)
-        logits_fn = place_replicated(_logits_fns_for(config, [classifier_fn], [config.sigma])[0])
+        logits_fn = place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
         certify_one = make_certify_one(
             logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes,
@@ -147,8 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         sigmas = C.sigmas(config, "sigmas")
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
         loaded = {p: load_classifier(p)[0] for p in set(paths)}
-        fns = [place_replicated(fn) for fn in
-               _logits_fns_for(config, [loaded[p] for p in paths], sigmas)]
+        fns = [place_replicated(_logits_fn_for(config, loaded[p], s))
+               for p, s in zip(paths, sigmas, strict=True)]
         certify_one = cascade.make_certify_one(
             fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes)
