@@ -32,8 +32,11 @@ def fingerprint(directory: str | os.PathLike) -> str:
 
     root = epath.Path(directory)
     digest = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    for path in files:
+    files, pending = [], [root]
+    while pending:
+        for path in pending.pop().iterdir():
+            (pending if path.is_dir() else files).append(path)
+    for path in sorted(files, key=lambda p: str(p.relative_to(root))):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         with path.open("rb") as f:
             for block in iter(lambda f=f: f.read(1 << 22), b""):

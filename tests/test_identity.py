@@ -1,0 +1,142 @@
+"""Run identity: a resume never mixes two runs, in certification logs or training workdirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dmae_jax import config as C
+from dmae_jax import defaults
+from dmae_jax.errors import IdentityError
+from dmae_jax.smoothing import identity, logs, runner
+
+
+def _fake_export(path, sigma: float, content: bytes = b"weights") -> str:
+    """A directory shaped like a classifier export (identity only reads its files)."""
+    os.makedirs(os.path.join(path, "params"), exist_ok=True)
+    with open(os.path.join(path, "params", "data"), "wb") as f:
+        f.write(content)
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"kind": "classifier", "sigma": sigma, "num_classes": 10}, f)
+    return str(path)
+
+
+def _certify_config(checkpoint: str, sigma: float = 0.25, **overrides):
+    cfg = defaults.certify("digits", sigma)
+    cfg.checkpoint = checkpoint
+    cfg.update(overrides)
+    return C.resolve(cfg)
+
+
+def _log_rows(log_path: str, indices) -> None:
+    items = [(i, np.zeros((2, 2, 1)), 0) for i in indices]
+    runner.run_certification(items, lambda idx, image, label: {"predict": 0, "radius": 0.5},
+                             log_path=log_path, process_index=0, process_count=1,
+                             print_fn=lambda s: None)
+
+
+def _started_log(tmp_path, config) -> str:
+    log_path = str(tmp_path / "work" / config.log_name)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    identity.check_log(config, log_path, warn=lambda s: None)
+    _log_rows(log_path, [0, 2, 4])
+    return log_path
+
+
+def test_sigma_given_by_override_certifies_into_its_own_log(tmp_path):
+    first = _certify_config(_fake_export(tmp_path / "ft_025", 0.25))
+    log_025 = _started_log(tmp_path, first)
+    # --config.sigma=1.0 --config.checkpoint=<the sigma=1.0 export> on the same workdir:
+    second = _certify_config(_fake_export(tmp_path / "ft_100", 1.0, b"other"), sigma=1.0)
+    log_100 = os.path.join(os.path.dirname(log_025), second.log_name)
+    assert log_100 != log_025 and second.log_name == "certify_sigma_1.0.tsv"
+    identity.check_log(second, log_100, warn=pytest.fail)  # a fresh log, no warning
+    assert logs.read_identity(log_100)["sigma"] == 1.0
+
+
+def test_resume_with_another_n_is_an_error_naming_n(tmp_path):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25), n=200)
+    log_path = _started_log(tmp_path, config)
+    with pytest.raises(IdentityError) as e:
+        identity.check_log(_certify_config(config.checkpoint, n=300), log_path)
+    assert (f"{log_path} holds rows certified with n = 200, but this run has n = 300. "
+            "To resume it, rerun with --config.n=200") in str(e.value)
+    identity.check_log(_certify_config(config.checkpoint, n=200), log_path)  # same: resumes
+
+
+@pytest.mark.parametrize("field, value", [
+    ("alpha", 0.01), ("n0", 50), ("seed", 1), ("skip", 4), ("early_abstain", True),
+    ("compute_dtype", "bfloat16"), ("log_name", "certify_sigma_0.25.tsv"),
+])
+def test_every_field_that_changes_the_rows_is_part_of_the_identity(tmp_path, field, value):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25))
+    log_path = _started_log(tmp_path, config)
+    changed = _certify_config(config.checkpoint, **{field: value})
+    if field == "log_name":  # the name says where rows go, not what they are
+        identity.check_log(changed, log_path)
+        return
+    with pytest.raises(IdentityError, match=f"certified with {field} = "):
+        identity.check_log(changed, log_path)
+
+
+def test_another_checkpoint_is_an_error_a_moved_one_is_not(tmp_path):
+    export = _fake_export(tmp_path / "ft", 0.25)
+    config = _certify_config(export)
+    log_path = _started_log(tmp_path, config)
+    moved = shutil.copytree(export, tmp_path / "moved")
+    identity.check_log(_certify_config(str(moved)), log_path)  # same content: resumes
+    other = _fake_export(tmp_path / "other", 0.25, b"retrained")
+    with pytest.raises(IdentityError) as e:
+        identity.check_log(_certify_config(other), log_path)
+    message = str(e.value)
+    assert "certified with checkpoint = 'sha256:" in message
+    assert f"rerun with --config.checkpoint={export} (the export it was certified with)" in message
+
+
+def test_cascade_identity_covers_sigmas_p0_and_every_checkpoint(tmp_path):
+    exports = [_fake_export(tmp_path / f"ft_{s}", s, str(s).encode()) for s in (1.0, 0.5)]
+    config = defaults.cascade("digits", (1.0, 0.5))
+    config.checkpoints = tuple(exports)
+    config = C.resolve(config)
+    log_path = _started_log(tmp_path, config)
+    for field, value in (("p0", 0.6), ("checkpoints", tuple(reversed(exports)))):
+        changed = C.resolve(config)
+        changed[field] = value
+        with pytest.raises(IdentityError, match=f"certified with {field} = "):
+            identity.check_log(changed, log_path, warn=lambda s: None)
+
+
+def test_identity_is_readable_next_to_a_cohen_compatible_log(tmp_path):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25))
+    log_path = _started_log(tmp_path, config)
+    assert open(log_path).readline().startswith("idx\tlabel\tpredict\tradius\tcorrect\ttime")
+    recorded = logs.read_identity(log_path)
+    assert recorded["task"] == "certify" and recorded["n"] == 500 and recorded["alpha"] == 0.001
+    assert recorded["data.dataset"] == "digits" and recorded["data.split"] == "test"
+    assert recorded["checkpoint"].startswith("sha256:")
+
+
+def test_certifying_at_another_sigma_than_fine_tuned_warns_once(tmp_path):
+    warnings = []
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25), sigma=0.5)
+    identity.check_log(config, str(tmp_path / "log.tsv"), warn=warnings.append)
+    assert warnings == [f"warning: config.checkpoint = {config.checkpoint} was fine-tuned at "
+                        "sigma = 0.25, certified here at sigma = 0.5"]
+    config.denoiser = _fake_export(tmp_path / "denoiser", 0.0, b"unet")
+    warnings.clear()
+    identity.check_log(config, str(tmp_path / "log2.tsv"), warn=warnings.append)
+    assert warnings == []  # denoise-and-classify certifies a clean classifier on purpose
+
+
+def test_a_log_without_identity_is_adopted_with_a_warning(tmp_path):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25))
+    log_path = str(tmp_path / config.log_name)
+    _log_rows(log_path, [0, 2])
+    warnings = []
+    identity.check_log(config, log_path, warn=warnings.append)
+    assert len(warnings) == 1 and "has rows but no identity record" in warnings[0]
+    assert logs.read_identity(log_path) is not None
