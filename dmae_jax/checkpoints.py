@@ -1,11 +1,5 @@
-"""Orbax checkpoints: parameter exports and resumable training state.
+"""Orbax checkpoints of the resumable training state (parameter exports: `dmae_jax.exports`).
 
-Two kinds of checkpoint live here:
-
-* a *parameter export* (`save_params` / `load_params`): a directory with `params/` (an Orbax
-  PyTree of arrays, the pure-dict form of `nnx.state(model, nnx.Param)`) and `meta.json`
-  (what model it is). The importers write these; fine-tuning, certification and the
-  denoise-and-classify pipeline start from them;
 * the *training state* (`TrainCheckpointer`): an Orbax `CheckpointManager` under
   `<workdir>/checkpoints` with async saves, keep-last-N, and two items per step: `state`
   (params, optimizer state, step, RNG key) and `extra` (JSON: data-iterator position, a
@@ -17,7 +11,6 @@ Two kinds of checkpoint live here:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -29,67 +22,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dmae_jax.errors import CheckpointError
-
-# ---------------------------------------------------------------------------------------
-# Parameter exports.
-# ---------------------------------------------------------------------------------------
-
-
-def save_params(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any]):
-    """Writes `params` (a pure nested dict of arrays) and JSON `meta` to `directory`."""
-    path = epath.Path(directory).absolute()
-    if (path / "params").exists():
-        raise CheckpointError(f"{path} already holds a parameter export; choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, dict(params))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / "params", params)
-        ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        (path / "meta.json").write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
-
-
-def load_params(directory: str | os.PathLike) -> tuple[dict, dict]:
-    """Reads a parameter export: returns (params as a nested dict of numpy arrays, meta)."""
-    path = epath.Path(directory).absolute()
-    if not (path / "params").exists() or not (path / "meta.json").exists():
-        raise CheckpointError(
-            f"{path} is not a dmae_jax parameter export (expected params/ and meta.json); "
-            "create one with `python -m dmae_jax.convert` or point at a training workdir's "
-            "export/ directory"
-        )
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(path / "params")
-    except Exception as e:  # Orbax raises many types; the message is what matters here.
-        raise CheckpointError(f"could not read the parameter export at {path}: {e}") from e
-    return _int_keys(jax.tree.map(np.asarray, params)), meta
-
-
-def _int_keys(tree: Any) -> Any:
-    """Orbax stores dict keys as strings; list indices (`blocks/3`) come back as ints."""
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
-                for k, v in tree.items()}
-    return tree
-
-
-def load_params_checked(
-    directory: str | os.PathLike, *, kind: str, field: str
-) -> tuple[dict, dict]:
-    """Like `load_params`, but the export must be of `kind` ("dmae", "classifier", "unet")."""
-    if not directory:
-        raise ValueError(f"{field} must name a parameter export directory, got {directory!r}")
-    if not epath.Path(directory).exists():
-        raise ValueError(f"{field} = {directory!r} does not exist")
-    params, meta = load_params(directory)
-    if meta.get("kind") != kind:
-        raise CheckpointError(
-            f"{field} = {directory!r} holds a {meta.get('kind')!r} export, expected {kind!r}"
-        )
-    return params, meta
-
 
 # ---------------------------------------------------------------------------------------
 # Training state.
@@ -162,7 +94,9 @@ class TrainCheckpointer:
                 f"the checkpoint at {where} does not match this model's state "
                 f"({type(e).__name__}: {e})"
             ) from e
-        _check_shapes(abstract_state, state, where)
+        from dmae_jax.exports import match_tree
+
+        match_tree(abstract_state, state, where=f"the checkpoint at {where}")
         return step, state, extra
 
     def wait(self) -> None:
@@ -173,19 +107,6 @@ class TrainCheckpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _check_shapes(expected: Any, restored: Any, where: Any) -> None:
-    flat_e = jax.tree_util.tree_flatten_with_path(expected)[0]
-    flat_r = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
-    for path, leaf in flat_e:
-        got = flat_r.get(path)
-        if got is None or tuple(got.shape) != tuple(leaf.shape):
-            raise CheckpointError(
-                f"the checkpoint at {where} has {jax.tree_util.keystr(path)} with shape "
-                f"{None if got is None else tuple(got.shape)}, this model expects "
-                f"{tuple(leaf.shape)}"
-            )
 
 
 # ---------------------------------------------------------------------------------------

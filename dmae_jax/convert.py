@@ -8,7 +8,7 @@ fine-tuned classifier state_dict (with `fc_norm`/`head`, or `norm`/`head` for cl
 pooling) with `dmae_jax.pth`, a weights-only unpickler that needs no PyTorch: a file whose
 pickle asks for anything but tensors in dicts is refused before any of it runs.
 Every key must be used: an unknown or missing key, or a shape mismatch, is an error naming
-the key and both shapes. The result is a parameter export (`dmae_jax.checkpoints.save_params`)
+the key and both shapes. The result is a parameter export (`dmae_jax.exports.save`)
 holding `nnx.state(model, nnx.Param).to_pure_dict()` and meta
 `{"kind", "model", "num_classes", "source"}`.
 
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; exits non-zero with a one-line message on any bad input."""
     args = _parse_args(argv)
     try:
-        from dmae_jax.checkpoints import save_params
+        from dmae_jax import exports
 
         state_dict = read_checkpoint(args.checkpoint)
         kind = detect_kind(state_dict)
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_classes = (int(params["head"]["kernel"].shape[1]) if kind == "classifier" else None)
         meta = {"kind": kind, "model": resolve_model_config(model_cfg),
                 "num_classes": num_classes, "source": os.path.abspath(args.checkpoint)}
-        save_params(args.out, params, meta)
+        exports.save(args.out, params, meta)
     except (ValueError, OSError, RuntimeError) as e:
         message = " ".join(str(e).split())
         sys.exit(f"dmae_jax.convert: error: {message}")

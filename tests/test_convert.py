@@ -14,8 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dmae_jax import convert, pth
-from dmae_jax.checkpoints import load_params
+from dmae_jax import convert, exports, pth
 from dmae_jax.models import (
     count_params,
     create_classifier,
@@ -325,7 +324,7 @@ def test_cli_converts_a_wrapped_dmae_checkpoint_that_then_matches_pytorch(tmp_pa
     torch.save({"model": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
     convert.main([f"--checkpoint={path}", "--model=mu", f"--out={tmp_path / 'out'}",
                   "--img_size=32", "--patch_size=8", "--decoder_heads=4"])
-    params, meta = load_params(tmp_path / "out")
+    params, meta = exports.load(tmp_path / "out")
     assert meta["kind"] == "dmae" and meta["num_classes"] is None
     assert meta["model"]["decoder_width"] == 32 and meta["model"]["decoder_depth"] == 2
     model = create_dmae(meta["model"], rngs=nnx.Rngs(0))
@@ -345,7 +344,7 @@ def test_cli_resizes_a_classifier_pos_embed_to_a_new_image_size(tmp_path):
     torch.save(reference.state_dict(), path)
     convert.main([f"--checkpoint={path}", "--model=mu", f"--out={tmp_path / 'out'}",
                   "--img_size=48", "--patch_size=8"])
-    params, meta = load_params(tmp_path / "out")
+    params, meta = exports.load(tmp_path / "out")
     assert meta["kind"] == "classifier" and meta["num_classes"] == 7
     assert meta["model"]["img_size"] == 48 and meta["model"]["global_pool"] is True
     old = reference.pos_embed.detach().numpy()

@@ -16,12 +16,12 @@ import optax
 import pytest
 from flax import nnx
 
-from dmae_jax import checkpoints, defaults
+from dmae_jax import checkpoints, defaults, exports
 from dmae_jax.config import ConfigError
 from dmae_jax.diffusion import loading, losses
-from dmae_jax.models import count_params
+from dmae_jax.models import ModelParts, count_params
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.train import common, denoiser
+from dmae_jax.train import denoiser
 from tests.test_train import load_config
 
 # One level, no attention: the smallest UNet that compiles fast.
@@ -72,9 +72,8 @@ def classifier_export(tmp_path_factory):
     model_cfg = defaults.model("mu", img_size=8, patch_size=4)
     model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(3))
     path = str(tmp_path_factory.mktemp("clf") / "export")
-    checkpoints.save_params(path, nnx.state(model, nnx.Param).to_pure_dict(),
-                            {"kind": "classifier", "model": model_cfg.to_dict(),
-                             "num_classes": 10})
+    exports.save(path, nnx.state(model, nnx.Param).to_pure_dict(),
+                 {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10})
     return path
 
 
@@ -147,7 +146,7 @@ def test_a_gradient_step_lowers_the_wrong_class_and_raises_the_label_where_recov
 
 def test_ddpm_steps_lower_the_loss_on_a_fixed_batch_and_the_ema_follows():
     model = unet_lib.UNet(TINY, rngs=nnx.Rngs(0))
-    parts = common.ModelParts.split(model)
+    parts = ModelParts.split(model)
     schedule = loading.unet_schedule(TINY)
     x0 = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3)) * 2 - 1
     key = jax.random.key(2)  # the same t, eps (and dropout) at every step
@@ -180,7 +179,7 @@ def test_ddpm_steps_lower_the_loss_on_a_fixed_batch_and_the_ema_follows():
 
 def test_train_task_exports_a_unet_that_certification_can_load(ddpm_export):
     path = os.path.join(ddpm_export, "export")
-    _, meta = checkpoints.load_params(path)
+    _, meta = exports.load(path)
     assert meta["kind"] == "unet" and meta["preset"] == "test_tiny"
     assert unet_lib.UNetConfig.from_dict(meta["config"]) == TINY
     assert os.path.getsize(os.path.join(ddpm_export, "denoising", "step_000004.png")) > 100
@@ -221,8 +220,8 @@ def test_a_dmae_export_denoises_with_nothing_masked(tmp_path):
                                decoder_depth=1, decoder_heads=2)
     model = create_dmae(model_cfg, rngs=nnx.Rngs(0))
     path = str(tmp_path / "dmae")
-    checkpoints.save_params(path, nnx.state(model, nnx.Param).to_pure_dict(),
-                            {"kind": "dmae", "model": model_cfg.to_dict()})
+    exports.save(path, nnx.state(model, nnx.Param).to_pure_dict(),
+                 {"kind": "dmae", "model": model_cfg.to_dict()})
     denoise_fn = loading.load_denoise_fn(path, "dmae", 0.5)
     noisy = jax.random.uniform(jax.random.key(0), (3, 8, 8, 3))
     np.testing.assert_allclose(jax.jit(lambda f, x: f(x))(denoise_fn, noisy),
@@ -246,20 +245,20 @@ def test_calibration_trains_the_unet_and_leaves_the_classifier_untouched(
     workdir = str(tmp_path / "calib")
     denoiser.run(config, workdir)
 
-    before, _ = checkpoints.load_params(config.denoiser)
-    after, meta = checkpoints.load_params(os.path.join(workdir, "export"))
+    before, _ = exports.load(config.denoiser)
+    after, meta = exports.load(os.path.join(workdir, "export"))
     assert meta["kind"] == "unet" and meta["calibrated_from"] == config.denoiser
     changed = [not np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(before), jax.tree.leaves(after), strict=True)]
     assert any(changed), "the UNet must be trained"
     loading.load_denoise_fn(os.path.join(workdir, "export"), "diffusion", 1.0, image_size=8)
 
-    clf, _ = checkpoints.load_params(classifier_export)
+    clf, _ = exports.load(classifier_export)
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                item_names=("state", "extra")) as manager:
         saved = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))["state"]
-    frozen = checkpoints._int_keys(saved["params"]["classifier"])
+    frozen = exports._int_keys(saved["params"]["classifier"])
     for a, b in zip(jax.tree.leaves(clf), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
 

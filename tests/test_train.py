@@ -23,9 +23,9 @@ def _overrides(data_dir: str, total_steps: int, **extra) -> list[str]:
 
 
 def _export(workdir: str) -> dict:
-    from dmae_jax import checkpoints
+    from dmae_jax import exports
 
-    params, _ = checkpoints.load_params(os.path.join(workdir, "export"))
+    params, _ = exports.load(os.path.join(workdir, "export"))
     return params
 
 

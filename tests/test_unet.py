@@ -17,15 +17,15 @@ import pytest
 import torch
 from flax import nnx
 
-from dmae_jax.checkpoints import load_params
+from dmae_jax import exports
 from dmae_jax.diffusion import convert
+from dmae_jax.models import set_params
+from dmae_jax.models import unet as unet_lib
 from dmae_jax.models.unet import (
     UNET_PRESETS,
     UNet,
     UNetConfig,
-    load_unet_params,
     timestep_embedding,
-    unet_from_export,
 )
 from tests.torch_unet import TorchUNet, sinusoidal
 
@@ -73,7 +73,7 @@ def torch_unet(cfg: UNetConfig, seed: int = 0) -> TorchUNet:
 def flax_unet(cfg: UNetConfig, state_dict, dtype=jnp.float32) -> UNet:
     # Built abstractly: every parameter comes from the checkpoint, none is initialised.
     unet = nnx.eval_shape(lambda: UNet(cfg, dtype=dtype, rngs=nnx.Rngs(1)))
-    load_unet_params(unet, convert.convert_unet_state_dict(state_dict, cfg))
+    set_params(unet, convert.convert_unet_state_dict(state_dict, cfg))
     return unet
 
 
@@ -172,9 +172,10 @@ def test_cli_writes_an_export_that_reproduces_pytorch(tmp_path):
     ckpt = tmp_path / "digits.pt"
     torch.save(model.state_dict(), ckpt)
     convert.main([f"--checkpoint={ckpt}", "--preset=digits", f"--out={tmp_path / 'export'}"])
-    _, meta = load_params(tmp_path / "export")
+    _, meta = exports.load(tmp_path / "export")
     assert meta == {"kind": "unet", "preset": "digits", "config": cfg.to_dict()}
-    unet = unet_from_export(str(tmp_path / "export"))
+    parts, _, _ = unet_lib.from_export(str(tmp_path / "export"), field="export")
+    unet = parts.bind(jax.tree.map(jnp.asarray, parts.params))
     x, t = inputs(cfg)
     np.testing.assert_allclose(
         np.asarray(run(unet, x, t)), torch_forward(model, x, t), atol=1e-4

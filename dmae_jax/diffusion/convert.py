@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for the parameter export")
     args = parser.parse_args(argv)
 
-    from dmae_jax.checkpoints import save_params
+    from dmae_jax import exports
 
     config = UNET_PRESETS[args.preset]
     try:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConversionError as e:
         sys.exit(f"error: {e}")
     meta = {"kind": "unet", "preset": args.preset, "config": config.to_dict()}
-    save_params(args.out, params, meta)
+    exports.save(args.out, params, meta)
     n = sum(int(np.prod(v.shape)) for v in traverse_util.flatten_dict(params).values())
     print(f"wrote {n:,} parameters of {args.preset} to {args.out}")
 

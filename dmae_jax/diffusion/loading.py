@@ -3,7 +3,7 @@
 Two kinds of export can denoise:
 
 * "diffusion": a UNet export (meta kind "unet": ours from `train_denoiser` /
-  `finetune_denoiser`, or an official checkpoint from `dmae_jax.diffusion.convert`), used as
+  `calibrate_denoiser`, or an official checkpoint from `dmae_jax.diffusion.convert`), used as
   Carlini et al.'s one-shot denoiser at t*(sigma) (`dmae_jax.diffusion.denoise`);
 * "dmae": a DMAE export, used as encoder + decoder with nothing masked (`DMAE.reconstruct`).
   DMAE is trained at one noise level (0.25), so the same network serves every sigma.
@@ -21,10 +21,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dmae_jax import checkpoints
+from dmae_jax import exports
 from dmae_jax.diffusion import denoise
 from dmae_jax.diffusion.schedule import DiffusionSchedule, make_schedule
-from dmae_jax.models.unet import UNet, UNetConfig
+from dmae_jax.models import unet as unet_lib
+from dmae_jax.models.unet import UNetConfig
 
 DENOISER_KINDS = ("diffusion", "dmae")
 # Export meta kind of each denoiser kind.
@@ -51,20 +52,20 @@ def load_unet(path: str, *, field: str = "config.denoiser"):
     unet_apply(x [B, H, W, C] in model space, t [B] float) -> [B, H, W, C or 2C] is a
     `jax.tree_util.Partial` over the weights; it runs without dropout.
     """
-    from flax import nnx
-
-    from dmae_jax.train.common import ModelParts
-
-    params, meta = checkpoints.load_params_checked(path, kind="unet", field=field)
-    config = UNetConfig.from_dict(meta["config"])
-    # Built abstractly: every parameter comes from the export.
-    parts = ModelParts.split(nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(0))))
+    parts, config, _ = unet_lib.from_export(path, field=field)
 
     def apply(params, x, t):
         return parts.bind(params)(x, t)
 
-    return jax.tree_util.Partial(apply, jax.tree.map(jnp.asarray, params)), config, \
+    return jax.tree_util.Partial(apply, jax.tree.map(jnp.asarray, parts.params)), config, \
         unet_schedule(config)
+
+
+def check_export(path: str, kind: str, *, field: str = "config.denoiser") -> dict:
+    """Reads a denoiser export of `kind` ("diffusion" or "dmae") and returns its meta."""
+    if kind not in DENOISER_KINDS:
+        raise ValueError(f"denoiser kind must be one of {list(DENOISER_KINDS)}, got {kind!r}")
+    return exports.load_checked(path, kind=EXPORT_KIND[kind], field=field)[1]
 
 
 def _diffusion_denoise(
@@ -137,19 +138,12 @@ def load_denoise_fns(
 
 
 def _load_dmae_denoise_fn(path: str) -> denoise.DenoiseFn:
-    import ml_collections
-    from flax import nnx
+    from dmae_jax.models import dmae
 
-    from dmae_jax.models import create_dmae
-    from dmae_jax.train.common import ModelParts
-
-    params, meta = checkpoints.load_params_checked(path, kind="dmae", field="config.denoiser")
-    model_cfg = ml_collections.ConfigDict(meta["model"])
-    # Built for real: its fixed position embeddings are not parameters, so not in the export.
-    parts = ModelParts.split(create_dmae(model_cfg, rngs=nnx.Rngs(0)))
+    parts, _ = dmae.from_export(path, field="config.denoiser")
 
     def apply(params, x):
         return parts.bind(params).reconstruct(x)
 
     return jax.tree_util.Partial(functools.partial(_dmae_denoise, apply=apply),
-                                 jax.tree.map(jnp.asarray, params))
+                                 jax.tree.map(jnp.asarray, parts.params))

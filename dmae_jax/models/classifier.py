@@ -14,9 +14,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from dmae_jax.exports import match_tree
 from dmae_jax.models import vit
+from dmae_jax.models.parts import ModelParts
 
 
 class Classifier(nnx.Module):
@@ -24,9 +27,8 @@ class Classifier(nnx.Module):
 
     def __init__(self, *, img_size: int, patch_size: int, width: int, depth: int,
                  num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, global_pool: bool = True,
-                 normalization: str = "imagenet", dtype=jnp.float32, remat: bool = False,
-                 in_chans: int = 3, rngs: nnx.Rngs):
+                 drop_path_rate: float, global_pool: bool, normalization: str,
+                 dtype=jnp.float32, remat: bool = False, in_chans: int = 3, rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -120,19 +122,36 @@ def init_from_dmae(classifier: Classifier, dmae_params: Mapping[str, Any]) -> No
     else:
         source["pos_embed"] = vit.sincos_2d_posemb(classifier.grid_size, width)[None]
 
-    def copy(path, old, new):
-        new = jnp.asarray(new, jnp.float32)
-        if old.shape != new.shape:
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            raise ValueError(
-                f"dmae_params[{name}] has shape {tuple(new.shape)}, the classifier expects "
-                f"{tuple(old.shape)}"
-            )
-        return new
-
-    copied = jax.tree_util.tree_map_with_path(
-        copy, {k: target[k] for k in source}, source)
-    target.update(copied)
+    copied = match_tree({k: target[k] for k in source}, source, where="dmae_params")
+    target.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), copied))
     nnx.replace_by_pure_dict(state, target)
     nnx.update(classifier, state)
 
+
+def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
+                      rngs: nnx.Rngs) -> Classifier:
+    """Builds the fine-tuning ViT classifier described by a `model` config."""
+    cfg = vit.resolve_model_config(model_cfg)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return Classifier(
+        img_size=cfg["img_size"], patch_size=cfg["patch_size"], width=cfg["width"],
+        depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=int(num_classes),
+        drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"],
+        normalization=cfg["normalization"], dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"],
+        rngs=rngs,
+    )
+
+
+def from_export(directory: str, *, field: str) -> tuple[ModelParts, dict]:
+    """The classifier of an export (kind "classifier") with its weights, and the meta.
+
+    `field` names the config field in errors. Built as `create_classifier` builds it, then
+    every parameter is replaced by the export's (checked entry by entry).
+    """
+    from dmae_jax import exports
+
+    params, meta = exports.load_checked(directory, kind="classifier", field=field)
+    model = create_classifier(meta["model"], meta["num_classes"], rngs=nnx.Rngs(0))
+    return ModelParts.split(model).with_params(params, where=f"{field} = {directory!r}"), meta

@@ -18,13 +18,15 @@ Images are NHWC; patch vectors are ordered (p, q, c) like the official `patchify
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dmae_jax.models import vit
+from dmae_jax.models.parts import ModelParts
 
 NORM_PIX_EPS = 1e-6
 
@@ -110,11 +112,11 @@ def random_masking(
 class DMAE(nnx.Module):
     """Denoising masked autoencoder (official DMAE pretraining model, timm key names)."""
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int = 3,
                  width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
-                 decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 norm_pix_loss: bool = True, normalization: str = "imagenet",
-                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+                 decoder_width: int, decoder_depth: int, decoder_heads: int,
+                 norm_pix_loss: bool, normalization: str, dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -280,3 +282,28 @@ class DMAE(nnx.Module):
         images = self.unpatchify(pred.astype(jnp.float32))
         images = images * jnp.asarray(self.std, jnp.float32) + jnp.asarray(self.mean, jnp.float32)
         return jnp.clip(images, 0.0, 1.0)
+
+
+def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs) -> DMAE:
+    """Builds the DMAE pretraining model described by a `model` config."""
+    cfg = vit.resolve_model_config(model_cfg)
+    return DMAE(
+        img_size=cfg["img_size"], patch_size=cfg["patch_size"], width=cfg["width"],
+        depth=cfg["depth"], num_heads=cfg["num_heads"], decoder_width=cfg["decoder_width"],
+        decoder_depth=cfg["decoder_depth"], decoder_heads=cfg["decoder_heads"],
+        norm_pix_loss=cfg["norm_pix_loss"], normalization=cfg["normalization"],
+        dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"], rngs=rngs,
+    )
+
+
+def from_export(directory: str, *, field: str) -> tuple[ModelParts, dict]:
+    """The DMAE of an export (kind "dmae") with its weights, and the export's meta.
+
+    Built for real, not abstractly: its fixed position embeddings are not parameters, so
+    they are not in the export. `field` names the config field in errors.
+    """
+    from dmae_jax import exports
+
+    params, meta = exports.load_checked(directory, kind="dmae", field=field)
+    parts = ModelParts.split(create_dmae(meta["model"], rngs=nnx.Rngs(0)))
+    return parts.with_params(params, where=f"{field} = {directory!r}"), meta

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmae_jax.models.parts import ModelParts
+
 NUM_GROUPS = 32  # GroupNorm32: every norm in ADM uses 32 groups.
 GROUPNORM_EPS = 1e-5  # torch.nn.GroupNorm's default.
 
@@ -467,27 +469,17 @@ class UNet(nnx.Module):
         return self.out_conv(h)
 
 
-def unet_from_preset(name: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> UNet:
-    """Builds the UNet of `UNET_PRESETS[name]` (random init; load weights with nnx.update)."""
-    if name not in UNET_PRESETS:
-        raise ValueError(f"unknown UNet preset {name!r}; valid: {sorted(UNET_PRESETS)}")
-    return UNet(UNET_PRESETS[name], dtype=dtype, rngs=rngs or nnx.Rngs(0))
+def from_export(directory: str, *, field: str,
+                dtype=jnp.float32) -> tuple[ModelParts, UNetConfig, dict]:
+    """The UNet of an export (kind "unet": trained or converted) with its weights.
 
+    Returns (parts, its UNetConfig, the export's meta). Built abstractly (nothing is
+    initialised): every parameter comes from the export, checked entry by entry. `field`
+    names the config field in errors.
+    """
+    from dmae_jax import exports
 
-def load_unet_params(unet: UNet, params: Mapping[str, Any]) -> None:
-    """Copies a pure nested dict (a converted or exported checkpoint) into `unet` in place."""
-    state = nnx.state(unet, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(unet, state)
-
-
-def unet_from_export(directory: str, *, dtype=jnp.float32) -> UNet:
-    """Builds the UNet stored in a parameter export (meta kind "unet") with its weights."""
-    from dmae_jax.checkpoints import load_params_checked
-
-    params, meta = load_params_checked(directory, kind="unet", field="unet export")
+    params, meta = exports.load_checked(directory, kind="unet", field=field)
     config = UNetConfig.from_dict(meta["config"])
-    # Built abstractly (nothing initialised) since every parameter comes from the export.
-    unet = nnx.eval_shape(lambda: UNet(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    load_unet_params(unet, params)
-    return unet
+    parts = ModelParts.split(nnx.eval_shape(lambda: UNet(config, dtype=dtype, rngs=nnx.Rngs(0))))
+    return parts.with_params(params, where=f"{field} = {directory!r}"), config, meta

@@ -4,7 +4,7 @@ The computation is the one of timm 0.5.4 as used by the official DMAE code: pre-
 with a fused qkv projection (with bias), exact (erf) GELU, LayerNorm eps 1e-6, per-sample
 drop path, a patch-embedding convolution and the MAE 2-D sin-cos position embedding.
 
-Written for XLA:CPU speed (measured on the digits configs, see the commit log): dense layers
+Written for XLA:CPU speed (measured on the digits configs): dense layers
 run as 2-D [B*N, D] matmuls, LayerNorm and attention are spelled out with plain jnp ops. With
 3-D `dot_general`s and Flax's LayerNorm, XLA:CPU transposed the weight-gradient operands in
 copy fusions that recomputed the whole chain of residual-stream cotangents of the later
@@ -20,7 +20,8 @@ All randomness is explicit: modules never hold an `nnx.Rngs` at call time; calls
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,68 @@ def get_variant(name: str) -> dict:
             f"model.variant must be one of {sorted(VARIANTS)}, got {name!r}"
         )
     return dict(VARIANTS[name])
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The fields that say which architecture a model is; every other field of a `model` config
+# has its default in `dmae_jax.defaults.model`.
+REQUIRED_FIELDS = ("variant", "img_size", "patch_size")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
+    """Validated, complete model config: a plain dict with every field (variant resolved).
+
+    `model_cfg` (a Mapping or ConfigDict) needs variant, img_size and patch_size; absent or
+    None fields take `dmae_jax.defaults.model`'s values, and width / depth / num_heads the
+    variant's.
+    """
+    from dmae_jax import defaults
+
+    for name in REQUIRED_FIELDS:
+        if model_cfg.get(name, None) is None:
+            raise ValueError(f"model.{name} is required")
+    cfg = dict(defaults.model(model_cfg.get("variant")).to_dict(),
+               width=None, depth=None, num_heads=None)
+    for name in cfg:
+        value = model_cfg.get(name, None)
+        if value is not None:
+            cfg[name] = value
+    arch = get_variant(cfg["variant"])
+    for name in ("width", "depth", "num_heads"):
+        cfg[name] = _positive_int(cfg[name] if cfg[name] is not None else arch[name], name)
+    for name in ("img_size", "patch_size", "decoder_width", "decoder_depth", "decoder_heads"):
+        cfg[name] = _positive_int(cfg[name], name)
+    if cfg["img_size"] % cfg["patch_size"] != 0:
+        raise ValueError(
+            f"model.img_size must be divisible by model.patch_size ({cfg['patch_size']}), "
+            f"got {cfg['img_size']}"
+        )
+    for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads")):
+        if cfg[width] % cfg[heads] != 0 or cfg[width] % 4 != 0:
+            raise ValueError(
+                f"model.{width} must be divisible by 4 (sin-cos embedding) and by "
+                f"model.{heads} ({cfg[heads]}), got {cfg[width]}"
+            )
+    if cfg["normalization"] not in NORMALIZATIONS:
+        raise ValueError(
+            f"model.normalization must be one of {sorted(NORMALIZATIONS)}, "
+            f"got {cfg['normalization']!r}"
+        )
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+    rate = cfg["drop_path_rate"]
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
+    cfg["drop_path_rate"] = float(rate)
+    for name in ("norm_pix_loss", "global_pool", "remat"):
+        cfg[name] = bool(cfg[name])
+    return cfg
 
 
 def get_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -17,8 +17,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from dmae_jax import checkpoints
 from dmae_jax import config as C
+from dmae_jax import exports
 
 DTYPES = ("float32", "bfloat16")
 
@@ -39,8 +39,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.one_of(config, "compute_dtype", DTYPES)
     if config.task == "certify":
         C.positive(config, "sigma")
-        checkpoints.load_params_checked(config.checkpoint, kind="classifier",
-                                        field="config.checkpoint")
+        exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
     else:
         sigmas = C.sigmas(config, "sigmas")
         C.in_range(config, "p0", 1e-12, 1.0)
@@ -50,34 +49,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.checkpoints must have one classifier per sigma ({len(sigmas)}), got "
                 f"{len(per_sigma)}")
         if not per_sigma:
-            checkpoints.load_params_checked(config.checkpoint, kind="classifier",
-                                            field="config.checkpoint")
+            exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
         for i, path in enumerate(per_sigma):
-            checkpoints.load_params_checked(path, kind="classifier",
-                                            field=f"config.checkpoints[{i}]")
+            exports.load_checked(path, kind="classifier", field=f"config.checkpoints[{i}]")
     if config.get("denoiser"):
-        C.one_of(config, "denoiser_kind", ("diffusion", "dmae"))
-        kind = "unet" if config.denoiser_kind == "diffusion" else "dmae"
-        checkpoints.load_params_checked(config.denoiser, kind=kind, field="config.denoiser")
+        from dmae_jax.diffusion import loading
+
+        C.one_of(config, "denoiser_kind", loading.DENOISER_KINDS)
+        loading.check_export(config.denoiser, config.denoiser_kind, field="config.denoiser")
 
 
 def load_classifier(path: str, *, field: str = "config.checkpoint"):
     """A jit-friendly logits_fn ([B,H,W,C] in [0,1] -> [B,K]) and the export's meta."""
-    import ml_collections as mlc
-    from flax import nnx
+    from dmae_jax.models import classifier
 
-    from dmae_jax.models import create_classifier
-    from dmae_jax.train.common import ModelParts
-
-    params, meta = checkpoints.load_params_checked(path, kind="classifier", field=field)
-    model = create_classifier(mlc.ConfigDict(meta["model"]), meta["num_classes"],
-                              rngs=nnx.Rngs(0))
-    parts = ModelParts.split(model)
+    parts, meta = classifier.from_export(path, field=field)
 
     def apply(params, images):
         return parts.bind(params)(images)
 
-    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, params)), meta
+    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, parts.params)), meta
 
 
 def load_denoiser(config, sigma: float):

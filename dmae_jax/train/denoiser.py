@@ -48,8 +48,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dmae_jax import checkpoints, metrics, parallel, visualize
 from dmae_jax import config as C
+from dmae_jax import exports, metrics, parallel, visualize
 from dmae_jax.train import common
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -148,11 +148,10 @@ def _validate_calibration(config) -> None:
     from dmae_jax.data import datasets
     from dmae_jax.models.unet import UNetConfig
 
-    _, meta = checkpoints.load_params_checked(config.denoiser, kind="unet",
-                                              field="config.denoiser")
+    _, meta = exports.load_checked(config.denoiser, kind="unet", field="config.denoiser")
     unet_config = UNetConfig.from_dict(meta["config"])
-    _, clf_meta = checkpoints.load_params_checked(config.classifier, kind="classifier",
-                                                  field="config.classifier")
+    _, clf_meta = exports.load_checked(config.classifier, kind="classifier",
+                                       field="config.classifier")
     expected = datasets.num_classes(config.data.dataset)
     if clf_meta.get("num_classes") != expected:
         raise C.ConfigError(
@@ -247,14 +246,6 @@ def _optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, 
     return tx, schedule
 
 
-def _host(tree):
-    """Global arrays -> host numpy (gathered across processes when sharded)."""
-    from dmae_jax.train.pretrain import _gather
-
-    return jax.tree.map(
-        lambda x: np.asarray(jax.device_get(x if x.is_fully_addressable else _gather(x))), tree)
-
-
 def _loop(config, total_steps: int) -> common.LoopConfig:
     return common.LoopConfig(
         total_steps=total_steps, log_every=config.log_every_steps,
@@ -262,9 +253,10 @@ def _loop(config, total_steps: int) -> common.LoopConfig:
         global_batch_size=config.batch_size, eval_every=config.eval_every_steps)
 
 
-def _unet_meta(unet_config, preset: str | None, **extra) -> dict:
-    # The same fields `dmae_jax.diffusion.convert` writes, so both kinds of export load alike.
-    return {"preset": preset, "config": unet_config.to_dict(), **extra}
+def _unet_meta(config, unet_config, preset: str | None, **extra) -> dict:
+    # The fields `dmae_jax.diffusion.convert` writes, so both kinds of export load alike.
+    return {"kind": "unet", "model": config.model.to_dict(), "preset": preset,
+            "config": unet_config.to_dict(), **extra}
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,6 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     """DDPM training of `config.model.preset`; exports the EMA weights (or the raw ones)."""
     from dmae_jax.diffusion import losses
     from dmae_jax.diffusion.loading import unet_schedule
+    from dmae_jax.models import ModelParts
     from dmae_jax.models.unet import UNET_PRESETS, UNet
 
     # ------------------------------------------------------------------ Mesh.
@@ -298,7 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     unet_config = UNET_PRESETS[config.model.preset]
     schedule = unet_schedule(unet_config)
     model = UNet(unet_config, dtype=DTYPES[config.model.dtype], rngs=nnx.Rngs(config.seed))
-    parts = common.ModelParts.split(model)
+    parts = ModelParts.split(model)
     common.log_parameter_overview(parts.params, f"UNet {config.model.preset}")
 
     # ------------------------------------------------------------------ Optimizer.
@@ -332,19 +325,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
         step_builder=step_builder, init_params=parts.params,
         make_state=lambda p: common.init_state(p, tx, jax.random.key(config.seed)),
         data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn)
-    from dmae_jax.train.pretrain import export_params
-
-    export_params(workdir, exported(state), kind="unet", config=config,
-                  extra_meta=_unet_meta(unet_config, config.model.preset,
-                                        ema_decay=config.ema_decay,
-                                        dataset=config.data.dataset))
+    exports.save_final(workdir, exported(state), _unet_meta(
+        config, unet_config, config.model.preset, ema_decay=config.ema_decay,
+        dataset=config.data.dataset))
 
 
 def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Diffusion calibration of a UNet export against a frozen classifier (module docs)."""
     from dmae_jax.diffusion import denoise, losses
     from dmae_jax.diffusion.loading import pad_to_for, unet_schedule
-    from dmae_jax.models.unet import UNet, UNetConfig
+    from dmae_jax.models import classifier as classifier_lib
+    from dmae_jax.models import unet as unet_lib
 
     sigmas = C.sigmas(config, "sigmas")
     m = config.num_noise_samples
@@ -358,16 +349,12 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
     data_iter, total_steps = data.iterator, data.total_steps
 
     # ------------------------------------------------------------------ Models.
-    unet_params, unet_meta = checkpoints.load_params_checked(
-        config.denoiser, kind="unet", field="config.denoiser")
-    unet_config = UNetConfig.from_dict(unet_meta["config"])
+    unet_parts, unet_config, unet_meta = unet_lib.from_export(
+        config.denoiser, field="config.denoiser", dtype=DTYPES[config.model.dtype])
     schedule = unet_schedule(unet_config)
     pad_to = pad_to_for(config.data.image_size, unet_config.image_size)
-    unet_parts = common.ModelParts.split(nnx.eval_shape(
-        lambda: UNet(unet_config, dtype=DTYPES[config.model.dtype], rngs=nnx.Rngs(0))))
-    clf_parts, clf_params = _classifier(config.classifier)
-    params = {"unet": _checked(unet_parts.params, unet_params, "config.denoiser"),
-              "classifier": clf_params}
+    clf_parts, _ = classifier_lib.from_export(config.classifier, field="config.classifier")
+    params = {"unet": unet_parts.params, "classifier": clf_parts.params}
     common.log_parameter_overview(params["unet"], "UNet (trained)")
     common.log_parameter_overview(params["classifier"], "classifier (frozen)")
 
@@ -435,13 +422,9 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str) -> None:
         step_builder=step_builder, init_params=params,
         make_state=lambda p: common.init_state(p, tx, jax.random.key(config.seed)),
         data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn)
-    from dmae_jax.train.pretrain import export_params
-
-    export_params(workdir, exported(state), kind="unet", config=config,
-                  extra_meta=_unet_meta(
-                      unet_config, unet_meta.get("preset"), calibrated_from=config.denoiser,
-                      classifier=config.classifier, sigmas=list(sigmas),
-                      dataset=config.data.dataset))
+    exports.save_final(workdir, exported(state), _unet_meta(
+        config, unet_config, unet_meta.get("preset"), calibrated_from=config.denoiser,
+        classifier=config.classifier, sigmas=list(sigmas), dataset=config.data.dataset))
 
 
 def _fingerprint(config) -> dict:
@@ -451,38 +434,6 @@ def _fingerprint(config) -> dict:
         base.update(denoiser=config.denoiser, classifier=config.classifier,
                     sigmas=list(C.sigmas(config, "sigmas")), m=config.num_noise_samples)
     return base
-
-
-def _classifier(path: str):
-    """(ModelParts, host params) of a classifier export, as certification loads it."""
-    from dmae_jax.models import create_classifier
-
-    params, meta = checkpoints.load_params_checked(path, kind="classifier",
-                                                   field="config.classifier")
-    # Built for real: its fixed position embeddings are not parameters, so not in the export.
-    model = create_classifier(ml_collections.ConfigDict(meta["model"]), meta["num_classes"],
-                              rngs=nnx.Rngs(0))
-    parts = common.ModelParts.split(model)
-    return parts, _checked(parts.params, params, "config.classifier")
-
-
-def _checked(expected, loaded, field: str):
-    """`loaded` with `expected`'s tree structure; every leaf present with its shape."""
-    flat = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    paths, treedef = jax.tree_util.tree_flatten_with_path(expected)
-    out = []
-    for path, value in paths:
-        got = flat.get(path)
-        if got is None or tuple(got.shape) != tuple(value.shape):
-            raise checkpoints.CheckpointError(
-                f"{field}: {jax.tree_util.keystr(path)} has shape "
-                f"{None if got is None else tuple(got.shape)}, the model expects "
-                f"{tuple(value.shape)}")
-        out.append(np.asarray(got, np.float32))
-    if len(flat) != len(paths):
-        raise checkpoints.CheckpointError(
-            f"{field} holds {len(flat)} arrays, the model has {len(paths)}")
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -525,7 +476,7 @@ def _denoising_writer(config, workdir, parts, unet_config, schedule, writer, exp
         return out
 
     def eval_fn(step, state):
-        results = jax.device_get(evaluate(_host(exported(state))))
+        results = jax.device_get(evaluate(exports.to_host(exported(state))))
         metrics = {f"eval_mse_sigma_{s:g}": float(r[2])
                    for s, r in zip(sigmas, results, strict=True)}
         writer.write_scalars(step, metrics)

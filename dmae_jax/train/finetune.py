@@ -18,8 +18,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dmae_jax import checkpoints, metrics, parallel
 from dmae_jax import config as C
+from dmae_jax import exports, metrics, parallel
 from dmae_jax.train import common
 
 
@@ -55,8 +55,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.one_of(config, "model.dtype", ("float32", "bfloat16"))
     C.in_range(config, "model.drop_path_rate", 0.0, 1.0)
     if config.init_from:
-        checkpoints.load_params_checked(
-            config.init_from, kind="dmae", field="config.init_from")
+        exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
     elif config.linear_probe:
         raise C.ConfigError("config.linear_probe needs config.init_from (a DMAE export)")
 
@@ -64,8 +63,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
     from dmae_jax.data import datasets
+    from dmae_jax.models import ModelParts, create_classifier
     from dmae_jax.models import classifier as classifier_lib
-    from dmae_jax.models import create_classifier
     from dmae_jax.train import losses, mixup, optim
 
     # ------------------------------------------------------------------ Mesh.
@@ -81,11 +80,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # ------------------------------------------------------------------ Model.
     model = create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed))
     if config.init_from:
-        dmae_params, _ = checkpoints.load_params_checked(
+        dmae_params, _ = exports.load_checked(
             config.init_from, kind="dmae", field="config.init_from")
         classifier_lib.init_from_dmae(model, dmae_params)
         logging.info("encoder initialised from %s", config.init_from)
-    parts = common.ModelParts.split(model)
+    parts = ModelParts.split(model)
     common.log_parameter_overview(parts.params, "classifier")
 
     # ------------------------------------------------------------------ Optimizer.
@@ -147,11 +146,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         make_state=lambda p: common.init_state(p, tx, jax.random.key(config.seed)),
         data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
     )
-    from dmae_jax.train.pretrain import export_params
-
-    export_params(workdir, state["params"], kind="classifier", config=config,
-                  extra_meta={"num_classes": num_classes, "sigma": config.sigma,
-                              "dataset": config.data.dataset})
+    path = exports.save_final(workdir, state["params"], {
+        "kind": "classifier", "model": config.model.to_dict(), "num_classes": num_classes,
+        "sigma": config.sigma, "dataset": config.data.dataset})
+    logging.info("exported classifier parameters to %s", path)
 
 
 def _fingerprint(config) -> dict:
@@ -159,7 +157,7 @@ def _fingerprint(config) -> dict:
             "batch_size": config.batch_size, "linear_probe": config.linear_probe}
 
 
-def make_evaluator(config, parts: common.ModelParts, mesh, num_classes: int, writer):
+def make_evaluator(config, parts, mesh, num_classes: int, writer):
     """Eval hook: clean, one-noise-draw and majority-vote accuracy on the eval split."""
     from dmae_jax.data import datasets, pipeline
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from dmae_jax import checkpoints, metrics, parallel, visualize
 from dmae_jax import config as C
+from dmae_jax import exports, metrics, parallel, visualize
 from dmae_jax.train import common
 
 
@@ -41,12 +40,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.patch_size ({config.model.patch_size})"
         )
     if config.get("init_from"):
-        checkpoints.load_params_checked(config.init_from, kind="dmae", field="config.init_from")
+        exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
-    from dmae_jax.models import create_dmae
+    from dmae_jax.models import ModelParts, create_dmae
     from dmae_jax.train import optim
 
     # ------------------------------------------------------------------ Mesh.
@@ -62,10 +61,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Model.
     model = create_dmae(config.model, rngs=nnx.Rngs(config.seed))
-    parts = common.ModelParts.split(model)
-    params = parts.params
+    parts = ModelParts.split(model)
     if config.get("init_from"):
-        params = _load_into(params, config.init_from)
+        # Continued pretraining: every parameter from the export (shapes must agree).
+        loaded, _ = exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
+        parts = parts.with_params(loaded, where=f"config.init_from = {config.init_from!r}")
+    params = parts.params
     common.log_parameter_overview(params, "DMAE")
 
     # ------------------------------------------------------------------ Optimizer.
@@ -109,51 +110,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         make_state=lambda p: common.init_state(p, tx, key),
         data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
     )
-    export_params(workdir, state["params"], kind="dmae", config=config)
+    path = exports.save_final(workdir, state["params"],
+                              {"kind": "dmae", "model": config.model.to_dict()})
+    logging.info("exported dmae parameters to %s", path)
 
 
 def _fingerprint(config) -> dict:
     return {"task": config.task, "model": config.model.to_dict(), "batch_size": config.batch_size}
 
 
-def _load_into(params: dict, directory: str) -> dict:
-    """Continued pretraining: take every parameter from an export (shapes must agree)."""
-    loaded, _ = checkpoints.load_params_checked(directory, kind="dmae", field="config.init_from")
-    flat_new = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-    out = []
-    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    for path, value in paths:
-        got = flat_new.get(path)
-        if got is None or got.shape != value.shape:
-            raise checkpoints.CheckpointError(
-                f"config.init_from: {jax.tree_util.keystr(path)} has shape "
-                f"{None if got is None else got.shape}, the model expects {value.shape}")
-        out.append(got)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def export_params(workdir: str, params, *, kind: str, config, extra_meta=None) -> str:
-    """Writes the final parameters as a parameter export at `workdir/export`."""
-    from etils import epath
-
-    path = epath.Path(workdir).absolute() / "export"
-    host = jax.tree.map(lambda x: np.asarray(jax.device_get(
-        x if x.is_fully_addressable else _gather(x))), params)
-    if path.exists() and jax.process_index() == 0:
-        path.rmtree()
-    meta = {"kind": kind, "model": config.model.to_dict(), **(extra_meta or {})}
-    checkpoints.save_params(path, host, meta)
-    logging.info("exported %s parameters to %s", kind, path)
-    return str(path)
-
-
-def _gather(x):
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
-def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
+def _reconstruction_writer(config, workdir, parts, writer):
     """Eval hook: reconstruction loss on a fixed batch and a PNG grid.
 
     Rows: clean; noisy with the masked patches grey (the encoder's input); the reconstruction
@@ -185,8 +151,7 @@ def _reconstruction_writer(config, workdir, parts: common.ModelParts, writer):
                 model.reconstruct(noisy, config.sigma))
 
     def eval_fn(step, state):
-        params = jax.tree.map(lambda x: x if x.is_fully_addressable else _gather(x),
-                              state["params"])
+        params = exports.gather(state["params"])
         loss, mask, noisy, recon, denoised = jax.device_get(evaluate(params))
         writer.write_scalars(step, {"eval_loss": float(loss)})
         if jax.process_index() == 0:

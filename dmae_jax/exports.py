@@ -1,0 +1,149 @@
+"""Parameter exports: the one format every model is saved in and built from.
+
+An export is a directory with `params/` (an Orbax PyTree of arrays: the pure-dict form of
+`nnx.state(model, nnx.Param)`) and `meta.json`, which says what model it is:
+
+    {"kind": "dmae" | "classifier" | "unet", "model": {...} or "config": {...}, ...}
+
+Training writes one at `<workdir>/export` when it finishes (`save_final`); the importers
+(`dmae_jax.convert`, `dmae_jax.diffusion.convert`) write them from the official PyTorch
+checkpoints (`save`). Each model module builds its model from an export in one way
+(`dmae.from_export`, `classifier.from_export`, `unet.from_export`), all through
+`load_checked` and `match_tree` here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dmae_jax.checkpoints import CheckpointError
+from dmae_jax.config import ConfigError
+
+KINDS = ("dmae", "classifier", "unet")
+
+
+class ParamTreeError(CheckpointError, ValueError):
+    """A parameter tree does not fit a model: an entry is missing, unexpected or mis-shaped."""
+
+
+def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any]):
+    """Writes `params` (a pure nested dict of host arrays) and JSON `meta` to `directory`."""
+    path = epath.Path(directory).absolute()
+    if (path / "params").exists():
+        raise CheckpointError(f"{path} already holds a parameter export; choose another --out")
+    path.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, dict(params))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / "params", params)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        (path / "meta.json").write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
+
+
+def gather(tree: Any) -> Any:
+    """Every array fully addressable here: sharded global arrays are all-gathered."""
+    from jax.experimental import multihost_utils
+
+    def full(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(full, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (gathered across processes when sharded)."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), gather(tree))
+
+
+def save_final(workdir: str, params: Any, meta: Mapping[str, Any]) -> str:
+    """Writes a training run's final `params` (global arrays) as `<workdir>/export`.
+
+    A previous export there (a rerun of a finished run) is replaced. Returns the path.
+    """
+    path = epath.Path(workdir).absolute() / "export"
+    host = to_host(params)
+    if path.exists() and jax.process_index() == 0:
+        path.rmtree()
+    save(path, host, meta)
+    return str(path)
+
+
+def load(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """Reads an export: returns (params as a nested dict of numpy arrays, meta)."""
+    path = epath.Path(directory).absolute()
+    if not (path / "params").exists() or not (path / "meta.json").exists():
+        raise CheckpointError(
+            f"{path} is not a dmae_jax parameter export (expected params/ and meta.json); "
+            "create one with `python -m dmae_jax.convert` or point at a training workdir's "
+            "export/ directory"
+        )
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path / "params")
+    except Exception as e:  # Orbax raises many types; the message is what matters here.
+        raise CheckpointError(f"could not read the parameter export at {path}: {e}") from e
+    return _int_keys(jax.tree.map(np.asarray, params)), meta
+
+
+def _int_keys(tree: Any) -> Any:
+    """Orbax stores dict keys as strings; list indices (`blocks/3`) come back as ints."""
+    if isinstance(tree, Mapping):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v)
+                for k, v in tree.items()}
+    return tree
+
+
+def load_checked(directory: str | os.PathLike, *, kind: str, field: str) -> tuple[dict, dict]:
+    """Like `load`, but the export must be of `kind`; errors name the config `field`."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if not directory:
+        raise ConfigError(f"{field} must name a parameter export directory, got {directory!r}")
+    if not epath.Path(directory).exists():
+        raise ConfigError(f"{field} = {directory!r} does not exist")
+    params, meta = load(directory)
+    if meta.get("kind") != kind:
+        raise CheckpointError(
+            f"{field} = {directory!r} holds a {meta.get('kind')!r} export, expected {kind!r}"
+        )
+    return params, meta
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def match_tree(expected: Any, given: Any, *, where: str) -> Any:
+    """`given`'s arrays in `expected`'s tree structure, each checked against its shape.
+
+    The one "copy a parameter tree into a model" check: every entry of `expected` (arrays
+    or shape-dtype structs) must be in `given` with the same shape, and `given` may hold
+    nothing else. Raises `ParamTreeError` naming `where`, the entry and both shapes.
+    """
+    flat_expected, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    flat_given = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+    missing = sorted(_name(p) for p, _ in flat_expected if p not in flat_given)
+    extra = sorted(_name(p) for p in flat_given.keys() - {p for p, _ in flat_expected})
+    if missing or extra:
+        raise ParamTreeError(
+            f"{where}: parameter tree mismatch: missing {missing[:8]}, unexpected {extra[:8]}")
+    out = []
+    for path, leaf in flat_expected:
+        got = flat_given[path]
+        if tuple(np.shape(got)) != tuple(np.shape(leaf)):
+            raise ParamTreeError(
+                f"{where}: {_name(path)} has shape {tuple(np.shape(got))}, the model expects "
+                f"{tuple(np.shape(leaf))}")
+        out.append(got)
+    return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,53 @@
+"""A model split for functional use, and loading a parameter tree into a module."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """A model split for functional use: `bind(params)` gives the module back.
+
+    `params` is the pure nested dict of `nnx.state(model, nnx.Param)`, the form exports
+    hold and training states carry; `bind` is trace-time only (no overhead under jit).
+    """
+
+    graphdef: Any
+    params: dict
+    rest: Any
+
+    @classmethod
+    def split(cls, model: nnx.Module) -> ModelParts:
+        """Splits an NNX module into its graph, trainable params (pure dict) and the rest."""
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return cls(graphdef, params.to_pure_dict(), rest)
+
+    def bind(self, params: Any) -> nnx.Module:
+        """The module with `params` (a pure dict, possibly of tracers) in place."""
+        return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+
+    def with_params(self, params: Any, *, where: str) -> ModelParts:
+        """These parts with `params` instead, checked entry by entry against the model's shapes."""
+        from dmae_jax.exports import match_tree
+
+        return dataclasses.replace(self, params=match_tree(self.params, params, where=where))
+
+
+def set_params(module: nnx.Module, params: Mapping[str, Any]) -> None:
+    """Loads a pure-dict parameter tree (as `nnx.state(m, nnx.Param).to_pure_dict()`) in place.
+
+    Every Param must be present with its exact shape; extra entries are an error.
+    """
+    from dmae_jax.exports import match_tree
+
+    state = nnx.state(module, nnx.Param)
+    checked = match_tree(state.to_pure_dict(), dict(params), where="params")
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), checked))
+    nnx.update(module, state)
