@@ -158,11 +158,11 @@ def jax_pretrain_step(case: dict) -> Callable[[], None]:
     from flax import nnx
 
     from dmae_jax import parallel
-    from dmae_jax.models import create_dmae
+    from dmae_jax.models import ModelParts, create_dmae
     from dmae_jax.train import common, optim
 
     mesh = _one_device_mesh()
-    parts = common.ModelParts.split(create_dmae(_model_cfg(case), rngs=nnx.Rngs(0)))
+    parts = ModelParts.split(create_dmae(_model_cfg(case), rngs=nnx.Rngs(0)))
     schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=case["batch"],
                                  total_steps=10_000, warmup_steps=100)
     tx = optim.pretrain_optimizer(parts.params, schedule=schedule)
@@ -239,9 +239,8 @@ def _jax_classifier(case: dict, dtype: str):
     """(logits_fn as a Partial over replicated params, apply(params, images), params)."""
     from flax import nnx
 
-    from dmae_jax.models import create_classifier
+    from dmae_jax.models import ModelParts, create_classifier
     from dmae_jax.smoothing.certify import place_replicated
-    from dmae_jax.train.common import ModelParts
 
     model = create_classifier(_model_cfg(case, dtype), case["num_classes"], rngs=nnx.Rngs(0))
     parts = ModelParts.split(model)
