@@ -57,6 +57,9 @@ def main(argv) -> None:
         # Progress, evaluation and reports are printed; absl INFO (Orbax's per-save chatter)
         # only with --verbosity=0.
         logging.set_verbosity(logging.WARNING)
+        from dmae_jax import quiet
+
+        quiet.install()
     config_lib.workdir_usable(_WORKDIR.value)
     task = config_lib.task(config)
     config = config_lib.resolve(config)

@@ -241,29 +241,51 @@ def create_writer(workdir: str) -> SummaryWriter | NullWriter:
 CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100
 
 
-def write_certification(writer: Any, rows: Sequence[Mapping[str, Any]], *, name: str,
-                        plot: np.ndarray | None = None, table: str | None = None) -> None:
-    """Certification results: ACR, abstention, the certified-accuracy curve and its plot.
+def write_certification(workdir: str, log_name: str, rows: Sequence[Mapping[str, Any]], *,
+                        table: str | None = None, title: str = "") -> None:
+    """Certification results as their own TensorBoard run, `<workdir>/<log_name stem>/`.
 
-    The curve goes to the scalar `<name>/certified_accuracy` with TensorBoard's step axis
-    standing for the radius in hundredths (step 150 = radius 1.5), from 0 to the largest
-    certified radius; `<name>/acr`, `<name>/abstain` and `<name>/clean_accuracy` (radius 0)
-    are written at step 0, the plot (uint8 [H, W, 3]) and the markdown table if given.
+    `certify/certified_accuracy` is the curve, with TensorBoard's step axis standing for the
+    radius in hundredths (step 150 = radius 1.5), from 0 to just past the largest certified
+    radius; `certify/acr`, `certify/abstain` and `certify/clean_accuracy` (radius 0) are at
+    step 0, with the plot of the curve (when matplotlib is installed) and the markdown
+    `table` if given. Writing again (a rerun) replaces what the previous run wrote.
     """
     from dmae_jax import report
 
-    radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
-    finite = radius[np.isfinite(radius)]
-    largest = float(finite.max()) if finite.size else 0.0
-    steps = np.arange(0, int(np.floor(largest * CERTIFY_RADIUS_STEPS)) + 2)
-    curve = report.certified_accuracy(rows, steps / CERTIFY_RADIUS_STEPS)
-    for step, accuracy in zip(steps, curve, strict=True):
-        writer.write_scalars(int(step), {f"{name}/certified_accuracy": float(accuracy)})
-    writer.write_scalars(0, {f"{name}/acr": report.acr(rows),
-                             f"{name}/abstain": report.abstention_rate(rows),
-                             f"{name}/clean_accuracy": float(curve[0])})
-    if plot is not None:
-        writer.write_images(0, {f"{name}/certified_accuracy_plot": plot})
-    if table is not None:
-        writer.write_texts(0, {f"{name}/report": table})
-    writer.flush()
+    writer = create_writer(os.path.join(workdir, os.path.splitext(log_name)[0]))
+    try:
+        radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
+        finite = radius[np.isfinite(radius)]
+        largest = float(finite.max()) if finite.size else 0.0
+        steps = np.arange(0, int(np.floor(largest * CERTIFY_RADIUS_STEPS)) + 2)
+        curve = report.certified_accuracy(rows, steps / CERTIFY_RADIUS_STEPS)
+        writer.write_scalars(0, {"certify/acr": report.acr(rows),
+                                 "certify/abstain": report.abstention_rate(rows),
+                                 "certify/clean_accuracy": float(curve[0])})
+        for step, accuracy in zip(steps, curve, strict=True):
+            writer.write_scalars(int(step), {"certify/certified_accuracy": float(accuracy)})
+        plot = _certification_plot(rows, log_name, title)
+        if plot is not None:
+            writer.write_images(0, {"certify/certified_accuracy_plot": plot})
+        if table is not None:
+            writer.write_texts(0, {"certify/report": table})
+    finally:
+        writer.close()
+
+
+def _certification_plot(rows, name: str, title: str) -> np.ndarray | None:
+    """report's certified-accuracy plot as uint8 [H, W, 3], or None without matplotlib."""
+    import importlib.util
+    import tempfile
+
+    from dmae_jax import report
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "plot.png")
+        report.plot_certified_accuracy(path, [rows], [name], title=title)
+        return np.asarray(Image.open(path).convert("RGB"))

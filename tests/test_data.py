@@ -134,7 +134,7 @@ def test_missing_cifar10_says_how_to_prepare_it(tmp_path):
         datasets.load_source("cifar10", "train", data_dir=str(tmp_path))
     message = str(e.value)
     assert "'cifar10'" in message and str(tmp_path) in message
-    assert f"tfds build cifar10 --file_format=array_record --data_dir={tmp_path}" in message
+    assert f"python -m dmae_jax.prepare --dataset=cifar10 --data_dir={tmp_path}" in message
     assert isinstance(e.value, datasets.DatasetError)
 
 
@@ -144,7 +144,8 @@ def test_missing_imagenet_names_the_manual_download_step(tmp_path):
     message = str(e.value)
     assert os.path.join(str(tmp_path), "downloads", "manual") in message
     assert "ILSVRC2012_img_val.tar" in message
-    assert f"tfds build imagenet2012 --file_format=array_record --data_dir={tmp_path}" in message
+    assert (f"python -m dmae_jax.prepare --dataset=imagenet2012 --data_dir={tmp_path} "
+            f"--manual_dir={os.path.join(str(tmp_path), 'downloads', 'manual')}") in message
 
 
 def test_split_strings_follow_tfds_slicing(digits_dir):

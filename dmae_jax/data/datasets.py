@@ -112,15 +112,17 @@ def _root(data_dir: str | None) -> str:
 def preparation_command(name: str, data_dir: str | None) -> str:
     """Shell instructions that prepare `name` in ArrayRecord format in `data_dir`."""
     root = _root(data_dir)
-    build = f"tfds build {name} --file_format=array_record --data_dir={root}"
+    build = f"python -m dmae_jax.prepare --dataset={name} --data_dir={root}"
     if name == "imagenet2012":
         manual = os.path.join(root, "downloads", "manual")
         return (
             "download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
             f"https://image-net.org/ into {manual}/ (TFDS cannot download ImageNet), then run "
-            f"`{build}` (needs TensorFlow, which dmae_jax installs; takes hours)"
+            f"`{build} --manual_dir={manual}` (needs TensorFlow: pip install tensorflow-cpu, "
+            "or dmae_jax's [prepare] extra; takes hours)"
         )
-    return f"`{build}` (needs TensorFlow, which dmae_jax installs, and network access)"
+    return (f"`{build}` (needs TensorFlow: pip install tensorflow-cpu, or dmae_jax's [prepare] "
+            "extra; and network access)")
 
 
 def load_source(

@@ -113,6 +113,7 @@ def prepare(image_size: int = 32, data_dir: str | None = None) -> Digits:
     """Builder for `image_size`, prepared as ArrayRecord in `data_dir` if not already there."""
     b = builder(image_size, data_dir)
     if not b.is_prepared():
+        tfds.disable_progress_bar()  # a few seconds of work: the bars would be escape codes
         try:
             b.download_and_prepare(
                 file_format="array_record",

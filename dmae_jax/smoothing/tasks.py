@@ -168,3 +168,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         table = report.markdown_table([rows], [config.log_name])
         logging.info("certification report:\n%s", table)
         print(table, flush=True)
+        from dmae_jax import metrics
+
+        metrics.write_certification(workdir, config.log_name, rows, table=table)
