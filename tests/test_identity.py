@@ -140,3 +140,112 @@ def test_a_log_without_identity_is_adopted_with_a_warning(tmp_path):
     identity.check_log(config, log_path, warn=warnings.append)
     assert len(warnings) == 1 and "has rows but no identity record" in warnings[0]
     assert logs.read_identity(log_path) is not None
+
+
+# ---------------------------------------------------------------------------------------
+# Training workdirs: config fingerprint, keep_ckpts, unreadable checkpoints.
+# ---------------------------------------------------------------------------------------
+
+
+def _checkpointer(workdir, **fingerprint):
+    from dmae_jax.checkpoints import TrainCheckpointer
+
+    return TrainCheckpointer(str(workdir), max_to_keep=3,
+                             fingerprint=fingerprint or {"model": {"depth": 2}, "sigma": 0.25})
+
+
+def _state(step: int) -> dict:
+    return {"w": np.arange(64, dtype=np.float32) * step, "step": np.int32(step)}
+
+
+def _abstract():
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                        _state(0))
+
+
+def _saved(workdir, steps=(2, 4)):
+    ckpt = _checkpointer(workdir)
+    for step in steps:
+        ckpt.save(step, _state(step), {"position": step})
+    ckpt.close()
+
+
+def _state_files(workdir, step):
+    root = os.path.join(workdir, "checkpoints", str(step), "state")
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+            if os.path.basename(d) == "d"]  # the array data files
+
+
+def _truncate(workdir):
+    for path in _state_files(workdir, 4):
+        os.truncate(path, 10)
+
+
+def _garbage(workdir):
+    for path in _state_files(workdir, 4):
+        with open(path, "r+b") as f:
+            f.write(b"\xff" * os.path.getsize(path))
+
+
+def _no_metadata(workdir):
+    os.remove(os.path.join(workdir, "checkpoints", "4", "state", "_METADATA"))
+
+
+def _no_manifest(workdir):
+    for d, _, files in os.walk(os.path.join(workdir, "checkpoints", "4", "state")):
+        for f in files:
+            if f == "manifest.ocdbt":
+                os.remove(os.path.join(d, f))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _garbage, _no_metadata, _no_manifest])
+def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(tmp_path, corrupt, capsys):
+    workdir = str(tmp_path)
+    _saved(workdir)
+    corrupt(workdir)
+    ckpt = _checkpointer(workdir)
+    step, state, extra = ckpt.restore(_abstract())
+    assert step == 2 and int(state["step"]) == 2 and extra["position"] == 2
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"warning: checkpoint step 4 at {workdir}/checkpoints/4 is "
+                              "unreadable (")
+    assert warning.endswith(f"moved to {workdir}/checkpoints_unreadable/4. Resuming from "
+                            "step 2, the newest intact checkpoint")
+    assert "\n" not in warning and "tensorstore_spec" not in warning
+    ckpt.save(4, _state(4), {"position": 4})  # training goes on through step 4 again
+    ckpt.close()
+    assert _checkpointer(workdir).restore(_abstract())[0] == 4
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    from dmae_jax.errors import CheckpointError
+
+    _saved(str(tmp_path), steps=(4,))
+    _no_metadata(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"no checkpoint under .* can be read \(step 4: "
+                       r"FileNotFoundError.*Not starting from scratch"):
+        _checkpointer(tmp_path).restore(_abstract())
+
+
+def test_checkpoint_of_another_config_names_the_fields_that_differ(tmp_path):
+    from dmae_jax.errors import CheckpointError
+
+    _saved(str(tmp_path))
+    other = _checkpointer(tmp_path, model={"depth": 1}, sigma=0.25)
+    with pytest.raises(CheckpointError) as e:
+        other.restore(_abstract())
+    assert str(e.value) == (
+        f"the checkpoint at {tmp_path}/checkpoints/4 was written for a different "
+        "configuration: model.depth = 2 there, 1 here. Rerun with the checkpoint's values, "
+        "or use another --workdir")
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_keep_ckpts_below_one_is_rejected(tmp_path, keep):
+    from dmae_jax.checkpoints import TrainCheckpointer
+
+    with pytest.raises(C.ConfigError, match=f"config.keep_ckpts must be an integer >= 1.*"
+                       f"got {keep}"):
+        TrainCheckpointer(str(tmp_path), max_to_keep=keep, fingerprint={})
