@@ -165,10 +165,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def save_resolved(config: ml_collections.ConfigDict, path: str | os.PathLike) -> str:
-    """Writes the run's resolved config as JSON to `path` (atomically where local)."""
+    """Writes the run's resolved config as JSON to `path` (process 0 only; atomic if local)."""
+    import jax
     from etils import epath
 
     path = os.fspath(path)
+    if jax.process_index() != 0:
+        return path
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
     if "://" in path:
         epath.Path(path).write_text(text)
@@ -285,7 +288,7 @@ def mask_keeps_patches(config) -> None:
 
 
 def workdir_usable(workdir: str) -> None:
-    """The workdir is a writable directory, or can be created (local paths only)."""
+    """The workdir is (or is created as) a directory this process can write (local paths)."""
     if not workdir:
         raise ConfigError("--workdir must name a directory, got ''")
     if "://" in workdir:
@@ -293,9 +296,11 @@ def workdir_usable(workdir: str) -> None:
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--workdir={workdir} is a file, not a directory")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created in {existing}"
-        raise ConfigError(f"--workdir={workdir} {what}")
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror})") from None

@@ -70,6 +70,7 @@ def main(argv) -> None:
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("task %s, workdir %s\n%s", task, _WORKDIR.value, config)
+    config_lib.save_resolved(config, os.path.join(_WORKDIR.value, "config.json"))
     module.run(config, _WORKDIR.value)
 
 

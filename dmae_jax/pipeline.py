@@ -87,6 +87,7 @@ def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
     if not _finished(export):
         cfg = _finetune_config(config, sigma, init_from)
         finetune.validate(cfg)
+        C.save_resolved(cfg, os.path.join(ft_dir, "config.json"))
         finetune.run(cfg, ft_dir)
     return export
 
@@ -118,7 +119,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pre_dir = os.path.join(workdir, "pretrain")
     stages.start(k)
     if not _finished(os.path.join(pre_dir, "export")):
-        pretrain.run(C.resolve(config.pretrain), pre_dir)
+        pre_config = C.resolve(config.pretrain)
+        C.save_resolved(pre_config, os.path.join(pre_dir, "config.json"))
+        pretrain.run(pre_config, pre_dir)
     k += 1
 
     exports = {}

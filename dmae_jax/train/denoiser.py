@@ -120,9 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.in_range(config, "optim.b1", 0.0, 1.0)
     C.in_range(config, "optim.b2", 0.0, 1.0)
     C.in_range(config, "ema_decay", 0.0, 1.0)
-    for field in ("log_every_steps", "ckpt_every_steps", "keep_ckpts"):
-        C.positive(config, field)
-    C.positive(config, "eval_every_steps", allow_zero=True)
+    C.training_loop(config)
     if config.task == "train_denoiser":
         _validate_train(config)
     else:

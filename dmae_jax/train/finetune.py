@@ -44,6 +44,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.positive(config, "batch_size")
     C.positive(config, "eval_batch_size")
     C.positive(config, "eval_noise_draws")
+    C.training_loop(config)
+    C.image_size_fits_model(config)
     if not config.get("total_steps"):
         C.positive(config, "num_epochs")
     if (config.mixup or config.cutmix) and config.batch_size % 2:

@@ -39,6 +39,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.img_size ({config.model.img_size}) must be a multiple of "
             f"config.model.patch_size ({config.model.patch_size})"
         )
+    C.training_loop(config)
+    C.image_size_fits_model(config)
+    C.mask_keeps_patches(config)
     if config.get("init_from"):
         exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
 
