@@ -4,7 +4,7 @@ Brier loss towards the label where the majority of M one-step denoisings is alre
 ("recoverable"), anti-consistency (the wrong majority class's smoothed confidence, squared)
 where it is not, plus the DDPM loss on clean images; sigma from the cascade's set
 {0.25, 0.5, 1.0}, one equal chunk of the batch per sigma (formulas:
-dmae_jax/train/denoiser.py). About 2.3 s/step on 2 idle cores, 300 steps in ~12 minutes:
+dmae_jax/diffusion/calibration.py). About 2.3 s/step on 2 idle cores, 300 steps in ~12 minutes:
 
   python -m dmae_jax.main --config=configs/calibrate_digits.py --workdir=runs/denoise/calib \
       --config.denoiser=runs/denoise/ddpm/export --config.classifier=runs/denoise/clf/export
@@ -22,7 +22,7 @@ from dmae_jax import defaults
 def get_config(arg=None):
     """runlocal: a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
-    cfg = defaults.digits_finetune_denoiser()
+    cfg = defaults.digits_calibrate_denoiser()
     if args.runlocal:
         cfg.update(total_steps=4, batch_size=12, num_noise_samples=2, log_every_steps=2,
                    ckpt_every_steps=2, eval_every_steps=4, eval_batch_size=16,

@@ -11,14 +11,11 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -167,41 +164,3 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
-
-
-# ---------------------------------------------------------------------------------------
-# Preemption.
-# ---------------------------------------------------------------------------------------
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM (a preemption notice) into a flag that the loop polls at each step.
-
-    Every process of a multi-host job must agree on the step at which to stop, so the flag
-    is OR-reduced across processes before it is acted on.
-    """
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self._event.set()
-
-    def should_stop(self) -> bool:
-        """True once any process has received SIGTERM (collective when multi-process)."""
-        flag = self._event.is_set()
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-        return flag
-
-    def restore_handler(self) -> None:
-        """Puts back the SIGTERM handler that was installed before this watcher."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None

@@ -30,7 +30,7 @@ TASKS = (
     "certify",
     "cascade",
     "train_denoiser",
-    "finetune_denoiser",
+    "calibrate_denoiser",
     "pipeline",
 )
 

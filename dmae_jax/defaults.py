@@ -61,6 +61,8 @@ def _loop(cfg: ml_collections.ConfigDict, **overrides) -> None:
     cfg.eval_every_steps = 1000   # 0: no evaluation
     cfg.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices sharing parameters (FSDP)
     cfg.accum_steps = 1           # micro-batches per optimizer step (batch stays global)
+    cfg.profile_steps = ()        # (start, stop): jax.profiler trace of those steps to
+                                  # workdir/profile; (): off
     cfg.update(overrides)
 
 
@@ -183,10 +185,10 @@ def train_denoiser(dataset: str = "cifar10",
     return cfg
 
 
-def finetune_denoiser(dataset: str = "digits") -> ml_collections.ConfigDict:
-    """Denoiser calibration defaults: Brier + anti-consistency + DDPM loss, frozen classifier."""
+def calibrate_denoiser(dataset: str = "digits") -> ml_collections.ConfigDict:
+    """Denoiser calibration defaults: Brier + anti-consistency + DDPM loss, fixed classifier."""
     cfg = ml_collections.ConfigDict()
-    cfg.task = "finetune_denoiser"
+    cfg.task = "calibrate_denoiser"
     cfg.denoiser = ""             # UNet export to start from (train_denoiser or converted)
     cfg.classifier = ""           # frozen classifier export (trained on clean images)
     cfg.model = ml_collections.ConfigDict(dict(dtype="float32"))
@@ -267,8 +269,8 @@ def digits_train_denoiser() -> ml_collections.ConfigDict:
     return cfg
 
 
-def digits_finetune_denoiser() -> ml_collections.ConfigDict:
+def digits_calibrate_denoiser() -> ml_collections.ConfigDict:
     """Calibration of the digits UNet against the clean digits classifier."""
-    cfg = finetune_denoiser(dataset="digits")
+    cfg = calibrate_denoiser(dataset="digits")
     cfg.data.update(image_size=16)
     return cfg

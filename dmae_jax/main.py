@@ -7,8 +7,8 @@ processes of a multi-host job, and runs `config.task`:
   finetune            smoothed-classifier fine-tuning / linear probing (train/finetune.py)
   certify             Cohen et al. CERTIFY over a data set (smoothing/tasks.py)
   cascade             multi-scale cascaded certification (smoothing/tasks.py)
-  train_denoiser      DDPM training of a diffusion denoiser (train/denoiser.py)
-  finetune_denoiser   denoiser calibration with a frozen classifier (train/denoiser.py)
+  train_denoiser      DDPM training of a diffusion denoiser (train/train_denoiser.py)
+  calibrate_denoiser  denoiser calibration against a fixed classifier (train/calibrate_denoiser.py)
   pipeline            the whole digits pipeline end to end (dmae_jax/pipeline.py)
 """
 
@@ -38,8 +38,8 @@ _RUNNERS = {
     "finetune": "dmae_jax.train.finetune",
     "certify": "dmae_jax.smoothing.tasks",
     "cascade": "dmae_jax.smoothing.tasks",
-    "train_denoiser": "dmae_jax.train.denoiser",
-    "finetune_denoiser": "dmae_jax.train.denoiser",
+    "train_denoiser": "dmae_jax.train.train_denoiser",
+    "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
     "pipeline": "dmae_jax.pipeline",
 }
 

@@ -39,8 +39,8 @@ _RUNNERS = {
     "finetune": "dmae_jax.train.finetune",
     "certify": "dmae_jax.smoothing.tasks",
     "cascade": "dmae_jax.smoothing.tasks",
-    "train_denoiser": "dmae_jax.train.denoiser",
-    "finetune_denoiser": "dmae_jax.train.denoiser",
+    "train_denoiser": "dmae_jax.train.train_denoiser",
+    "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
     "pipeline": "dmae_jax.pipeline",
 }
 
@@ -159,15 +159,15 @@ def test_digits_pipeline_keeps_a_users_eta():
 
 def test_every_task_has_a_factory_with_every_loop_field():
     loop = ("seed", "num_epochs", "total_steps", "log_every_steps", "ckpt_every_steps",
-            "keep_ckpts", "eval_every_steps", "mesh", "accum_steps")
+            "keep_ckpts", "eval_every_steps", "mesh", "accum_steps", "profile_steps")
     for factory in (defaults.pretrain, defaults.finetune, defaults.train_denoiser,
-                    defaults.finetune_denoiser):
+                    defaults.calibrate_denoiser):
         cfg = factory()
         assert all(field in cfg for field in loop), factory.__name__
         C.training_loop(cfg)
     tasks = {f().task for f in (defaults.pretrain, defaults.finetune, defaults.certify,
                                 defaults.cascade, defaults.train_denoiser,
-                                defaults.finetune_denoiser, defaults.pipeline)}
+                                defaults.calibrate_denoiser, defaults.pipeline)}
     assert tasks == set(C.TASKS)
 
 

@@ -193,6 +193,15 @@ def test_bad_pad_to_is_an_error(pad_to):
 # ---------------------------------------------------------------------------------------
 
 
+def make_denoised_logits_fn(unet, schedule, classifier_logits_fn, sigma, *,
+                            rescale_timesteps, pad_to=None):
+    """The certification engine's logits_fn for a UNet denoiser in front of a classifier."""
+    return denoise.denoise_then_classify(
+        denoise.make_diffusion_denoise_fn(unet, schedule, sigma,
+                                          rescale_timesteps=rescale_timesteps, pad_to=pad_to),
+        classifier_logits_fn)
+
+
 def _linear_logits(w, images):
     return images.mean(axis=(1, 2)) @ w
 
@@ -205,7 +214,7 @@ def linear_classifier(num_classes=10):
 def test_logits_fn_of_a_real_unet_maps_noisy_images_to_logits_and_jits():
     unet = UNet(TINY, rngs=nnx.Rngs(0))
     schedule = make_schedule("cosine", 1000)
-    logits_fn = denoise.make_denoised_logits_fn(
+    logits_fn = make_denoised_logits_fn(
         unet, schedule, linear_classifier(), 0.5, rescale_timesteps=False
     )
     # A pytree over the weights, so jitted callers get them as arguments, not constants.
@@ -225,7 +234,7 @@ def test_the_certification_engine_runs_denoise_and_classify():
     from dmae_jax.smoothing import certify
 
     unet = UNet(TINY, rngs=nnx.Rngs(0))
-    logits_fn = denoise.make_denoised_logits_fn(
+    logits_fn = make_denoised_logits_fn(
         unet, make_schedule("cosine", 1000), linear_classifier(), 0.25, rescale_timesteps=False
     )
     x = noisy_batch(0.25, shape=(1, 8, 8, 3))[0][0]  # a clean image in [0, 1]
@@ -244,7 +253,7 @@ def test_any_denoiser_can_sit_in_front_of_the_classifier():
 
 def test_denoiser_factory_rejects_an_impossible_sigma_at_construction():
     with pytest.raises(ValueError, match="sigma must be > 0"):
-        denoise.make_denoised_logits_fn(
+        make_denoised_logits_fn(
             lambda x, t: x, CIFAR, linear_classifier(), -0.25, rescale_timesteps=True
         )
 

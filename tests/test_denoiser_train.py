@@ -18,10 +18,10 @@ from flax import nnx
 
 from dmae_jax import checkpoints, defaults, exports
 from dmae_jax.config import ConfigError
-from dmae_jax.diffusion import loading, losses
+from dmae_jax.diffusion import calibration, loading, losses
 from dmae_jax.models import ModelParts, count_params
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.train import denoiser
+from dmae_jax.train import calibrate_denoiser, common, train_denoiser
 from tests.test_train import load_config
 
 # One level, no attention: the smallest UNet that compiles fast.
@@ -59,8 +59,8 @@ def ddpm_export(tmp_path_factory, data_dir):
         mp.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
         workdir = str(tmp_path_factory.mktemp("ddpm"))
         config = _train_config(data_dir)
-        denoiser.validate(config)
-        denoiser.run(config, workdir)
+        train_denoiser.validate(config)
+        train_denoiser.run(config, workdir)
     return workdir
 
 
@@ -93,7 +93,7 @@ def _calibration_config(data_dir, ddpm_export, classifier_export) -> ml_collecti
 def test_brier_score_is_the_mean_squared_distance_to_the_one_hot_label():
     probs = jnp.array([[[0.7, 0.2, 0.1]], [[0.5, 0.3, 0.2]]])      # M = 2 draws, B = 1
     expected = ((0.3**2 + 0.2**2 + 0.1**2) + (0.5**2 + 0.3**2 + 0.2**2)) / 2
-    np.testing.assert_allclose(denoiser.brier_score(probs, jnp.array([0])), [expected],
+    np.testing.assert_allclose(calibration.brier_score(probs, jnp.array([0])), [expected],
                                rtol=1e-6)
 
 
@@ -104,7 +104,7 @@ def test_majority_vote_counts_argmaxes_and_breaks_ties_towards_the_lower_class()
         [[0.5, 0.4, 0.1], [0.2, 0.7, 0.1]],
     ])                                                                # [M=3, B=2, K=3]
     # Image 0 votes 1, 1, 0 -> 1; image 1 votes 0, 2, 1 -> a three-way tie -> 0.
-    np.testing.assert_array_equal(denoiser.majority_vote(probs), [1, 0])
+    np.testing.assert_array_equal(calibration.majority_vote(probs), [1, 0])
 
 
 def test_brier_applies_to_recoverable_images_and_anti_consistency_to_the_others():
@@ -113,9 +113,9 @@ def test_brier_applies_to_recoverable_images_and_anti_consistency_to_the_others(
         [[0.6, 0.3, 0.1], [0.3, 0.6, 0.1]],
     ])                                                                # [M=2, B=2, K=3]
     labels = jnp.array([0, 2])              # image 0 voted 0 (right), image 1 voted 1 (wrong)
-    loss, aux = denoiser.calibration_loss(probs, labels, lambda_brier=2.0, lambda_ac=3.0)
+    loss, aux = calibration.calibration_loss(probs, labels, lambda_brier=2.0, lambda_ac=3.0)
     np.testing.assert_array_equal(aux["recoverable"], [True, False])
-    brier0 = denoiser.brier_score(probs[:, :1], labels[:1])[0]
+    brier0 = calibration.brier_score(probs[:, :1], labels[:1])[0]
     ac1 = ((0.7 + 0.6) / 2) ** 2            # the wrong majority class 1's mean probability
     np.testing.assert_allclose(aux["brier"], brier0 / 2, rtol=1e-6)   # / B: batch means
     np.testing.assert_allclose(aux["ac"], ac1 / 2, rtol=1e-6)
@@ -130,7 +130,7 @@ def test_a_gradient_step_lowers_the_wrong_class_and_raises_the_label_where_recov
     labels = jnp.array([0, 2])
 
     def loss(z):
-        return denoiser.calibration_loss(jax.nn.softmax(z), labels, lambda_brier=1.0,
+        return calibration.calibration_loss(jax.nn.softmax(z), labels, lambda_brier=1.0,
                                          lambda_ac=1.0)[0]
 
     before = jax.nn.softmax(logits).mean(0)
@@ -145,36 +145,40 @@ def test_a_gradient_step_lowers_the_wrong_class_and_raises_the_label_where_recov
 
 
 def test_ddpm_steps_lower_the_loss_on_a_fixed_batch_and_the_ema_follows():
+    from dmae_jax import parallel
+
     model = unet_lib.UNet(TINY, rngs=nnx.Rngs(0))
     parts = ModelParts.split(model)
     schedule = loading.unet_schedule(TINY)
     x0 = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3)) * 2 - 1
     key = jax.random.key(2)  # the same t, eps (and dropout) at every step
 
-    def loss_fn(params):
+    def loss_fn(params, batch, rng):
+        del rng
         return losses.ddpm_loss(lambda x, t, rng: parts.bind(params)(x, t, rng=rng),
-                                schedule, x0, key, rescale_timesteps=False)
+                                schedule, batch["x0"], key, rescale_timesteps=False), {}
 
-    tx = denoiser.with_ema(optax.adam(2e-3), 0.5)
-    params = parts.params
-    state = tx.init(params)
+    tx = optax.adam(2e-3)
+    mesh = parallel.make_mesh()
 
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+    def make_state(params):
+        return common.init_state(params, tx, jax.random.key(0), ema=True)
 
-    first = None
+    shardings = common.state_shardings(make_state, parts.params, mesh)
+    step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
+                                  ema_decay=0.5)
+    state = jax.jit(make_state, out_shardings=shardings)(parts.params)
+    batch = parallel.global_batch({"x0": np.asarray(x0)}, mesh)
+    losses_seen = []
     for _ in range(12):
-        prev = params
-        params, state, loss = step(params, state)
-        first = loss if first is None else first
-    assert float(loss_fn(params)) < 0.8 * float(first)
+        prev = state["params"]
+        state, measurements = step(state, batch)
+        losses_seen.append(float(measurements["loss"]))
+    assert float(loss_fn(state["params"], {"x0": x0}, None)[0]) < 0.8 * losses_seen[0]
     # ema = 0.5 * old ema + 0.5 * new params: strictly between when they differ.
     leaf = lambda t: np.asarray(t["out_conv"]["bias"])  # noqa: E731
-    assert not np.allclose(leaf(state.ema), leaf(params))
-    assert not np.allclose(leaf(state.ema), leaf(prev))
+    assert not np.allclose(leaf(state["ema"]), leaf(state["params"]))
+    assert not np.allclose(leaf(state["ema"]), leaf(prev))
 
 
 def test_train_task_exports_a_unet_that_certification_can_load(ddpm_export):
@@ -235,15 +239,15 @@ def test_a_dmae_export_denoises_with_nothing_masked(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_calibration_trains_the_unet_and_leaves_the_classifier_untouched(
+def test_calibration_trains_the_unet_and_keeps_the_classifier_out_of_the_state(
         tmp_path, data_dir, ddpm_export, classifier_export):
     import orbax.checkpoint as ocp
 
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     config.ema_decay = 0.5  # exports the average, which also moves
-    denoiser.validate(config)
+    calibrate_denoiser.validate(config)
     workdir = str(tmp_path / "calib")
-    denoiser.run(config, workdir)
+    calibrate_denoiser.run(config, workdir)
 
     before, _ = exports.load(config.denoiser)
     after, meta = exports.load(os.path.join(workdir, "export"))
@@ -253,14 +257,15 @@ def test_calibration_trains_the_unet_and_leaves_the_classifier_untouched(
     assert any(changed), "the UNet must be trained"
     loading.load_denoise_fn(os.path.join(workdir, "export"), "diffusion", 1.0, image_size=8)
 
-    clf, _ = exports.load(classifier_export)
+    # The classifier is an argument of the step, never trained state: the checkpoint holds
+    # the UNet's params, their average and the optimizer state of the UNet only.
     with ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                item_names=("state", "extra")) as manager:
         saved = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))["state"]
-    frozen = exports._int_keys(saved["params"]["classifier"])
-    for a, b in zip(jax.tree.leaves(clf), jax.tree.leaves(frozen), strict=True):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    assert set(saved) == {"params", "ema", "opt_state", "step", "rng"}
+    unet_size = sum(np.size(x) for x in jax.tree.leaves(before))
+    assert sum(np.size(x) for x in jax.tree.leaves(saved["params"])) == unet_size
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ def test_bad_training_config_names_the_field(data_dir, field, value, message):
     config = _train_config(data_dir)
     _set(config, field, value)
     with pytest.raises(ValueError) as e:
-        denoiser.validate(config)
+        train_denoiser.validate(config)
     assert message in str(e.value)
 
 
@@ -296,7 +301,7 @@ def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifie
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     _set(config, field, value)
     with pytest.raises(ValueError) as e:
-        denoiser.validate(config)
+        calibrate_denoiser.validate(config)
     assert message in str(e.value)
 
 
@@ -306,11 +311,11 @@ def test_calibration_refuses_a_denoiser_as_classifier_and_zero_calibration_weigh
     config.classifier = config.denoiser
     with pytest.raises(checkpoints.CheckpointError, match="holds a 'unet' export, expected "
                                                           "'classifier'"):
-        denoiser.validate(config)
+        calibrate_denoiser.validate(config)
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     config.lambda_brier = config.lambda_ac = 0.0
     with pytest.raises(ConfigError, match="both 0"):
-        denoiser.validate(config)
+        calibrate_denoiser.validate(config)
 
 
 def _set(config, field: str, value) -> None:

@@ -333,7 +333,7 @@ def test_pretrain_optimizer_matches_torch_adamw_with_timm_add_weight_decay(tree)
 @pytest.mark.parametrize("tree", _trees(_Classifier), ids=["State", "dict"])
 def test_frozen_params_do_not_move_and_have_no_optimizer_state(tree):
     tx = optim.finetune_optimizer(
-        tree, schedule=SCHEDULE, num_layers=DEPTH, frozen=optim.linear_probe_frozen, accum_steps=2
+        tree, schedule=SCHEDULE, num_layers=DEPTH, frozen=optim.linear_probe_frozen
     )
     new, state = _run(tx, tree, steps=4)
     before, after = _named_values(tree), _named_values(new)
@@ -344,8 +344,8 @@ def test_frozen_params_do_not_move_and_have_no_optimizer_state(tree):
             np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     head_size = sum(x.size for n, x in before.items() if n.startswith("head/"))
     state_size = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
-    # Adam mu and nu plus the accumulation buffer, for the head only.
-    assert state_size == 3 * head_size
+    # Adam mu and nu, for the head only.
+    assert state_size == 2 * head_size
 
 
 def test_frozen_everything_is_rejected():
@@ -354,25 +354,6 @@ def test_frozen_everything_is_rejected():
         optim.finetune_optimizer(
             tree, schedule=SCHEDULE, num_layers=DEPTH, frozen=lambda name: True
         )
-
-
-def test_accumulation_applies_the_mean_gradient_every_k_steps():
-    tree = _trees(_Classifier)[1]
-    kwargs = dict(schedule=SCHEDULE, num_layers=DEPTH)
-    accumulated = optim.finetune_optimizer(tree, accum_steps=2, **kwargs)
-    single = optim.finetune_optimizer(tree, **kwargs)
-    g0, g1 = _random_grads(tree, 0), _random_grads(tree, 1)
-    update = jax.jit(accumulated.update)
-    state = accumulated.init(tree)
-    first, state = update(g0, state, tree)
-    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(first))
-    second, _ = update(g1, state, tree)
-    mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g0, g1)
-    expected, _ = jax.jit(single.update)(mean, single.init(tree), tree)
-    for a, b in zip(
-        jax.tree_util.tree_leaves(second), jax.tree_util.tree_leaves(expected), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_linear_probe_lars_matches_mae_lars_transcription():

@@ -124,51 +124,186 @@ def test_two_processes_with_two_devices_match_one_process_with_four(tmp_path, da
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir,
+                                                                 monkeypatch):
+    from dmae_jax import parallel
+    from dmae_jax.train import common, pretrain
+
+    config = load_config(CONFIG)
+    config.data.data_dir = data_dir
+    config.update(total_steps=10, log_every_steps=1, ckpt_every_steps=2, eval_every_steps=0,
+                  batch_size=16)
+    real, calls = parallel.global_batch, []
+
+    def poisoned_after_four(batch, mesh):
+        calls.append(1)
+        if len(calls) > 4:
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return real(batch, mesh)
+
+    monkeypatch.setattr(parallel, "global_batch", poisoned_after_four)
+    with pytest.raises(common.NonFiniteLossError, match="last good checkpoint is step 4"):
+        pretrain.run(config, str(tmp_path))
+    assert helpers.checkpoint_steps(str(tmp_path)) == [2, 4]
+
+
+def test_accumulated_micro_batches_make_the_same_step_as_the_whole_batch():
     import jax
     import jax.numpy as jnp
+    import optax
 
     from dmae_jax import parallel
     from dmae_jax.train import common
 
-    class Batches:
-        position = 0
+    def loss_fn(params, batch, rng):
+        del rng
+        return jnp.mean(jnp.square(batch["x"] @ params["w"] - batch["y"])), {}
 
-        def __next__(self):
-            self.position += 1
-            return {"x": np.ones((jax.device_count(), 2), np.float32)}
+    mesh = parallel.make_mesh()
+    tx = optax.sgd(0.1)
+    params = {"w": np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(3, 2)}
+    n = 4 * jax.device_count()
+    rows = np.arange(n * 3, dtype=np.float32).reshape(n, 3) / (n * 3)
+    batch = parallel.global_batch({"x": rows, "y": np.cos(rows[:, :2])}, mesh)
 
-        def get_state(self):
-            return {"position": self.position}
+    def make_state(p):
+        return common.init_state(p, tx, jax.random.key(0))
 
-        def set_state(self, state):
-            self.position = state["position"]
+    shardings = common.state_shardings(make_state, params, mesh)
+    results = []
+    for accum_steps in (1, 2):
+        step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
+                                      accum_steps=accum_steps)
+        state, measurements = step(jax.jit(make_state, out_shardings=shardings)(params), batch)
+        results.append((np.asarray(state["params"]["w"]), float(measurements["loss"])))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
 
-    def make_state(params):
-        return {"params": params, "step": jnp.zeros((), jnp.int32)}
 
-    def step_builder(shardings):
-        def step(state, batch):
-            loss = jnp.where(state["step"] >= 4, jnp.nan, jnp.sum(batch["x"]))
-            return (dict(state, step=state["step"] + 1),
-                    {"loss": loss, "grad_norm": jnp.float32(1.0)})
-        return jax.jit(step)
+def test_a_second_writer_on_a_workdir_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    from dmae_jax.train import common
+
+    work = str(tmp_path / "w")
+    os.makedirs(work)
+    # A lock file left by a process that is gone (no kernel lock held on it).
+    with open(os.path.join(work, common.LOCK_FILE), "w") as f:
+        f.write("pid 999999 on elsewhere since 2020-01-01 00:00:00\n")
+    with common.WorkdirLock(work):
+        with open(os.path.join(work, common.LOCK_FILE)) as f:
+            assert f.read().startswith(f"pid {os.getpid()} ")
+        with common.WorkdirLock(work):
+            pass  # nested in this process (main takes it, then the trainer): allowed
+        before = os.listdir(work)
+        proc = helpers.run(helpers.main_command(CONFIG, work), check=False, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"workdir {work} is in use by another training run (pid {os.getpid()} " \
+            in proc.stderr and "Traceback" not in proc.stderr
+        assert os.listdir(work) == before, "the refused run wrote into the workdir"
+    with common.WorkdirLock(work):
+        pass  # released: the next run gets it
+
+
+def test_ctrl_c_and_sigterm_request_a_save_and_the_matching_exit_code():
+    import signal
+
+    from dmae_jax.train import common
+
+    class Checkpoints:
+        directory = "ckpt"
+
+        def wait(self):
+            pass
+
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        with common.StopSignals() as stop:
+            assert not stop.requested(sync=False)
+            os.kill(os.getpid(), signum)
+            assert stop.requested(sync=False), "a single process checks at every step"
+            with pytest.raises(SystemExit) as e:
+                stop.exit(7, Checkpoints())
+            assert e.value.code == code
+        assert signal.getsignal(signum) is not stop._handle
+
+
+def test_stop_check_of_several_processes_gathers_only_on_sync_steps(monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    from dmae_jax.train import common
+
+    gathers = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: gathers.append(x) or np.stack([x, ~x]))
+    stop = common.StopSignals()
+    assert not any(stop.requested(sync=False) for _ in range(100))
+    assert not gathers, "no host synchronisation between log and checkpoint steps"
+    assert stop.requested(sync=True), "another process was signalled"
+    assert len(gathers) == 1
+
+
+def test_progress_leaves_compilation_out_of_the_eta_and_says_resumed_or_complete(capsys):
+    import jax.numpy as jnp
+
+    from dmae_jax.train import common
 
     class Writer:
+        def __init__(self):
+            self.scalars = {}
+
         def write_scalars(self, step, values):
-            pass
+            self.scalars[step] = values
 
-        def flush(self):
-            pass
+    writer = Writer()
+    progress = common.Progress(writer, None, first_step=10, total_steps=20,
+                               global_batch_size=8)
+    for step in (11, 12):
+        progress.report(step, {"loss": jnp.float32(0.5), "grad_norm": jnp.float32(1.0)})
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 11/20 loss=0.5000") and "with compilation" in first
+    assert "ETA" not in first and "images_per_sec" not in writer.scalars[11]
+    assert "img/s ETA" in second and "images_per_sec" in writer.scalars[12]
 
-    with pytest.raises(common.NonFiniteLossError, match="last good checkpoint is step 4"):
-        common.run_training(
-            workdir=str(tmp_path), mesh=parallel.make_mesh(),
-            loop=common.LoopConfig(total_steps=10, log_every=1, ckpt_every=2, keep_ckpts=5,
-                                   global_batch_size=4),
-            step_builder=step_builder, init_params={"w": np.zeros(3, np.float32)},
-            make_state=make_state, data_iter=Batches(), fingerprint={"t": 1}, writer=Writer())
-    assert helpers.checkpoint_steps(str(tmp_path)) == [2, 4]
+    class Checkpoints:
+        directory = "ckpt"
+
+        def __init__(self, step):
+            self.step = step
+
+        def restore(self, abstract):
+            return self.step, {"params": {}}, {"data_iter": {"position": 3}}
+
+    class Batches:
+        def set_state(self, state):
+            self.state = state
+
+    for step, said in ((6, "resumed from step 6 of 20"), (20, "already complete")):
+        batches = Batches()
+        state, first_step = common.restore_or_init(
+            Checkpoints(step), lambda p: {"params": p}, {}, {"params": {}}, batches, 20)
+        assert first_step == step and batches.state == {"position": 3}
+        assert said in capsys.readouterr().out
+
+
+def test_profile_steps_write_a_trace_to_the_workdir(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from dmae_jax.config import ConfigError
+    from dmae_jax.train import common
+
+    state = jnp.ones((64, 64))
+    with common.Profiler((2, 4), str(tmp_path)) as profiler:
+        for step in range(1, 6):
+            profiler.step(step, state)
+            state = jax.jit(lambda x: x @ x / 64.0)(state)
+    traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files
+              if f.endswith(".xplane.pb")]
+    assert traces, "no trace written"
+    assert common.check_profile_steps(()) == (0, 0)
+    for bad in ((3,), (5, 5), (0, 2), "1,2"):
+        with pytest.raises(ConfigError, match="config.profile_steps must be"):
+            common.check_profile_steps(bad)
 
 
 def test_checkpoint_of_another_model_is_an_error_not_a_fresh_start(tmp_path, data_dir):

@@ -4,7 +4,6 @@ from dmae_jax.diffusion.denoise import (
     DenoisedClassifier,
     DiffusionDenoiser,
     denoise_then_classify,
-    make_denoised_logits_fn,
     make_diffusion_denoise_fn,
     one_shot_denoise,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "ddpm_loss",
     "ddpm_loss_terms",
     "denoise_then_classify",
-    "make_denoised_logits_fn",
     "make_diffusion_denoise_fn",
     "make_schedule",
     "model_timestep",

@@ -164,24 +164,3 @@ def denoise_then_classify(
     their arrays as leaves, so they stay jit arguments.
     """
     return DenoisedClassifier(denoise_fn, classifier_logits_fn)
-
-
-def make_denoised_logits_fn(
-    unet: UNetApply,
-    schedule: DiffusionSchedule,
-    classifier_logits_fn: LogitsFn,
-    sigma: float,
-    *,
-    rescale_timesteps: bool,
-    pad_to: int | None = None,
-) -> DenoisedClassifier:
-    """The certification engine's logits_fn: noisy images [B, H, W, C] in [0, 1] -> [B, K].
-
-    `unet` is a `UNet` or any (x, t) -> output callable. The engine adds the noise; this
-    only denoises (one UNet call at t*(sigma)) and classifies. The result is a pure,
-    jittable pytree (see `DiffusionDenoiser`).
-    """
-    denoise_fn = make_diffusion_denoise_fn(
-        unet, schedule, sigma, rescale_timesteps=rescale_timesteps, pad_to=pad_to
-    )
-    return denoise_then_classify(denoise_fn, classifier_logits_fn)

@@ -46,6 +46,31 @@ def pad_to_for(image_size: int, unet_size: int) -> int | None:
     return unet_size if image_size < unet_size else None
 
 
+def check_sigmas(config: UNetConfig, sigmas, field: str) -> None:
+    """Every sigma is within the UNet's noise schedule (its t*(sigma) exists), else ConfigError."""
+    from dmae_jax.diffusion.schedule import timestep_for_sigma
+    from dmae_jax.errors import ConfigError
+
+    schedule = unet_schedule(config)
+    for s in sigmas:
+        try:
+            timestep_for_sigma(schedule, s)
+        except ValueError as e:
+            raise ConfigError(f"{field}: {e}") from None
+
+
+def check_image_size(image_size: int, config: UNetConfig, field: str) -> None:
+    """Images of `image_size` fit the UNet: its size or larger, or reflection-paddable to it."""
+    from dmae_jax.errors import ConfigError
+
+    pad_to = pad_to_for(image_size, config.image_size)
+    if pad_to is not None and ((pad_to - image_size) % 2 or (pad_to - image_size) // 2
+                               >= image_size):
+        raise ConfigError(
+            f"{field} = {image_size} cannot be reflection-padded to the UNet's {pad_to}: the "
+            "sizes must differ by an even number less than twice the image size")
+
+
 def load_unet(path: str, *, field: str = "config.denoiser"):
     """(unet_apply, UNetConfig, schedule) of a UNet export.
 

@@ -1,19 +1,26 @@
-"""What every training loop shares: the sharded step, the loop with checkpoints and metrics.
+"""The helpers every trainer calls: state, step, restore, stop signals, progress, profiler, lock.
 
-The trainers (`pretrain.py`, `finetune.py`, `denoiser.py`) read top to bottom: mesh, data,
-model, optimizer, then `run_training`, which owns the parts that must be the same
-everywhere: restore-or-init, the jitted step over the mesh, preemption, NaN guard, periodic
-async checkpoints, CLU metrics and the progress line.
+Each trainer (`pretrain.py`, `finetune.py`, `train_denoiser.py`, `calibrate_denoiser.py`) is
+one `run(config, workdir)` that reads top to bottom like big_vision's train.py: workdir lock,
+mesh, data, model, optimizer, step, checkpoint restore, then the `for step ...` loop in plain
+sight. Nothing here calls back into a trainer.
 
-State is one pytree: `{"params", "opt_state", "step", "rng"}`. Params are the pure nested
-dict of `nnx.state(model, nnx.Param)`; the model is rebuilt inside the step with
-`nnx.merge(graphdef, nnx.State(params), rest)` (trace-time only, no overhead).
+State is one pytree: `{"params", "opt_state", "step", "rng"}`, plus `"ema"` (an exponential
+moving average of the params) for the denoisers. Params are the pure nested dict of
+`nnx.state(model, nnx.Param)`; the model is rebuilt inside the step with
+`ModelParts.bind(params)` (trace-time only, no overhead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
+import os
+import signal
+import socket
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,45 +30,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
 from jax.sharding import Mesh
 
-from dmae_jax import checkpoints, parallel
+from dmae_jax import parallel
+from dmae_jax.errors import ConfigError, LockError
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient became NaN/inf; the run stops and keeps its last good save."""
 
 
-@dataclasses.dataclass
-class ModelParts:
-    """A model split for functional use: `bind(params)` gives the module back."""
-
-    graphdef: Any
-    params: dict
-    rest: Any
-
-    @classmethod
-    def split(cls, model: nnx.Module) -> ModelParts:
-        """Splits an NNX module into its graph, trainable params (pure dict) and the rest."""
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return cls(graphdef, params.to_pure_dict(), rest)
-
-    def bind(self, params: Any) -> nnx.Module:
-        """The module with `params` (a pure dict, possibly of tracers) in place."""
-        return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+# ---------------------------------------------------------------------------------------
+# State and step.
+# ---------------------------------------------------------------------------------------
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> dict:
-    """A fresh training state."""
-    return {
+def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array, *,
+               ema: bool = False) -> dict:
+    """A fresh training state; with `ema`, the average starts at the initial params."""
+    state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(rng),
     }
+    if ema:
+        state["ema"] = jax.tree.map(jnp.asarray, params)
+    return state
 
 
 def make_train_step(
@@ -72,22 +69,33 @@ def make_train_step(
     state_sharding: Any,
     accum_steps: int = 1,
     lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """The jitted, donated, mesh-sharded step: `(state, batch) -> (state, metrics)`.
+    ema_decay: float = 0.0,
+    frozen_sharding: Any = None,
+) -> Callable[..., tuple[dict, dict]]:
+    """The jitted, donated, mesh-sharded step: `(state, batch[, frozen]) -> (state, metrics)`.
 
-    `loss_fn(params, batch, rng) -> (loss, aux)`. With `accum_steps > 1` the global batch is
-    cut into micro-batches whose gradients are averaged in a `lax.scan` before one optimizer
-    update (the official code divides each micro-loss by accum_iter; same mean). Each
-    device keeps its own rows in every micro-batch, so the split moves no data.
+    `loss_fn(params, batch, rng[, frozen]) -> (loss, aux)`. `frozen` (given when
+    `frozen_sharding` is) is a pytree the loss reads but never trains, such as the fixed
+    classifier of denoiser calibration; it is an argument, not part of the state, so it is
+    neither differentiated, optimised nor checkpointed.
+
+    With `accum_steps > 1` the global batch is cut into micro-batches whose gradients are
+    averaged in a `lax.scan` before one optimizer update (the official code divides each
+    micro-loss by accum_iter; same mean). Each device keeps its own rows in every
+    micro-batch, so the split moves no data. This is the only gradient accumulation: the
+    optimizers never accumulate themselves.
+
+    With `ema_decay > 0` the state's "ema" follows ema <- decay * ema + (1 - decay) * params
+    after every update.
     """
     batch_sharding = parallel.batch_sharding(mesh)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state, batch):
+    def step(state, batch, *frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
         if accum_steps == 1:
-            (loss, aux), grads = grad_fn(params, batch, rng)
+            (loss, aux), grads = grad_fn(params, batch, rng, *frozen)
         else:
             def micro(x):
                 x = x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:])
@@ -97,14 +105,15 @@ def make_train_step(
 
             def body(carry, inputs):
                 i, mb = inputs
-                (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), *frozen)
                 acc = jax.tree.map(jnp.add, carry, (loss, aux, grads))
                 return acc, None
 
             zeros = jax.tree.map(
                 jnp.zeros_like,
                 jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0],
-                                                                     micro_batches), rng)),
+                                                                     micro_batches), rng,
+                                               *frozen)),
             )
             zeros = (zeros[0][0], zeros[0][1], zeros[1])
             (loss, aux, grads), _ = jax.lax.scan(
@@ -117,11 +126,17 @@ def make_train_step(
         if lr_fn is not None:
             metrics["lr"] = lr_fn(state["step"])
         new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+        if ema_decay:
+            new_state["ema"] = jax.tree.map(
+                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
         return new_state, metrics
 
+    in_shardings = (state_sharding, batch_sharding)
+    if frozen_sharding is not None:
+        in_shardings += (frozen_sharding,)
     return jax.jit(
         step,
-        in_shardings=(state_sharding, batch_sharding),
+        in_shardings=in_shardings,
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -135,132 +150,303 @@ def put_global(tree: Any, shardings: Any) -> Any:
     )
 
 
-@dataclasses.dataclass
-class LoopConfig:
-    """The loop's knobs, taken from the task config."""
-
-    total_steps: int
-    log_every: int
-    ckpt_every: int
-    keep_ckpts: int
-    global_batch_size: int
-    eval_every: int = 0
+def state_shardings(make_state: Callable[[Any], dict], params: Any, mesh: Mesh) -> Any:
+    """The shardings of `make_state(params)` on `mesh` (traced abstractly, nothing computed)."""
+    return parallel.state_shardings(jax.eval_shape(make_state, params), mesh)
 
 
-def run_training(
-    *,
-    workdir: str,
-    loop: LoopConfig,
-    mesh: Mesh,
-    step_builder: Callable[[Any], Callable[[dict, dict], tuple[dict, dict]]],
-    init_params: Any,
-    make_state: Callable[[Any], dict],
-    data_iter: Any,
-    fingerprint: Mapping[str, Any],
-    writer: Any,
-    eval_fn: Callable[[int, dict], None] | None = None,
-) -> dict:
-    """Restores or initialises the state, then trains to `loop.total_steps`.
+# ---------------------------------------------------------------------------------------
+# Checkpoint restore.
+# ---------------------------------------------------------------------------------------
 
-    `init_params` are host (numpy) parameters, the same on every process;
-    `make_state(params) -> state` builds the optimizer state around them (jitted here);
-    `step_builder(state_shardings)` returns the jitted step (see `make_train_step`).
 
-    `data_iter` yields local numpy batches and has `get_state()/set_state()` (the Grain
-    iterator); its position is saved with every checkpoint so a resumed run sees exactly
-    the batches the uninterrupted run would have. Returns the final state.
+def restore_or_init(ckpt, make_state: Callable[[Any], dict], params: Any, shardings: Any,
+                    data_iter: Any, total_steps: int) -> tuple[dict, int]:
+    """(state, its step): the newest checkpoint of `ckpt`, or `make_state(params)` at step 0.
+
+    `params` are host (numpy) parameters, the same on every process. On a restore the data
+    iterator is moved to where that checkpoint left it, so a resumed run sees exactly the
+    batches the uninterrupted run would have. Says on process 0 which of the three it is:
+    a fresh start, a resume, or a run with nothing left to do.
     """
-    ckpt = checkpoints.TrainCheckpointer(
-        workdir, max_to_keep=loop.keep_ckpts, fingerprint=fingerprint
-    )
-    shapes = jax.eval_shape(make_state, init_params)
-    shardings = parallel.state_shardings(shapes, mesh)
     abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
-    step_fn = step_builder(shardings)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(make_state, params), shardings)
     restored = ckpt.restore(abstract)
     if restored is None:
-        params = put_global(init_params, shardings["params"])
-        state = jax.jit(make_state, out_shardings=shardings)(params)
-        start = 0
+        state = jax.jit(make_state, out_shardings=shardings)(
+            put_global(params, shardings["params"]))
         logging.info("no checkpoint in %s: starting at step 0", ckpt.directory)
+        return state, 0
+    step, state, extra = restored
+    data_iter.set_state(extra["data_iter"])
+    if step >= total_steps:
+        _say(f"already complete: the checkpoint in {ckpt.directory} is at step {step} of "
+             f"{total_steps}; nothing to train")
     else:
-        start, state, extra = restored
-        data_iter.set_state(extra["data_iter"])
-        logging.info("resumed from %s/%d", ckpt.directory, start)
-
-    watcher = checkpoints.PreemptionWatcher()
-    progress = _Progress(loop.total_steps, start, loop.global_batch_size)
-    last_saved = start if restored is not None else None
-    step = start
-    try:
-        while step < loop.total_steps:
-            batch = parallel.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            must_save = step % loop.ckpt_every == 0 or step == loop.total_steps
-            stop = watcher.should_stop()
-            if step % loop.log_every == 0 or must_save or stop or step == start + 1:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
-                    raise NonFiniteLossError(
-                        f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: "
-                        f"stopping; the last good checkpoint is step {last_saved} in "
-                        f"{ckpt.directory}. Lower the learning rate or use float32 compute."
-                    )
-                progress.report(step, values, writer)
-            if must_save or stop:
-                ckpt.save(step, state, {"data_iter": data_iter.get_state()})
-                last_saved = step
-            if stop:
-                logging.warning("preemption notice (SIGTERM): saved step %d, exiting", step)
-                ckpt.wait()
-                raise SystemExit(143)
-            if eval_fn is not None and loop.eval_every and (
-                step % loop.eval_every == 0 or step == loop.total_steps
-            ):
-                eval_fn(step, state)
-    finally:
-        watcher.restore_handler()
-        ckpt.close()
-        writer.flush()
-    return state
+        _say(f"resumed from step {step} of {total_steps} ({ckpt.directory})")
+    return state, step
 
 
-class _Progress:
-    """One progress line per log step: step, loss, lr, images/s and ETA; scalars to TensorBoard."""
+def every(step: int, period: int, total_steps: int) -> bool:
+    """True at every `period`-th step and at the last one (`period` 0: only at the last)."""
+    return step == total_steps or bool(period) and step % period == 0
 
-    def __init__(self, total_steps: int, start: int, global_batch_size: int):
+
+def _say(line: str) -> None:
+    logging.info(line)
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The workdir lock.
+# ---------------------------------------------------------------------------------------
+
+
+LOCK_FILE = "train.lock"
+# Workdirs this process holds, with how many WorkdirLocks hold each (nested ones are free).
+_HELD: dict[str, int] = {}
+
+
+class WorkdirLock:
+    """One training run per workdir: process 0 holds an exclusive lock until the run ends.
+
+    A kernel lock (`flock`) on `<workdir>/train.lock`, so a run that died, however it died,
+    holds nothing: its stale lock file is taken over by the next run. A second live writer is
+    refused at once with `LockError`, before it loads data or compiles. The file names the
+    holder (pid, host, start time) for that message. Within one process the lock nests
+    (`main` takes it before writing the run's config; the trainer takes it again). Other
+    processes of a multi-host job share process 0's run and take no lock. A workdir on a
+    remote file system (`gs://...`) cannot be locked this way; it is used unlocked, with a
+    warning.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self._file = None
+        self._key = None
+        if jax.process_index() != 0:
+            return
+        if "://" in workdir:
+            logging.warning("%s is not a local directory: it is used without a lock; do not "
+                            "start a second run on it", workdir)
+            return
+        self._key = os.path.realpath(workdir)
+        if self._key in _HELD:
+            _HELD[self._key] += 1
+            return
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, LOCK_FILE)
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            self._file = self._key = None
+            raise LockError(
+                f"workdir {workdir} is in use by another training run ({holder}); wait for it "
+                "to finish or stop it, or use another --workdir") from None
+        self._file.seek(0)
+        previous = self._file.read().strip()
+        if previous:
+            logging.info("took over the lock of a run that is gone (%s)", previous)
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._file.flush()
+        _HELD[self._key] = 1
+
+    def release(self) -> None:
+        """Lets the next run have the workdir (also happens when this process exits)."""
+        if self._key is None:
+            return
+        _HELD[self._key] -= 1
+        if not _HELD[self._key]:
+            del _HELD[self._key]
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+        self._file = self._key = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------
+# SIGTERM and Ctrl-C.
+# ---------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGTERM (a preemption notice) and Ctrl-C become a request to save and exit.
+
+    The loop asks `requested(sync)` after each step. A single process answers from its own
+    flag at every step. Processes of a multi-host job must stop at the same step, so they
+    OR their flags with an all-gather, and only where `sync` is true (the log and checkpoint
+    steps, which every process computes alike): a host synchronisation at every step would
+    cost a pod real time. A second Ctrl-C aborts at once, without saving.
+    """
+
+    EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self):
+        self._received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        del frame
+        if signum == signal.SIGINT and self._received is not None:
+            raise KeyboardInterrupt
+        if self._received is None:
+            self._received = signum
+        if signum == signal.SIGINT:
+            sys.stderr.write("\nCtrl-C: saving a checkpoint after this step, then exiting "
+                             "(Ctrl-C again to abort without saving)\n")
+
+    def requested(self, sync: bool) -> bool:
+        """True when this run must save and exit now (the same answer on every process)."""
+        if jax.process_count() == 1:
+            return self._received is not None
+        if not sync:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self._received is not None]))
+        return bool(np.any(flags))
+
+    def exit(self, step: int, ckpt) -> None:
+        """After the save at `step`: waits for it to be on disk, says so, and exits."""
+        ckpt.wait()
+        signum = self._received if self._received is not None else signal.SIGTERM
+        why = "Ctrl-C" if signum == signal.SIGINT else "preemption notice (SIGTERM)"
+        logging.warning("%s: saved step %d in %s, exiting; rerun the same command to resume",
+                        why, step, ckpt.directory)
+        raise SystemExit(self.EXIT_CODES[signum])
+
+
+# ---------------------------------------------------------------------------------------
+# Progress line and profiler.
+# ---------------------------------------------------------------------------------------
+
+
+class Progress:
+    """One progress line per log step: step, loss, lr, images/s and ETA; scalars to the writer.
+
+    The first step after a start or a resume includes compilation, so it reports its own
+    duration instead of a rate, and the rate and ETA of later lines count from its end.
+    A non-finite loss or gradient norm stops the run (`NonFiniteLossError`) naming the last
+    good checkpoint.
+    """
+
+    def __init__(self, writer: Any, ckpt, *, first_step: int, total_steps: int,
+                 global_batch_size: int):
+        self.writer, self.ckpt = writer, ckpt
         self.total, self.batch = total_steps, global_batch_size
-        self.t0, self.step0 = time.time(), start
+        self.t0, self.step0 = time.time(), first_step
 
-    def report(self, step: int, values: dict[str, float], writer: Any) -> None:
+    def report(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        """Fetches `metrics` of `step`, checks them, prints the line, writes the scalars."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
+            self.ckpt.wait()
+            raise NonFiniteLossError(
+                f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: "
+                f"stopping; the last good checkpoint is step {self.ckpt.latest_step()} in "
+                f"{self.ckpt.directory}. Lower the learning rate or use float32 compute.")
         now = time.time()
-        done = step - self.step0
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        values = dict(values, images_per_sec=rate * self.batch)
-        writer.write_scalars(step, values)
+        if step == self.step0 + 1:
+            speed = f"first step {now - self.t0:.1f}s (with compilation)"
+            self.t0, self.step0 = now, step
+        else:
+            rate = (step - self.step0) / max(now - self.t0, 1e-9)
+            values["images_per_sec"] = rate * self.batch
+            speed = (f"{values['images_per_sec']:.1f} img/s "
+                     f"ETA {_fmt((self.total - step) / rate)}")
+        self.writer.write_scalars(step, values)
         extras = " ".join(
             f"{k}={v:.4g}" for k, v in sorted(values.items())
             if k not in ("loss", "lr", "images_per_sec")
         )
-        line = (
-            f"step {step}/{self.total} loss={values['loss']:.4f}"
-            + (f" lr={values['lr']:.3g}" if "lr" in values else "")
-            + f" {values['images_per_sec']:.1f} img/s ETA {_fmt(eta)} {extras}"
-        )
-        logging.info(line)
-        if jax.process_index() == 0:
-            print(line, flush=True)
+        _say(f"step {step}/{self.total} loss={values['loss']:.4f}"
+             + (f" lr={values['lr']:.3g}" if "lr" in values else "")
+             + f" {speed} {extras}")
 
 
 def _fmt(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Profiler:
+    """A `jax.profiler` trace of steps [start, stop) into `<workdir>/profile` (TensorBoard).
+
+    `profile_steps` is `config.profile_steps`: () or 0 is off, a pair (start, stop) traces
+    those steps. Start after the first step of a run so compilation is not in the trace.
+    """
+
+    def __init__(self, profile_steps: Any, workdir: str):
+        self.start, self.stop = check_profile_steps(profile_steps)
+        self.directory = os.path.join(workdir, "profile")
+        self._active = False
+
+    def step(self, step: int, state: Any) -> None:
+        """Called before step `step` runs; `state` is what the previous step returned."""
+        if self.start and step == self.start:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(self.directory)
+            self._active = True
+        elif self._active and step == self.stop:
+            self._finish(state)
+
+    def _finish(self, state: Any) -> None:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        self._active = False
+        _say(f"profile of steps {self.start}-{self.stop - 1} written to {self.directory} "
+             "(open it with TensorBoard's profile plugin or xprof)")
+
+    def __enter__(self) -> Profiler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            self._finish(None)
+
+
+def check_profile_steps(profile_steps: Any) -> tuple[int, int]:
+    """(start, stop) of `config.profile_steps`, (0, 0) when off; a bad value is a ConfigError."""
+    if not profile_steps:
+        return 0, 0
+    value = tuple(profile_steps) if isinstance(profile_steps, (tuple, list)) else None
+    if (value is None or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 1 <= value[0] < value[1]):
+        raise ConfigError(
+            "config.profile_steps must be () (off) or a pair (start, stop) of steps with "
+            f"1 <= start < stop, e.g. (10, 15), got {profile_steps!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Data and schedule lengths.
+# ---------------------------------------------------------------------------------------
 
 
 def log_parameter_overview(params: Any, title: str) -> None:
@@ -281,7 +467,6 @@ def log_parameter_overview(params: Any, title: str) -> None:
 def steps_from_epochs(epochs: float, num_examples: int, global_batch_size: int) -> int:
     """Number of optimizer steps in `epochs` epochs (drop-remainder batches)."""
     return max(1, int(round(epochs * (num_examples // global_batch_size))))
-
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:

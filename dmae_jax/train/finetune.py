@@ -1,15 +1,17 @@
 """Fine-tuning the base classifier of a Gaussian-smoothed model, as the official DMAE code.
 
 Per step: each image appears as m = 2 copies with independent N(0, sigma^2) noise in [0,1]
-pixel space, then Mixup/CutMix on the noisy batch (official order, dmae.md pitfall 5), then
-cross-entropy over all copies + lambda * KL(pbar || p_i) + eta * H(pbar). Layer-wise lr decay,
-drop path, AdamW (0.9, 0.999). `config.linear_probe` freezes the encoder instead (LARS on
-the head, as MAE's linear probing).
+pixel space, then Mixup/CutMix on the noisy batch (the official order: the noise is added
+before the images are mixed), then cross-entropy over all copies + lambda * KL(pbar || p_i)
++ eta * H(pbar). Layer-wise lr decay, drop path, AdamW (0.9, 0.999). `config.linear_probe`
+freezes the encoder instead (LARS on the head, as MAE's linear probing).
 
 `python -m dmae_jax.main --config=configs/finetune_imagenet.py:variant=base,sigma=0.25 ...`
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from dmae_jax import checkpoints, exports, metrics, parallel
 from dmae_jax import config as C
-from dmae_jax import exports, metrics, parallel
 from dmae_jax.train import common
 
 
@@ -45,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.positive(config, "eval_batch_size")
     C.positive(config, "eval_noise_draws")
     C.training_loop(config)
+    common.check_profile_steps(config.get("profile_steps"))
     C.image_size_fits_model(config)
     if not config.get("total_steps"):
         C.positive(config, "num_epochs")
@@ -68,6 +71,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.models import ModelParts, create_classifier
     from dmae_jax.models import classifier as classifier_lib
     from dmae_jax.train import losses, mixup, optim
+
+    # ------------------------------------------------------------------ Workdir.
+    lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
 
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
@@ -129,28 +135,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
             label_smoothing=config.label_smoothing)
 
-    def step_builder(shardings):
-        return common.make_train_step(
-            loss_fn, tx, mesh=mesh, state_sharding=shardings,
-            accum_steps=config.accum_steps, lr_fn=schedule)
+    def make_state(params):
+        return common.init_state(params, tx, jax.random.key(config.seed))
 
+    shardings = common.state_shardings(make_state, parts.params, mesh)
+    train_step = common.make_train_step(
+        loss_fn, tx, mesh=mesh, state_sharding=shardings, accum_steps=config.accum_steps,
+        lr_fn=schedule)
+
+    # ------------------------------------------------------------------ Evaluation.
     writer = metrics.create_writer(workdir)
-    eval_fn = make_evaluator(config, parts, mesh, num_classes, writer)
+    evaluate = make_evaluator(config, parts, mesh, num_classes, writer)
+
+    # ------------------------------------------------------------------ Checkpoint.
+    ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
+                                         fingerprint=_fingerprint(config))
+    state, first_step = common.restore_or_init(ckpt, make_state, parts.params, shardings,
+                                               data_iter, total_steps)
 
     # ------------------------------------------------------------------ Loop.
-    state = common.run_training(
-        workdir=workdir,
-        loop=common.LoopConfig(
-            total_steps=total_steps, log_every=config.log_every_steps,
-            ckpt_every=config.ckpt_every_steps, keep_ckpts=config.keep_ckpts,
-            global_batch_size=config.batch_size, eval_every=config.eval_every_steps),
-        mesh=mesh, step_builder=step_builder, init_params=parts.params,
-        make_state=lambda p: common.init_state(p, tx, jax.random.key(config.seed)),
-        data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
-    )
-    path = exports.save_final(workdir, state["params"], {
-        "kind": "classifier", "model": config.model.to_dict(), "num_classes": num_classes,
-        "sigma": config.sigma, "dataset": config.data.dataset})
+    progress = common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
+                               global_batch_size=config.batch_size)
+    with (lock, common.StopSignals() as stop, contextlib.closing(ckpt),
+          contextlib.closing(writer),
+          common.Profiler(config.get("profile_steps"), workdir) as profiler):
+        for step in range(first_step + 1, total_steps + 1):
+            profiler.step(step, state)
+            state, measurements = train_step(state, parallel.global_batch(next(data_iter), mesh))
+            save = common.every(step, config.ckpt_every_steps, total_steps)
+            log = save or step == first_step + 1 or step % config.log_every_steps == 0
+            stopping = stop.requested(sync=log)
+            if log or stopping:
+                progress.report(step, measurements)
+            if save or stopping:
+                ckpt.save(step, state, {"data_iter": data_iter.get_state()})
+            if stopping:
+                stop.exit(step, ckpt)
+            if evaluate and common.every(step, config.eval_every_steps, total_steps):
+                evaluate(step, state)
+        path = exports.save_final(workdir, state["params"], {
+            "kind": "classifier", "model": config.model.to_dict(), "num_classes": num_classes,
+            "sigma": config.sigma, "dataset": config.data.dataset})
     logging.info("exported classifier parameters to %s", path)
 
 
@@ -186,7 +211,7 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer):
     jitted = jax.jit(counts, in_shardings=(None, parallel.batch_sharding(mesh), None),
                      out_shardings=parallel.replicated(mesh))
 
-    def eval_fn(step, state):
+    def evaluate(step, state):
         total = np.zeros(4)
         rng = jax.random.key(config.seed + 10_000)
         batches = pipeline.eval_batches(
@@ -205,4 +230,4 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer):
             print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
                   flush=True)
 
-    return eval_fn
+    return evaluate

@@ -161,14 +161,12 @@ def _check_params(params: PyTree) -> list[tuple[str, jax.Array]]:
     return leaves
 
 
-def _check_adamw_args(weight_decay: float, b1: float, b2: float, accum_steps: int) -> None:
+def _check_adamw_args(weight_decay: float, b1: float, b2: float) -> None:
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     for field, value in (("b1", b1), ("b2", b2)):
         if not 0 <= value < 1:
             raise ValueError(f"{field} must be in [0, 1), got {value}")
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,18 +182,6 @@ def _scale_per_param(scale_of: Callable[[str], float]) -> optax.GradientTransfor
         return _map_named(lambda name, u: u * scale_of(name), updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def _accumulate(tx: optax.GradientTransformation, accum_steps: int):
-    """Gradient accumulation over accum_steps micro-batches (mean of their gradients).
-
-    The official code divides each micro-batch loss by accum_iter and sums the gradients; that
-    is the mean of the micro-batch gradients, which optax.MultiSteps applies every k-th call
-    (the other calls return zero updates).
-    """
-    if accum_steps == 1:
-        return tx
-    return optax.MultiSteps(tx, every_k_schedule=accum_steps).gradient_transformation()
 
 
 def _with_frozen(tx: optax.GradientTransformation, frozen: FrozenFn | None):
@@ -221,15 +207,14 @@ def pretrain_optimizer(
     weight_decay: float = 0.05,
     b1: float = 0.9,
     b2: float = 0.95,
-    accum_steps: int = 1,
 ) -> optax.GradientTransformation:
     """AdamW with timm's weight-decay groups (none for ndim<=1 and biases), as MAE pretraining.
 
-    With accum_steps > 1, updates are applied every accum_steps calls with the mean gradient;
-    `schedule` is then evaluated at the optimizer step, not the micro-step.
+    Gradient accumulation happens in the train step (`common.make_train_step`), so every
+    call of `update` is one optimizer step.
     """
     _check_params(params)
-    _check_adamw_args(weight_decay, b1, b2, accum_steps)
+    _check_adamw_args(weight_decay, b1, b2)
     tx = optax.chain(
         _adam(b1, b2),
         optax.add_decayed_weights(
@@ -237,7 +222,7 @@ def pretrain_optimizer(
         ),
         optax.scale_by_learning_rate(schedule),
     )
-    return _accumulate(tx, accum_steps)
+    return tx
 
 
 def finetune_optimizer(
@@ -249,17 +234,16 @@ def finetune_optimizer(
     b2: float = 0.999,
     layer_decay: float = 0.75,
     num_layers: int,
-    accum_steps: int = 1,
     frozen: FrozenFn | None = None,
 ) -> optax.GradientTransformation:
     """AdamW with MAE's layer-wise lr decay and fine-tuning weight-decay groups.
 
     num_layers is the number of transformer blocks (12 for ViT-B, 24 for ViT-L). frozen(name)
     true marks parameters that never move (e.g. `linear_probe_frozen`); they get zero updates
-    and neither Adam moments nor accumulation buffers.
+    and no Adam moments.
     """
     leaves = _check_params(params)
-    _check_adamw_args(weight_decay, b1, b2, accum_steps)
+    _check_adamw_args(weight_decay, b1, b2)
     if not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if num_layers < 0:
@@ -279,7 +263,7 @@ def finetune_optimizer(
         ),
         optax.scale_by_learning_rate(schedule),
     )
-    return _with_frozen(_accumulate(tx, accum_steps), frozen)
+    return _with_frozen(tx, frozen)
 
 
 def linear_probe_optimizer(
@@ -289,7 +273,6 @@ def linear_probe_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     trust_coefficient: float = 0.001,
-    accum_steps: int = 1,
     frozen: FrozenFn | None = linear_probe_frozen,
 ) -> optax.GradientTransformation:
     """LARS as MAE's `util/lars.py` (linear probing): no decay or trust ratio for ndim <= 1.
@@ -302,9 +285,6 @@ def linear_probe_optimizer(
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if accum_steps < 1:
-        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-
     def matrices(tree: PyTree) -> PyTree:
         return jax.tree_util.tree_map(lambda x: x.ndim > 1, tree)
 
@@ -314,7 +294,7 @@ def linear_probe_optimizer(
         optax.trace(decay=momentum),
         optax.scale_by_learning_rate(schedule),
     )
-    return _with_frozen(_accumulate(tx, accum_steps), frozen)
+    return _with_frozen(tx, frozen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,3 +353,21 @@ def describe_param_groups(
     lines.append("-" * len(header))
     lines.append(f"trainable params: {trainable:,d}   frozen params: {frozen_size:,d}")
     return "\n".join(lines)
+
+
+def denoiser_optimizer(
+    *, lr: float, warmup_steps: int, total_steps: int, b1: float = 0.9, b2: float = 0.999,
+    weight_decay: float = 0.0,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(AdamW, its lr schedule): constant lr after a linear warm-up, as improved-diffusion.
+
+    improved-diffusion trains at 1e-4 without weight decay; a warm-up longer than half the
+    run (a smoke run) is cut to half of it.
+    """
+    warmup = min(int(warmup_steps), total_steps // 2)
+    if warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    else:
+        schedule = optax.constant_schedule(lr)
+    return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay), schedule

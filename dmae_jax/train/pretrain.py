@@ -1,18 +1,21 @@
 """DMAE pretraining: noise (sigma = 0.25) + 75% masking, reconstruct the clean image.
 
-Reads top to bottom like big_vision's train.py: mesh, data, model, optimizer, step, loop.
+Reads top to bottom like big_vision's train.py: workdir lock, mesh, data, model, optimizer,
+step, checkpoint restore, then the loop.
 `python -m dmae_jax.main --config=configs/vit_large.py --workdir=gs://bucket/dmae_l`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import ml_collections
 from absl import logging
 from flax import nnx
 
+from dmae_jax import checkpoints, exports, metrics, parallel, visualize
 from dmae_jax import config as C
-from dmae_jax import exports, metrics, parallel, visualize
 from dmae_jax.train import common
 
 
@@ -40,6 +43,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.patch_size ({config.model.patch_size})"
         )
     C.training_loop(config)
+    common.check_profile_steps(config.get("profile_steps"))
     C.image_size_fits_model(config)
     C.mask_keeps_patches(config)
     if config.get("init_from"):
@@ -50,6 +54,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
     from dmae_jax.models import ModelParts, create_dmae
     from dmae_jax.train import optim
+
+    # ------------------------------------------------------------------ Workdir.
+    lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
 
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
@@ -91,30 +98,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
         return out.loss, {}
 
-    def step_builder(shardings):
-        return common.make_train_step(
-            loss_fn, tx, mesh=mesh, state_sharding=shardings,
-            accum_steps=config.accum_steps, lr_fn=schedule,
-        )
+    def make_state(params):
+        return common.init_state(params, tx, jax.random.key(config.seed))
 
-    key = jax.random.key(config.seed)
-    writer = metrics.create_writer(workdir)
-    eval_fn = _reconstruction_writer(config, workdir, parts, writer)
+    shardings = common.state_shardings(make_state, params, mesh)
+    train_step = common.make_train_step(
+        loss_fn, tx, mesh=mesh, state_sharding=shardings, accum_steps=config.accum_steps,
+        lr_fn=schedule)
+
+    # ------------------------------------------------------------------ Checkpoint.
+    ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
+                                         fingerprint=_fingerprint(config))
+    state, first_step = common.restore_or_init(ckpt, make_state, params, shardings, data_iter,
+                                               total_steps)
 
     # ------------------------------------------------------------------ Loop.
-    state = common.run_training(
-        workdir=workdir,
-        loop=common.LoopConfig(
-            total_steps=total_steps, log_every=config.log_every_steps,
-            ckpt_every=config.ckpt_every_steps, keep_ckpts=config.keep_ckpts,
-            global_batch_size=config.batch_size, eval_every=config.eval_every_steps,
-        ),
-        mesh=mesh, step_builder=step_builder, init_params=params,
-        make_state=lambda p: common.init_state(p, tx, key),
-        data_iter=data_iter, fingerprint=_fingerprint(config), writer=writer, eval_fn=eval_fn,
-    )
-    path = exports.save_final(workdir, state["params"],
-                              {"kind": "dmae", "model": config.model.to_dict()})
+    writer = metrics.create_writer(workdir)
+    evaluate = _reconstruction_writer(config, workdir, parts, writer)
+    progress = common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
+                               global_batch_size=config.batch_size)
+    with (lock, common.StopSignals() as stop, contextlib.closing(ckpt),
+          contextlib.closing(writer),
+          common.Profiler(config.get("profile_steps"), workdir) as profiler):
+        for step in range(first_step + 1, total_steps + 1):
+            profiler.step(step, state)
+            state, measurements = train_step(state, parallel.global_batch(next(data_iter), mesh))
+            save = common.every(step, config.ckpt_every_steps, total_steps)
+            log = save or step == first_step + 1 or step % config.log_every_steps == 0
+            stopping = stop.requested(sync=log)
+            if log or stopping:
+                progress.report(step, measurements)
+            if save or stopping:
+                ckpt.save(step, state, {"data_iter": data_iter.get_state()})
+            if stopping:
+                stop.exit(step, ckpt)
+            if evaluate and common.every(step, config.eval_every_steps, total_steps):
+                evaluate(step, state)
+        path = exports.save_final(workdir, state["params"],
+                                  {"kind": "dmae", "model": config.model.to_dict()})
     logging.info("exported dmae parameters to %s", path)
 
 
@@ -144,7 +165,7 @@ def _reconstruction_writer(config, workdir, parts, writer):
     rng = jax.random.key(config.seed + 1)
 
     @jax.jit
-    def evaluate(params):
+    def reconstruct(params):
         model = parts.bind(params)
         noise = jax.random.normal(jax.random.fold_in(rng, 1), images.shape)
         out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, noise=noise,
@@ -153,9 +174,9 @@ def _reconstruction_writer(config, workdir, parts, writer):
         return (out.loss, out.mask, noisy, model.pred_to_images(out.pred, noisy, config.sigma),
                 model.reconstruct(noisy, config.sigma))
 
-    def eval_fn(step, state):
+    def evaluate(step, state):
         params = exports.gather(state["params"])
-        loss, mask, noisy, recon, denoised = jax.device_get(evaluate(params))
+        loss, mask, noisy, recon, denoised = jax.device_get(reconstruct(params))
         writer.write_scalars(step, {"eval_loss": float(loss)})
         if jax.process_index() == 0:
             grid = visualize.image_grid(
@@ -171,4 +192,4 @@ def _reconstruction_writer(config, workdir, parts, writer):
             writer.write_images(step, {"reconstructions": grid})
             logging.info("eval_loss=%.4f, reconstruction grid %s", loss, path)
 
-    return eval_fn
+    return evaluate
