@@ -42,6 +42,7 @@ _RUNNERS = {
     "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
     "pipeline": "dmae_jax.pipeline",
 }
+_TRAINERS = ("pretrain", "finetune", "train_denoiser", "calibrate_denoiser")
 
 
 def main(argv) -> None:
@@ -70,6 +71,14 @@ def main(argv) -> None:
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("task %s, workdir %s\n%s", task, _WORKDIR.value, config)
+    if task in _TRAINERS:
+        # One training run per workdir: a second one stops here, before it writes anything.
+        from dmae_jax.train.common import WorkdirLock
+
+        with WorkdirLock(_WORKDIR.value):
+            config_lib.save_resolved(config, os.path.join(_WORKDIR.value, "config.json"))
+            module.run(config, _WORKDIR.value)
+        return
     config_lib.save_resolved(config, os.path.join(_WORKDIR.value, "config.json"))
     module.run(config, _WORKDIR.value)
 
