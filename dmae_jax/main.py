@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging as std_logging
 import os
 import re
 import sys
@@ -84,6 +85,20 @@ def main(argv) -> None:
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+# How a full disk reads once libraries have wrapped the OSError (TensorStore: the status code).
+_DISK_FULL = ("No space left on device", "Disk quota exceeded", "RESOURCE_EXHAUSTED: Error writing")
+
+
+class _DiskFullReports(std_logging.Filter):
+    """Drops the tracebacks Orbax's save threads log for a full disk: main says it once."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not any(marker in text for marker in _DISK_FULL)
 
 
 def _user_error(error: BaseException) -> str | None:
@@ -103,8 +118,9 @@ def _user_error(error: BaseException) -> str | None:
             message = str(chain)
         elif message is None and isinstance(chain, OSError) and chain.errno in _DISK_ERRNOS:
             message = f"cannot write to disk: {chain}"
-        elif message is None and "No space left on device" in str(chain):
-            message = "cannot write to disk: No space left on device"
+        elif message is None and any(marker in str(chain) for marker in _DISK_FULL):
+            message = ("cannot write to disk: No space left on device (or quota exceeded); "
+                       "free space and rerun the same command to resume")
         chain = chain.__cause__ or chain.__context__
     return message
 
@@ -166,6 +182,7 @@ def _guarded(argv) -> None:
 
 
 def _run() -> None:
+    std_logging.getLogger("absl").addFilter(_DiskFullReports())
     app.run(_guarded, flags_parser=_parse_flags)
 
 

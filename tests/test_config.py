@@ -300,3 +300,21 @@ def test_bad_command_lines_are_one_line_each(tmp_path):
         assert proc.returncode == 2, (args, err[-2000:])
         assert err == expected + "\n", (args, err[-2000:])
     assert time.monotonic() - start < 60
+
+
+def test_orbax_reports_of_a_full_disk_are_left_to_the_one_error_line():
+    import logging
+
+    from dmae_jax import main as main_lib
+
+    def record(pathname, message, level=logging.ERROR):
+        return logging.LogRecord("absl", level, pathname, 1, message, None, None)
+
+    orbax = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
+    quiet = main_lib._DiskFullReports()
+    assert not quiet.filter(record(orbax, 'RESOURCE_EXHAUSTED: Error writing "opt_state/0"'))
+    assert not quiet.filter(record(orbax, "[Errno 28] No space left on device"))
+    assert quiet.filter(record(orbax, "some other save failure"))
+    assert quiet.filter(record(orbax, "No space left on device", logging.WARNING))
+    assert quiet.filter(record(os.path.join("dmae_jax", "train", "common.py"),
+                               "No space left on device"))
