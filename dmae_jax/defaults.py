@@ -43,7 +43,9 @@ def data(dataset: str, **overrides) -> ml_collections.ConfigDict:
         train_split="train",
         eval_split="validation" if dataset == "imagenet2012" else "test",
         image_size=224,           # resolution the pipeline produces
-        augment="rrc_flip",       # rrc_flip (pretraining) | flip | none
+        augment="rrc_flip",       # rrc_flip (pretraining) | rrc_flip_randaug (ImageNet
+                                  # fine-tuning: RRC 0.08-1 + RandAugment) | rrc_single_flip
+                                  # (linear probing) | flip | none
         worker_count=0,           # Grain worker processes per host (0: in-process)
     ))
     cfg.update(overrides)
@@ -93,7 +95,10 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     cfg.model = model(variant, drop_path_rate=0.1)
     cfg.data = data(dataset, augment="rrc_flip")
     cfg.init_from = ""            # DMAE export (ours or converted); "" = random init
-    cfg.linear_probe = False      # freeze the encoder, train fc_norm + head only
+    cfg.linear_probe = False      # MAE linear probing: frozen encoder (model.global_pool False:
+                                  # cls token after the pretrained norm), BatchNorm + head, LARS
+    cfg.probe_bn_group_size = 0   # linear probing: images per BatchNorm batch (0: all; MAE: 512)
+    cfg.probe_stat_batches = 10   # linear probing: batches for the BatchNorm eval statistics
     cfg.sigma = sigma             # Gaussian augmentation noise, [0,1] pixel units
     cfg.num_noise_samples = 2     # m noisy copies per image (consistency regularisation)
     cfg.con_reg = True
@@ -101,6 +106,8 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     cfg.eta = placeholder(float)  # entropy weight eta; None: 0.1 at sigma >= 1.0, else 0.5
     cfg.mixup = 0.8
     cfg.cutmix = 1.0
+    cfg.mixup_group_size = 0      # images per Mixup/CutMix draw (0: the whole batch; official:
+                                  # 32, one GPU's micro-batch, partners within it)
     cfg.label_smoothing = 0.1
     cfg.batch_size = 1024         # distinct images per step (x m noisy copies)
     cfg.optim = ml_collections.ConfigDict(dict(
@@ -109,6 +116,9 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     ))
     cfg.eval_batch_size = 256
     cfg.eval_noise_draws = 8      # majority vote over this many noise draws during eval
+    cfg.eval_skip = 1             # evaluate every eval_skip-th eval image (official order)
+    cfg.select = "last"           # last | best_vote (also workdir/best/export: the params of
+                                  # the best eval_vote_acc, i.e. selected ON THE EVAL SPLIT)
     _loop(cfg, num_epochs=100)
     return cfg
 

@@ -17,6 +17,7 @@ import PIL.Image
 import pytest
 
 from dmae_jax.data import augment, datasets, pipeline, randaugment, resize
+from dmae_jax.models import linprobe
 from dmae_jax.train import mixup
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "protocol")
@@ -270,3 +271,59 @@ def test_upsampling_kernel_is_torch_antialias_false_and_torchvision_0_17_differs
     assert np.abs(maps["torch_antialias_false"] - maps["torchvision_resize_new"]).max() > 0.01
     np.testing.assert_allclose(resize.bicubic_matrix(37, 16, antialias=True),
                                maps["torch_antialias_down"], atol=5e-6)
+
+
+# ------------------------------------------------------------------ linear probing
+
+
+def _probe(rng_seed: int = 0):
+    """A mu-size probe classifier initialised from a random mu DMAE, and the DMAE params."""
+    import ml_collections
+    from flax import nnx
+
+    from dmae_jax import defaults
+    from dmae_jax.models import create_classifier, create_dmae
+
+    cfg = defaults.model("mu", img_size=16, patch_size=4, decoder_width=32, decoder_depth=1,
+                         decoder_heads=2, global_pool=False)
+    dmae = create_dmae(cfg, rngs=nnx.Rngs(rng_seed))
+    dmae_params = nnx.state(dmae, nnx.Param).to_pure_dict()
+    clf = create_classifier(ml_collections.ConfigDict(cfg), 7, rngs=nnx.Rngs(1))
+    linprobe.make_probe(clf, dmae_params, jax.random.key(2))
+    return clf, dmae_params, cfg
+
+
+def test_probe_keeps_the_pretrained_norm_and_initialises_the_head_at_std_0_01():
+    clf, dmae_params, _ = _probe()
+    np.testing.assert_array_equal(clf.norm.scale.value, dmae_params["norm"]["scale"])
+    np.testing.assert_array_equal(clf.norm.bias.value, dmae_params["norm"]["bias"])
+    np.testing.assert_array_equal(clf.cls_token.value, dmae_params["cls_token"])
+    kernel = np.asarray(clf.head.linear.kernel.value)
+    assert 0.007 < kernel.std() < 0.013 and not np.asarray(clf.head.linear.bias.value).any()
+
+
+def test_probe_batchnorm_trains_on_group_statistics_and_folds_for_export():
+    from flax import nnx
+
+    from dmae_jax.models import create_classifier
+
+    clf, _, cfg = _probe()
+    images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
+    feats = np.asarray(clf.features(images), np.float64)
+    logits = np.asarray(clf.head.train_logits(jnp.asarray(feats, jnp.float32), group_size=4))
+    kernel = np.asarray(clf.head.linear.kernel.value, np.float64)
+    for g in range(2):  # BatchNorm1d(affine=False) in train mode, per group of 4
+        f = feats[4 * g:4 * g + 4]
+        z = (f - f.mean(0)) / np.sqrt(f.var(0) + linprobe.BN_EPS)
+        np.testing.assert_allclose(logits[4 * g:4 * g + 4], z @ kernel, atol=2e-4)
+    mean, var = linprobe.feature_statistics([feats[:3], feats[3:]])
+    np.testing.assert_allclose(mean, feats.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, feats.var(0, ddof=1), rtol=1e-4, atol=1e-6)
+    linprobe.set_statistics(clf, mean, var)
+    probe_logits = np.asarray(clf(images))
+    folded = linprobe.fold(nnx.state(clf, nnx.Param).to_pure_dict(), mean, var)
+    plain = create_classifier(cfg, 7, rngs=nnx.Rngs(0))
+    state = nnx.state(plain, nnx.Param)
+    nnx.replace_by_pure_dict(state, folded)
+    nnx.update(plain, state)
+    np.testing.assert_allclose(np.asarray(plain(images)), probe_logits, atol=1e-4)

@@ -53,6 +53,34 @@ def rrc_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def rrc_params_single_draw(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = RRC_RATIO,
+) -> tuple[int, int, int, int]:
+    """MAE's TF-style `util/crop.RandomResizedCrop.get_params` (linear probing): one draw of
+    (area fraction ~ U(scale), log aspect ratio ~ U(log ratio)), no retries; the box is
+    clipped to the image (w = min(w, W), h = min(h, H)) and placed uniformly."""
+    area = height * width
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
+    h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return top, left, h, w
+
+
+def rrc_single_draw_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """MAE linear-probing augmentation: TF-style RandomResizedCrop(size, (0.08, 1), bicubic)
+    + horizontal flip."""
+    top, left, h, w = rrc_params_single_draw(rng, image.shape[0], image.shape[1])
+    crop = PIL.Image.fromarray(image).crop((left, top, left + w, top + h))
+    return random_flip(np.asarray(crop.resize((size, size), _BICUBIC)), rng)
+
+
 def random_resized_crop(
     image: np.ndarray,
     size: int,

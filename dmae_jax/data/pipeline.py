@@ -26,8 +26,9 @@ from dmae_jax.data import randaugment
 
 # rrc_flip: pretraining (RandomResizedCrop scale (0.2, 1) + flip); rrc_flip_randaug: ImageNet
 # fine-tuning (RandomResizedCrop scale (0.08, 1) + flip + RandAugment rand-m9-mstd0.5-inc1);
-# flip: flip only (CIFAR-10); none: the stored image (resized/cropped to size if it differs).
-AUGMENTATIONS = ("rrc_flip", "rrc_flip_randaug", "flip", "none")
+# rrc_single_flip: linear probing (MAE's TF-style RandomResizedCrop, one draw, + flip); flip:
+# flip only (CIFAR-10); none: the stored image (resized/cropped to size if it differs).
+AUGMENTATIONS = ("rrc_flip", "rrc_flip_randaug", "rrc_single_flip", "flip", "none")
 DATA_SPEC = PartitionSpec("data")
 STATE_VERSION = 1
 # Batches each Grain reader (main process or worker) prepares ahead of the training step.
@@ -115,6 +116,8 @@ class _Augment:
             image = aug.rrc_flip(image, self._size, rng)
         elif self._augment == "rrc_flip_randaug":
             image = randaugment.finetune_train_transform(image, self._size, rng)
+        elif self._augment == "rrc_single_flip":
+            image = aug.rrc_single_draw_flip(image, self._size, rng)
         else:
             image = _fit(image, self._size, getattr(self._source, "name", None))
             if self._augment == "flip":
@@ -315,8 +318,10 @@ def eval_batches(
     start: int = 0,
     stop: int | None = None,
     step: int = 1,
+    indices: Sequence[int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Fixed-order local batches of records source[start:stop:step], padded to full batches.
+    """Fixed-order local batches of records source[start:stop:step] (or of the records
+    `indices`, in that order, when given), padded to full batches.
 
     `batch_size` is global; each process gets its b = batch_size / P rows of every global
     batch, and every process yields the same number of batches. Keys: 'image' f32
@@ -327,7 +332,10 @@ def eval_batches(
     p, _, local = _process_layout(batch_size, process_index, process_count)
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    indices = range(len(source))[start:stop:step]
+    if indices is None:
+        indices = range(len(source))[start:stop:step]
+    elif any(not 0 <= i < len(source) for i in indices):
+        raise ValueError(f"indices must lie in [0, {len(source)}), got {list(indices)[:10]}...")
     num_batches = -(-len(indices) // batch_size)
     rows = grain.MapDataset.range(num_batches * local).map(
         _EvalRow(source, indices, batch_size, local, p, image_size)

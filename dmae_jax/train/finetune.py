@@ -27,8 +27,9 @@ from dmae_jax.train import common
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every fine-tuning field before anything expensive happens."""
-    from dmae_jax.data import datasets
+    from dmae_jax.data import datasets, pipeline
     from dmae_jax.models import vit
+    from dmae_jax.train import selection
 
     # sigma = 0 trains a clean classifier (the "off-the-shelf" classifier that denoised
     # smoothing puts behind a denoiser); the smoothed models use sigma > 0.
@@ -55,22 +56,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise C.ConfigError(f"config.batch_size must be even with Mixup/CutMix, got "
                             f"{config.batch_size}")
     C.one_of(config, "data.dataset", datasets.DATASETS)
-    C.one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
+    C.one_of(config, "data.augment", pipeline.AUGMENTATIONS)
+    C.one_of(config, "select", selection.SELECTIONS)
+    C.positive(config, "eval_skip")
+    for field in ("mixup_group_size", "probe_bn_group_size"):
+        C.positive(config, field, allow_zero=True)
+        group = config.get(field)
+        if group and (config.batch_size // config.accum_steps) % group:
+            raise C.ConfigError(
+                f"config.{field} must divide the micro-batch (config.batch_size / "
+                f"config.accum_steps = {config.batch_size // config.accum_steps}), got {group}")
+    if config.linear_probe:
+        C.positive(config, "probe_stat_batches")
+        if config.model.global_pool:
+            raise C.ConfigError("config.linear_probe uses the cls token: set "
+                                "config.model.global_pool=False")
     C.one_of(config, "model.variant", vit.VARIANTS)
     C.one_of(config, "model.dtype", ("float32", "bfloat16"))
     C.in_range(config, "model.drop_path_rate", 0.0, 1.0)
     if config.init_from:
         exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
     elif config.linear_probe:
-        raise C.ConfigError("config.linear_probe needs config.init_from (a DMAE export)")
+        raise C.ConfigError("config.init_from must name a DMAE export when "
+                            "config.linear_probe is on, got ''")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
     from dmae_jax.data import datasets
-    from dmae_jax.models import ModelParts, create_classifier
+    from dmae_jax.models import ModelParts, create_classifier, linprobe
     from dmae_jax.models import classifier as classifier_lib
-    from dmae_jax.train import losses, mixup, optim
+    from dmae_jax.train import losses, mixup, optim, selection
 
     # ------------------------------------------------------------------ Workdir.
     lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
@@ -90,8 +106,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     if config.init_from:
         dmae_params, _ = exports.load_checked(
             config.init_from, kind="dmae", field="config.init_from")
-        classifier_lib.init_from_dmae(model, dmae_params)
+        if config.linear_probe:  # + pretrained norm, head std 0.01, BatchNorm head
+            linprobe.make_probe(model, dmae_params, jax.random.key(config.seed))
+        else:
+            classifier_lib.init_from_dmae(model, dmae_params)
         logging.info("encoder initialised from %s", config.init_from)
+    if config.linear_probe:  # BatchNorm statistics of the frozen features, once
+        stats_data = common.train_data(config)
+        probe_stats = linprobe.estimate_statistics(
+            ModelParts.split(model), stats_data.iterator, num_batches=config.probe_stat_batches,
+            sigma=config.sigma, rng=jax.random.key(config.seed + 1), mesh=mesh)
+        stats_data.iterator.close()
+        linprobe.set_statistics(model, *probe_stats)
     parts = ModelParts.split(model)
     common.log_parameter_overview(parts.params, "classifier")
 
@@ -127,10 +153,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         if use_mix:
             noisy, targets = mixup.mixup_fn(
                 noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
-                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing)
+                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                group_size=config.mixup_group_size, copies=m)
         else:
             targets = labels
-        logits = parts.bind(params)(noisy, rng=drop_rng)
+        if config.linear_probe:
+            logits = linprobe.train_logits(parts.bind(params), noisy, config.probe_bn_group_size)
+        else:
+            logits = parts.bind(params)(noisy, rng=drop_rng)
         return losses.finetune_loss(
             logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
             label_smoothing=config.label_smoothing)
@@ -145,7 +175,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Evaluation.
     writer = metrics.create_writer(workdir)
-    evaluate = make_evaluator(config, parts, mesh, num_classes, writer)
+    export_meta = {"kind": "classifier", "model": config.model.to_dict(),
+                   "num_classes": num_classes, "sigma": config.sigma,
+                   "dataset": config.data.dataset}
+    export_params = ((lambda p: linprobe.fold(exports.to_host(p), *probe_stats))
+                     if config.linear_probe else (lambda p: p))
+    best = (selection.BestExport(workdir, export_meta, export_params)
+            if config.select == "best_vote" else None)
+    evaluate = make_evaluator(config, parts, mesh, num_classes, writer, best=best)
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
@@ -173,9 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 stop.exit(step, ckpt)
             if evaluate and common.every(step, config.eval_every_steps, total_steps):
                 evaluate(step, state)
-        path = exports.save_final(workdir, state["params"], {
-            "kind": "classifier", "model": config.model.to_dict(), "num_classes": num_classes,
-            "sigma": config.sigma, "dataset": config.data.dataset})
+        path = exports.save_final(workdir, export_params(state["params"]), export_meta)
     logging.info("exported classifier parameters to %s", path)
 
 
@@ -184,8 +219,9 @@ def _fingerprint(config) -> dict:
             "batch_size": config.batch_size, "linear_probe": config.linear_probe}
 
 
-def make_evaluator(config, parts, mesh, num_classes: int, writer):
-    """Eval hook: clean, one-noise-draw and majority-vote accuracy on the eval split."""
+def make_evaluator(config, parts, mesh, num_classes: int, writer, best=None):
+    """Eval hook: clean, one-noise-draw and majority-vote accuracy on every `eval_skip`-th
+    image of the eval split (official order); `best` (a BestExport) keeps the best vote."""
     from dmae_jax.data import datasets, pipeline
 
     if not config.eval_every_steps:
@@ -194,6 +230,9 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer):
         config.data.dataset, config.data.eval_split,
         data_dir=config.data.data_dir, image_size=config.data.image_size)
     draws = config.eval_noise_draws
+    indices = None if config.eval_skip == 1 else [i for i, _ in datasets.official_subset(
+        len(source), config.data.dataset, config.data.eval_split, skip=config.eval_skip,
+        stop=-1, data_dir=config.data.data_dir)]
 
     def counts(params, batch, rng):
         model = parts.bind(params)
@@ -217,7 +256,7 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer):
         batches = pipeline.eval_batches(
             source, batch_size=config.eval_batch_size // jax.process_count(),
             image_size=config.data.image_size, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count(), indices=indices)
         for i, batch in enumerate(batches):
             batch = parallel.global_batch(
                 {k: batch[k] for k in ("image", "label", "mask")}, mesh)
@@ -229,5 +268,7 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer):
         if jax.process_index() == 0:
             print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
                   flush=True)
+        if best is not None and best.update(step, metrics["eval_vote_acc"], state["params"]):
+            logging.info("best eval_vote_acc so far: exported to %s", best.path)
 
     return evaluate
