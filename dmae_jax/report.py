@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dmae_jax.smoothing import logs
 from dmae_jax.smoothing.logs import read_log
 
 DEFAULT_RADII = tuple(0.25 * i for i in range(13))  # 0, 0.25, ..., 3.0
@@ -172,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("warning: the logs certify different images; the envelope mixes test sets",
               file=sys.stderr)
     print(markdown_table(rows_per_log, names, args.radii, with_envelope=args.envelope))
+    for name, path in zip(names, args.logs, strict=True):
+        identity = logs.describe_identity(path)
+        print(f"{name}: {identity or 'no identity recorded (not written by dmae_jax)'}")
     if args.plot:
         plot_certified_accuracy(args.plot, rows_per_log, names, with_envelope=args.envelope)
         print(f"wrote {args.plot}")

@@ -249,3 +249,15 @@ def test_keep_ckpts_below_one_is_rejected(tmp_path, keep):
     with pytest.raises(C.ConfigError, match=f"config.keep_ckpts must be an integer >= 1.*"
                        f"got {keep}"):
         TrainCheckpointer(str(tmp_path), max_to_keep=keep, fingerprint={})
+
+
+def test_report_shows_each_logs_identity(tmp_path, capsys):
+    from dmae_jax import report
+
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25))
+    log_path = _started_log(tmp_path, config)
+    report.main([log_path, "--radii", "0"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith(config.log_name + ": "))
+    assert "alpha=0.001" in line and "n=500" in line and "sigma=0.25" in line
+    assert "checkpoint=sha256:" in line and "data.dataset=digits" in line

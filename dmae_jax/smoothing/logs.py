@@ -281,6 +281,14 @@ def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
     return None if record is None else record["identity"]
 
 
+def describe_identity(log_path: str | os.PathLike) -> str | None:
+    """One line `field=value, ...` of a log's recorded identity, or None if none was recorded."""
+    identity = read_identity(log_path)
+    if identity is None:
+        return None
+    return ", ".join(f"{field}={value}" for field, value in sorted(identity.items()))
+
+
 def write_identity(log_path: str | os.PathLike, identity: dict[str, Any],
                    notes: dict[str, Any] | None = None) -> str:
     """Records `identity` next to the log (atomically); `notes` are kept but never compared."""
