@@ -327,3 +327,61 @@ def test_probe_batchnorm_trains_on_group_statistics_and_folds_for_export():
     nnx.replace_by_pure_dict(state, folded)
     nnx.update(plain, state)
     np.testing.assert_allclose(np.asarray(plain(images)), probe_logits, atol=1e-4)
+
+
+def test_linear_probe_crop_is_one_draw_clipped_to_the_image():
+    # Area fraction ~1 at ratio 4/3 on a 100x80 image: w = round(sqrt(8000 * 4/3)) = 103
+    # is clipped to 80, h = round(sqrt(8000 * 3/4)) = 77; then top in [0, 23], left = 0.
+    rng = ScriptedRng([1.0, 1.0], [5, 0])
+    assert augment.rrc_params_single_draw(rng, 100, 80) == (5, 0, 77, 80)
+    for height, width in ((100, 80), (375, 500), (30, 200)):
+        r = np.random.default_rng(0)
+        for _ in range(200):
+            top, left, h, w = augment.rrc_params_single_draw(r, height, width)
+            assert 0 < h <= height and 0 < w <= width
+            assert 0 <= top <= height - h and 0 <= left <= width - w
+    image = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    out = augment.rrc_single_draw_flip(image, 16, np.random.default_rng(2))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+# ------------------------------------------------------------------ selection and subsets
+
+
+def test_imagenet_subset_is_every_skip_th_image_in_imagefolder_order(monkeypatch):
+    labels = np.array([2, 0, 1, 0, 2, 1, 0, 1, 2])
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (9, 5, 1, 2, 3, 7, 8, 4, 6)]
+    monkeypatch.setattr(datasets, "labels_and_names", lambda *a, **k: (labels, names))
+    subset = datasets.official_subset(9, "imagenet2012", "validation", skip=3, stop=-1,
+                                      data_dir=None)
+    # ImageFolder order: class 0 (files 2, 5, 8), class 1 (1, 4, 7), class 2 (3, 6, 9).
+    assert subset == [(3, names[3]), (2, names[2]), (4, names[4])]
+    assert [n[-9:-5] for _, n in subset] == ["0002", "0001", "0003"]
+
+
+def test_eval_batches_follow_given_indices():
+    source = datasets.ArraySource(np.zeros((10, 4, 4, 3), np.uint8), np.arange(10), "s", "test")
+    batches = list(pipeline.eval_batches(source, batch_size=4, image_size=4, process_index=0,
+                                         process_count=1, indices=[7, 2, 5]))
+    assert batches[0]["index"].tolist() == [7, 2, 5, -1]
+    assert batches[0]["label"].tolist() == [7, 2, 5, -1]
+    with pytest.raises(ValueError, match="indices"):
+        next(pipeline.eval_batches(source, batch_size=4, image_size=4, process_index=0,
+                                   process_count=1, indices=[10]))
+
+
+def test_best_export_keeps_the_best_value_across_restarts(tmp_path):
+    import json as json_lib
+
+    from dmae_jax.train import selection
+
+    meta = {"kind": "classifier"}
+    best = selection.BestExport(str(tmp_path), meta)
+    params = {"w": jnp.ones((2,))}
+    assert best.update(10, 0.5, params)
+    assert not best.update(20, 0.4, {"w": jnp.zeros((2,))})
+    assert not best.update(30, 0.5, {"w": jnp.zeros((2,))})  # ties keep the earlier one
+    saved = json_lib.loads((tmp_path / "best" / "export" / "meta.json").read_text())
+    assert saved["selection"] == {"metric": "eval_vote_acc", "value": 0.5, "step": 10}
+    again = selection.BestExport(str(tmp_path), meta)
+    assert again.best == 0.5 and again.update(40, 0.6, params)
