@@ -261,3 +261,61 @@ def test_report_shows_each_logs_identity(tmp_path, capsys):
     line = next(line for line in out.splitlines() if line.startswith(config.log_name + ": "))
     assert "alpha=0.001" in line and "n=500" in line and "sigma=0.25" in line
     assert "checkpoint=sha256:" in line and "data.dataset=digits" in line
+
+
+# ---------------------------------------------------------------------------------------
+# The issue's scenario end to end: certify, then resume under another identity.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_classifiers(tmp_path_factory):
+    """Two randomly initialised 16x16 digits classifiers, exported "at" sigma 0.25 and 1.0."""
+    from flax import nnx
+
+    from dmae_jax import exports
+    from dmae_jax.data import datasets
+    from dmae_jax.models import create_classifier
+
+    root = tmp_path_factory.mktemp("identity_e2e")
+    data_dir = str(root / "tfds")
+    datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
+    model_cfg = defaults.model("mu", img_size=16, patch_size=4)
+    paths = {}
+    for seed, sigma in enumerate((0.25, 1.0)):
+        model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(seed))
+        paths[sigma] = str(root / f"ft_{sigma}" / "export")
+        exports.save(paths[sigma], nnx.state(model, nnx.Param).to_pure_dict(),
+                     {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10,
+                      "sigma": sigma})
+    return data_dir, paths
+
+
+def test_certify_resume_under_another_identity_is_refused(tmp_path, tiny_classifiers):
+    from dmae_jax.smoothing import tasks
+
+    data_dir, exports_at = tiny_classifiers
+
+    def config(**overrides):
+        cfg = defaults.certify("digits", 0.25, n=20)
+        cfg.update(n0=10, max=6, batch_size=20, checkpoint=exports_at[0.25])
+        cfg.data.data_dir = data_dir
+        cfg.update(overrides)
+        return cfg
+
+    work = str(tmp_path / "cert")
+    tasks.run(config(), work)
+    first = os.path.join(work, "certify_sigma_0.25.tsv")
+    assert [r["idx"] for r in logs.read_log(first)] == [0, 2, 4]
+    assert json.load(open(first + ".config.json"))["n"] == 20
+
+    # --config.sigma=1.0 --config.checkpoint=<the sigma=1.0 export>: its own log, not a resume.
+    tasks.run(config(sigma=1.0, checkpoint=exports_at[1.0]), work)
+    second = os.path.join(work, "certify_sigma_1.0.tsv")
+    assert len(logs.read_log(second)) == 3 and len(logs.read_log(first)) == 3
+
+    with pytest.raises(IdentityError, match="certified with n = 20, but this run has n = 30"):
+        tasks.run(config(n=30, max=12), work)
+    with pytest.raises(IdentityError, match="certified with checkpoint = 'sha256:"):
+        tasks.run(config(checkpoint=exports_at[1.0], max=12), work)
+    assert len(logs.read_log(first)) == 3  # nothing was appended by the refused runs
