@@ -6,6 +6,12 @@ One classifier per sigma (our fine-tuned DMAE classifiers), aligned with sigmas:
 or one classifier behind a denoiser for every sigma:
   ... --config.checkpoint=runs/clean_clf/export --config.denoiser=runs/ddpm/export
 Sigmas are visited from the largest down; p0 = 0.5; stage j at alpha / (j + 1).
+ImageNet (Resize(256) + CenterCrop(224), every 50th validation image in ImageFolder order)
+and CIFAR-10 (all test images), bfloat16 compute on an accelerator:
+  python -m dmae_jax.main --config=configs/cascade.py:dataset=imagenet2012,dtype=bfloat16 \
+      --workdir=runs/casc_in --config.checkpoints='("f100/export","f050/export","f025/export")'
+  python -m dmae_jax.main --config=configs/cascade.py:dataset=cifar10 --workdir=runs/casc_c10 \
+      --config.checkpoints='("c10_100/export","c10_050/export","c10_025/export")'
 """
 
 from dmae_jax import config as config_lib
@@ -13,7 +19,11 @@ from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """dataset=imagenet2012|cifar10|digits, sigmas=1.0/0.5/0.25 ('/'-separated), n=..."""
+    """dataset=imagenet2012|cifar10|digits, sigmas=1.0/0.5/0.25 ('/'-separated), n=...,
+    dtype=float32|bfloat16 (the classifiers' compute dtype)."""
     args = config_lib.parse_arg(arg, dataset=config_lib.OneOf(*defaults.CERTIFY_PROTOCOLS),
-                                sigmas=(1.0, 0.5, 0.25), n=0)
-    return defaults.cascade(args.dataset, args.sigmas, args.n)
+                                sigmas=(1.0, 0.5, 0.25), n=0,
+                                dtype=config_lib.OneOf("float32", "bfloat16"))
+    cfg = defaults.cascade(args.dataset, args.sigmas, args.n)
+    cfg.compute_dtype = args.dtype
+    return cfg

@@ -385,3 +385,24 @@ def test_best_export_keeps_the_best_value_across_restarts(tmp_path):
     assert saved["selection"] == {"metric": "eval_vote_acc", "value": 0.5, "step": 10}
     again = selection.BestExport(str(tmp_path), meta)
     assert again.best == 0.5 and again.update(40, 0.6, params)
+
+
+def test_certification_runs_the_classifier_in_the_configured_dtype(tmp_path):
+    from flax import nnx
+
+    from dmae_jax import defaults, exports
+    from dmae_jax.models import create_classifier
+    from dmae_jax.smoothing import tasks
+
+    cfg = defaults.model("mu", img_size=8, patch_size=4)
+    clf = create_classifier(cfg, 3, rngs=nnx.Rngs(0))
+    exports.save(tmp_path / "export", nnx.state(clf, nnx.Param).to_pure_dict(),
+                 {"kind": "classifier", "model": cfg.to_dict(), "num_classes": 3})
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    f32, _ = tasks.load_classifier(str(tmp_path / "export"), dtype="float32")
+    b16, _ = tasks.load_classifier(str(tmp_path / "export"), dtype="bfloat16")
+    assert f32.args[0].keys() == b16.args[0].keys()  # the same weights, float32 both
+    a, b = np.asarray(f32(x)), np.asarray(b16(x))
+    assert a.dtype == b.dtype == np.float32
+    assert 0 < np.abs(a - b).max() < 0.05 * max(np.abs(a).max(), 1e-3) + 1e-3
+    np.testing.assert_array_equal(a, np.asarray(clf(x)))

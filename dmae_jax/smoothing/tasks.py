@@ -59,11 +59,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         loading.check_export(config.denoiser, config.denoiser_kind, field="config.denoiser")
 
 
-def load_classifier(path: str, *, field: str = "config.checkpoint"):
-    """A jit-friendly logits_fn ([B,H,W,C] in [0,1] -> [B,K]) and the export's meta."""
+def load_classifier(path: str, *, field: str = "config.checkpoint", dtype: str | None = None):
+    """A jit-friendly logits_fn ([B,H,W,C] in [0,1] -> [B,K]) and the export's meta.
+
+    `dtype` (float32 | bfloat16) sets the compute dtype of the blocks, whatever the
+    classifier was trained with (the papers certified under fp16 autocast).
+    """
+    from flax import nnx
+
     from dmae_jax.models import classifier
 
     parts, meta = classifier.from_export(path, field=field)
+    if dtype is not None and dtype != meta["model"].get("dtype"):
+        model = classifier.create_classifier({**meta["model"], "dtype": dtype},
+                                             meta["num_classes"], rngs=nnx.Rngs(0))
+        parts = type(parts).split(model).with_params(parts.params, where=f"{field} = {path!r}")
 
     def apply(params, images):
         return parts.bind(params)(images)
@@ -137,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     rng = jax.random.key(config.seed)
 
     if config.task == "certify":
-        classifier_fn, _ = load_classifier(config.checkpoint)
+        classifier_fn, _ = load_classifier(config.checkpoint, dtype=config.compute_dtype)
         logits_fn = place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
         certify_one = make_certify_one(
             logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
@@ -149,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
         sigmas = C.sigmas(config, "sigmas")
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
-        loaded = {p: load_classifier(p)[0] for p in set(paths)}
+        loaded = {p: load_classifier(p, dtype=config.compute_dtype)[0] for p in set(paths)}
         fns = [place_replicated(_logits_fn_for(config, loaded[p], s))
                for p, s in zip(paths, sigmas, strict=True)]
         certify_one = cascade.make_certify_one(
