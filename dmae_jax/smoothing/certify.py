@@ -282,9 +282,12 @@ def _sample(
         )
     mesh = _local_mesh(devices, batch_size)
     num_devices = mesh.devices.size
-    # A call with fewer samples than batch_size (e.g. the n0 = 100 selection draws) runs a
-    # smaller compiled step instead of padding: noise depends only on (image key, j).
-    step_size = min(batch_size, -(-total // num_devices) * num_devices)
+    # A call with fewer samples than batch_size (e.g. the n0 = 100 selection draws, or the
+    # early rounds of sequential certification) runs a smaller step, padded up to a power of
+    # two per device so that few shapes are ever compiled; noise depends only on
+    # (image key, j) and padding votes for nothing, so the counts do not change.
+    per_device = -(-total // num_devices)
+    step_size = min(batch_size, (1 << (per_device - 1).bit_length()) * num_devices)
     replicated = NamedSharding(mesh, P())
     static_fn, fn_arrays = _partition(logits_fn)
     fn_arrays = jax.device_put(fn_arrays, replicated)

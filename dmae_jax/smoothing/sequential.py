@@ -1,0 +1,568 @@
+"""Sequential, anytime-valid certification: draw noise in rounds, stop once the answer is settled.
+
+Cohen et al.'s CERTIFY spends N = 100,000 noisy forward passes on every image, although most
+images are settled far earlier: a digit the classifier gets right under every noise draw
+reaches the largest radius it can certify after a few thousand samples, and an image whose
+top class holds 30% of the votes shows that it must abstain after a few hundred. Here the
+estimation samples come in rounds at a fixed schedule of looks n_1 < n_2 < ... < n_T = N_max
+(`look_schedule`), and after each look the engine asks whether more samples could still
+change the answer at the radii the user cares about (`radii`, default the report's grid).
+
+Single sigma (`certify_sequential`), per image:
+    c_hat = argmax of n0 selection samples (fresh key, as Cohen: never reused below);
+    at look t with n_t estimation samples of which nA_t vote c_hat:
+        L_t = Clopper-Pearson lower bound on pA = P(f(x + noise) = c_hat) at alpha / T;
+        U_t = Clopper-Pearson upper bound at alpha / T (used only to decide when to stop);
+        stop when the grid level of sigma Phi^-1(L_t) (how many radii of interest it
+        certifies) already equals the best level reachable at the cap if pA were U_t,
+        i.e. of sigma Phi^-1(CP lower bound of ceil(U_t N_max) votes in N_max draws);
+        this covers "pA <= 1/2: abstain" (the best level is then 0) and the cap (t = T);
+    return (c_hat, sigma Phi^-1(L_tau)) if L_tau >= 1/2, else abstain, at the stopping look tau.
+
+Theorem: P(return c_hat with radius R and pA < Phi(R / sigma)) <= alpha, i.e. with
+probability >= 1 - alpha the result is an abstention or a correct Cohen certificate.
+Proof. Given c_hat (independent of the estimation samples), the votes for c_hat are i.i.d.
+Bernoulli(pA), so at each fixed look t, P(L_t > pA) <= alpha / T (Clopper-Pearson is exact).
+By the union bound over the T looks of the fixed schedule, P(there is a look t with
+L_t > pA) <= alpha: the sequence (L_t) is a time-uniform lower confidence sequence. The
+stopping look tau is random, but whatever it is, L_tau > pA implies that event, so
+P(L_tau > pA) <= alpha for ANY stopping rule, including one that looks at U_t, at the
+radii, or at anything else computed from the samples. On the complementary event,
+pA >= L_tau and Cohen et al.'s Theorem 1 makes sigma Phi^-1(L_tau) a certified radius when
+L_tau >= 1/2. The upper bound U_t therefore needs no validity: it only decides when to
+stop, i.e. how many samples are spent and how close the radius comes to the fixed-N one.
+
+The label never enters: `certify_sequential` and `make_certify_one` do not look at it (the
+runner compares the prediction with the label afterwards), so the stopping rule cannot
+favour correct predictions, unlike DMAE's early abstain.
+
+Cascade (`certify_cascade_sequential`): the sound cascade of `cascade.py` with each stage
+sequential. Stage j < K - 1 spends alpha / (2 K) on its lower bound and alpha / (2 K) on the
+upper bounds of all m classes (each at alpha / (2 K m)), stage K - 1 spends alpha / K on its
+lower bound, and each is divided again by the number of looks T: every bound is a
+time-uniform confidence sequence by the union bound over looks, so the proof of the sound
+cascade (module `cascade`) applies verbatim with "bound at the stopping look" in place of
+"bound": the event that all bounds of all stages hold at every look has probability
+>= 1 - alpha, and on it every returned certificate is correct. A stage stops sampling when
+its outcome is settled: it predicts once the grid level of its radius (including the
+off-class terms of earlier stages) equals the best reachable one; it passes to the next
+sigma once every class's upper bound is below p0 and the grid level of its off-class term
+sigma_j (Phi^-1(p0) - Phi^-1(max_c U_j(c))) equals the best reachable one; it stops as
+ambiguous (-2) or abstains (-1, last stage) when neither can happen any more; and always at
+the cap.
+
+Log rows use the same columns as the fixed protocol (`certify.LOG_COLUMNS`,
+`cascade.CASCADE_COLUMNS`): `n` is the number of estimation samples drawn, `n_drawn` /
+`num_samples` all noisy forward passes, `pA_lower` the bound at the stopping look (at level
+alpha / T, so it cannot be recomputed from nA and n at level alpha).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from scipy import stats
+
+from dmae_jax.smoothing import cascade as cascade_lib
+from dmae_jax.smoothing.certify import (
+    ABSTAIN,
+    LogitsFn,
+    _as_key_array,
+    _check_alpha,
+    _check_images,
+    _check_num_classes,
+    _check_positive_int,
+    _check_sigma,
+    _sample,
+)
+from dmae_jax.smoothing.logs import format_sparse_counts
+
+# The report's grid: 0, 0.25, ..., 3.0.
+DEFAULT_RADII = tuple(0.25 * i for i in range(13))
+DEFAULT_N_FIRST = 64
+DEFAULT_GROWTH = 2.0
+DEFAULT_N_MAX = 150_000
+# Level of the upper bound that only decides when to stop (no effect on soundness): at 0.05
+# an image gives up on the next radius once it is out of reach with 95% confidence.
+DEFAULT_STOP_LEVEL = 0.05
+
+# sampler(logits_fn, images [1, H, W, C], key [1], num) -> counts [K]; the default draws with
+# certify's sampler, tests inject analytic ones.
+StageSampler = Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]
+
+
+def look_schedule(n_first: int, n_max: int, growth: float) -> tuple[int, ...]:
+    """Cumulative sample counts at which to look: n_first, x growth (rounded up), ..., n_max."""
+    _check_positive_int("n_first", n_first)
+    _check_positive_int("n_max", n_max)
+    if n_first > n_max:
+        raise ValueError(f"n_first must be <= n_max={n_max}, got {n_first}")
+    if not (isinstance(growth, int | float) and math.isfinite(growth) and growth > 1.0):
+        raise ValueError(f"growth must be a number > 1, got {growth!r}")
+    looks = [n_first]
+    while looks[-1] < n_max:
+        looks.append(min(n_max, max(looks[-1] + 1, math.ceil(looks[-1] * growth))))
+    return tuple(looks)
+
+
+def aligned_schedule(
+    n_first: int, n_max: int, growth: float, *, sigma: float, radii: Sequence[float],
+    alpha: float,
+) -> tuple[tuple[int, ...], float]:
+    """(looks, per-look level): the geometric looks plus one look per radius of interest.
+
+    The extra look for radius r is the fewest samples at which votes all for c_hat certify
+    r at the per-look level alpha / T, i.e. ceil(log(alpha / T) / log(Phi(r / sigma))): an
+    image the classifier never gets wrong stops exactly when it can, not at the next
+    geometric look (up to `growth` times later). T counts the extra looks too; the
+    schedule depends only on the arguments, never on the samples, as the union bound needs.
+    """
+    geometric = look_schedule(n_first, n_max, growth)
+    extra: set[int] = set()
+    for _ in range(3):  # T and the aligned looks depend on each other; this settles
+        level = alpha / len(set(geometric) | extra)
+        extra = set()
+        for r in radii:
+            target = stats.norm.cdf(r / sigma)
+            if 0.5 < target < 1.0:
+                n_r = math.ceil(math.log(level) / math.log(target))
+                if n_first < n_r < n_max:
+                    extra.add(n_r)
+    looks = tuple(sorted(set(geometric) | extra))
+    return looks, alpha / len(looks)
+
+
+def _check_radii(radii: Sequence[float]) -> tuple[float, ...]:
+    radii = tuple(float(r) for r in radii)
+    if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
+        raise ValueError(f"radii must be finite numbers >= 0, got {list(radii)}")
+    return tuple(sorted(set(radii)))
+
+
+def grid_level(radius: float, radii: Sequence[float]) -> int:
+    """How many of the (sorted) radii of interest `radius` certifies (radius >= r); 0 if none."""
+    return int(np.searchsorted(np.asarray(radii), radius, side="right"))
+
+
+def _cp_lower(count: int, n: int, level: float) -> float:
+    return 0.0 if count <= 0 else float(stats.beta.ppf(level, count, n - count + 1))
+
+
+def _cp_upper(count: int, n: int, level: float) -> float:
+    return 1.0 if count >= n else float(stats.beta.isf(level, count + 1, n - count))
+
+
+def _best_lower(upper: float, n_max: int, level: float) -> float:
+    """The lower bound the cap would give if the probability were `upper` (optimistic)."""
+    return _cp_lower(min(n_max, math.ceil(upper * n_max)), n_max, level)
+
+
+def _phi_inv(p: float) -> float:
+    return float(stats.norm.ppf(p))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialResult:
+    """One image's sequential certificate and what it cost."""
+
+    prediction: int  # c_hat, or ABSTAIN (-1)
+    radius: float  # sigma * Phi^-1(pA_lower), 0.0 on abstain
+    pA_lower: float  # time-uniform lower bound at the stopping look
+    c_hat: int
+    counts_selection: np.ndarray  # [K] votes of the n0 selection samples
+    counts_estimation: np.ndarray  # [K] votes of all estimation samples drawn
+    n: int  # estimation samples drawn
+    n_drawn: int  # n0 + n noisy forward passes
+    looks: int  # looks made (1 .. T)
+
+
+def decide_single(
+    nA: int, n: int, *, sigma: float, level: float, radii: Sequence[float], n_max: int,
+    stop_level: float | None = None,
+) -> tuple[bool, float]:
+    """(stop, pA_lower) after a look with nA of n votes for c_hat (see the module docstring).
+
+    stop_level: level of the upper bound that decides when to stop (default `level`).
+    """
+    lower = _cp_lower(nA, n, level)
+    if n >= n_max:
+        return True, lower
+    now = grid_level(sigma * _phi_inv(lower), radii) if lower >= 0.5 else 0
+    upper = _cp_upper(nA, n, level if stop_level is None else stop_level)
+    best = _best_lower(upper, n_max, level)
+    reachable = grid_level(sigma * _phi_inv(best), radii) if best >= 0.5 else 0
+    return now >= reachable, lower
+
+
+def _default_stage_sampler(
+    logits_fn: Any, image: np.ndarray, key: jax.Array, num: int, *, sigma: float,
+    batch_size: int, num_classes: int, compute_dtype: Any, devices: Any,
+) -> np.ndarray:
+    return _sample(logits_fn, image, key[None], sigma=sigma, num=num, batch_size=batch_size,
+                   num_classes=num_classes, compute_dtype=compute_dtype, devices=devices)[0]
+
+
+def _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes, radii):
+    _check_alpha(alpha)
+    _check_positive_int("n0", n0)
+    _check_positive_int("batch_size", batch_size)
+    _check_num_classes(num_classes)
+    look_schedule(n_first, n_max, growth)
+    return _check_radii(radii)
+
+
+def certify_sequential(
+    logits_fn: LogitsFn,
+    x: Any,
+    *,
+    sigma: float,
+    n0: int,
+    alpha: float,
+    n_max: int,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    radii: Sequence[float] = DEFAULT_RADII,
+    n_first: int = DEFAULT_N_FIRST,
+    growth: float = DEFAULT_GROWTH,
+    stop_level: float = DEFAULT_STOP_LEVEL,
+    compute_dtype: Any = None,
+    devices: Sequence[jax.Device] | None = None,
+    sampler: StageSampler | None = None,
+    check_args: bool = True,
+) -> SequentialResult:
+    """Sequential CERTIFY of one image x [H, W, C] in [0, 1]: (class, radius) with error <= alpha.
+
+    Selection on n0 samples drawn with jax.random.split(rng)[0]; look t draws its new
+    estimation samples with fold_in(split(rng)[1], t). `radii` are the radii of interest (the
+    engine stops once more samples cannot certify another of them); n_max caps the
+    estimation samples. `sampler(logits_fn, images [1, H, W, C], key, num) -> counts [K]`
+    replaces the JAX sampler (tests). See the module docstring for the proof.
+    """
+    if check_args:
+        _check_sigma(sigma)
+        radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size,
+                                       num_classes, radii)
+        image = _check_images("x", x, rank=3)[None]
+    else:
+        image = np.asarray(x, np.float32)[None]
+    key = _as_key_array(rng)
+    if sampler is None:
+        def sampler(fn, images, k, num):
+            return _default_stage_sampler(
+                fn, images, k, num, sigma=sigma, batch_size=batch_size,
+                num_classes=num_classes, compute_dtype=compute_dtype, devices=devices)
+    looks, level = aligned_schedule(n_first, n_max, growth, sigma=sigma, radii=radii,
+                                    alpha=alpha)
+    k_sel, k_est = jax.random.split(key)
+    counts_selection = np.asarray(sampler(logits_fn, image, k_sel, n0), np.int64)
+    c_hat = int(np.argmax(counts_selection))  # lowest class index on ties
+    counts = np.zeros(num_classes, np.int64)
+    drawn = 0
+    for t, n_t in enumerate(looks):
+        counts += np.asarray(sampler(logits_fn, image, jax.random.fold_in(k_est, t),
+                                     n_t - drawn), np.int64)
+        drawn = n_t
+        stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=level,
+                                    radii=radii, n_max=n_max, stop_level=stop_level)
+        if stop:
+            break
+    if lower >= 0.5:
+        prediction, radius = c_hat, float(sigma * _phi_inv(lower))
+    else:
+        prediction, radius = ABSTAIN, 0.0
+    return SequentialResult(
+        prediction=prediction, radius=radius, pA_lower=lower, c_hat=c_hat,
+        counts_selection=counts_selection, counts_estimation=counts, n=drawn,
+        n_drawn=n0 + drawn, looks=t + 1)
+
+
+def make_certify_one(
+    logits_fn: LogitsFn,
+    *,
+    sigma: float,
+    n0: int,
+    alpha: float,
+    n_max: int,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    radii: Sequence[float] = DEFAULT_RADII,
+    n_first: int = DEFAULT_N_FIRST,
+    growth: float = DEFAULT_GROWTH,
+    stop_level: float = DEFAULT_STOP_LEVEL,
+    compute_dtype: Any = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable[[int, Any, Any], dict[str, Any]]:
+    """certify_one(idx, image, label) -> log row (certify.LOG_COLUMNS) for the runner.
+
+    The label is accepted for the runner's interface and never read. Image idx uses the key
+    fold_in(rng, idx). Arguments are checked here once, not per image.
+    """
+    _check_sigma(sigma)
+    radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes,
+                                   radii)
+    key = _as_key_array(rng)
+
+    def certify_one(idx: int, image: Any, label: Any) -> dict[str, Any]:
+        del label  # label-free: the prediction and the stopping time never depend on it
+        result = certify_sequential(
+            logits_fn, _check_images("image", image, rank=3), sigma=sigma, n0=n0,
+            alpha=alpha, n_max=n_max, batch_size=batch_size, rng=jax.random.fold_in(key, idx),
+            num_classes=num_classes, radii=radii, n_first=n_first, growth=growth,
+            stop_level=stop_level, compute_dtype=compute_dtype, devices=devices,
+            check_args=False)
+        return {
+            "predict": result.prediction,
+            "radius": result.radius,
+            "sigma": float(sigma),
+            "cAHat": result.c_hat,
+            "nA": int(result.counts_estimation[result.c_hat]),
+            "n": result.n,
+            "pA_lower": result.pA_lower,
+            "n_drawn": result.n_drawn,
+            "abstained_early": 0,
+            "counts_selection": format_sparse_counts(result.counts_selection),
+            "counts_estimation": format_sparse_counts(result.counts_estimation),
+        }
+
+    return certify_one
+
+
+# ---------------------------------------------------------------------------------------------
+# Cascade.
+# ---------------------------------------------------------------------------------------------
+
+
+def _stage_levels(stage: int, num_stages: int, alpha: float, num_looks: int):
+    lower, family = cascade_lib.sound_levels(stage, num_stages, alpha)
+    return lower / num_looks, family / num_looks
+
+
+def _offclass_radius(sigma: float, z0: float, bound: float) -> float:
+    return sigma * (z0 - _phi_inv(bound))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutcome:
+    """What one sequential stage of the cascade decided."""
+
+    decision: str  # "predict", "continue", "ambiguous", "abstain"
+    c_hat: int
+    pA_lower: float
+    uppers: np.ndarray | None  # [K] time-uniform upper bounds of every class (stages < K - 1)
+    counts: np.ndarray  # [K] estimation votes
+    n: int  # estimation samples drawn
+
+
+def run_stage(
+    draw: Callable[[int, int], np.ndarray],
+    c_hat: int,
+    *,
+    sigma: float,
+    stage: int,
+    num_stages: int,
+    alpha: float,
+    p0: float,
+    r_neg: float,
+    radii: Sequence[float],
+    looks: Sequence[int],
+    num_classes: int,
+    stop_level: float = DEFAULT_STOP_LEVEL,
+) -> StageOutcome:
+    """Sample one cascade stage look by look until its outcome is settled.
+
+    draw(t, num) returns the votes [K] of num new estimation samples for look t. r_neg is
+    the max over earlier (abstaining) stages of sigma_j (Phi^-1(pB_upper_j(c_hat)) -
+    Phi^-1(p0)) (cascade.R_NEG_NONE if none): the radius a prediction here would get is
+    min(sigma (Phi^-1(pA_lower) - Phi^-1(p0)), -r_neg).
+    """
+    z0 = _phi_inv(p0)
+    n_max = looks[-1]
+    level_lower, level_family = _stage_levels(stage, num_stages, alpha, len(looks))
+    last = stage == num_stages - 1
+    counts = np.zeros(num_classes, np.int64)
+    drawn = 0
+    cap = -r_neg if r_neg != cascade_lib.R_NEG_NONE else math.inf
+
+    def predicted_level(lower: float) -> int:
+        if lower < p0:
+            return 0
+        radius = min(sigma * (_phi_inv(lower) - z0), cap)
+        return grid_level(radius, radii) if radius >= 0 else 0
+
+    for t, n_t in enumerate(looks):
+        counts += np.asarray(draw(t, n_t - drawn), np.int64)
+        drawn = n_t
+        nA = int(counts[c_hat])
+        lower = _cp_lower(nA, drawn, level_lower)
+        uppers = None if last else cascade_lib.class_upper_bounds(counts, level_family)
+        upper = _cp_upper(nA, drawn, level_lower) if last else float(uppers[c_hat])
+        at_cap = drawn >= n_max
+        best_predict = predicted_level(
+            _best_lower(_cp_upper(nA, drawn, stop_level), n_max, level_lower))
+        if lower >= p0:
+            if at_cap or predicted_level(lower) >= best_predict:
+                return StageOutcome("predict", c_hat, lower, uppers, counts.copy(), drawn)
+            continue
+        if last:
+            if upper < p0:
+                return StageOutcome("abstain", c_hat, lower, uppers, counts.copy(), drawn)
+            if at_cap or (best_predict == 0 and _cp_upper(
+                    math.floor(lower * n_max), n_max, level_lower) >= p0):
+                return StageOutcome("ambiguous", c_hat, lower, uppers, counts.copy(), drawn)
+            continue
+        top = float(uppers.max())
+        if top < p0:
+            # Every class is below p0: the stage abstains. Keep sampling while a later
+            # prediction's off-class term could still reach another radius of interest.
+            lowers = [_cp_lower(int(c), drawn, level_family / num_classes) for c in counts]
+            optimistic = _cp_upper(min(n_max, math.floor(max(lowers) * n_max)), n_max,
+                                   level_family / num_classes)
+            now = grid_level(_offclass_radius(sigma, z0, top), radii)
+            reachable = grid_level(_offclass_radius(sigma, z0, optimistic), radii)
+            if at_cap or now >= reachable:
+                return StageOutcome("continue", c_hat, lower, uppers, counts.copy(), drawn)
+            continue
+        if at_cap:
+            decision = "ambiguous" if upper >= p0 else "continue"
+            return StageOutcome(decision, c_hat, lower, uppers, counts.copy(), drawn)
+        optimistic_top = _cp_upper(min(n_max, math.floor(lower * n_max)), n_max,
+                                   level_family / num_classes)
+        if best_predict == 0 and optimistic_top >= p0:
+            return StageOutcome("ambiguous", c_hat, lower, uppers, counts.copy(), drawn)
+    raise AssertionError("unreachable: the last look is at the cap")
+
+
+def certify_cascade_sequential(
+    logits_fns: Sequence[LogitsFn],
+    x: Any,
+    *,
+    sigmas: Sequence[float],
+    n0: int,
+    alpha: float,
+    n_max: int,
+    p0: float = 0.5,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    radii: Sequence[float] = DEFAULT_RADII,
+    n_first: int = DEFAULT_N_FIRST,
+    growth: float = DEFAULT_GROWTH,
+    sampler: cascade_lib.Sampler | None = None,
+    check_args: bool = True,
+) -> cascade_lib.CascadeResult:
+    """The sound multi-scale cascade with every stage sequential (module docstring: proof).
+
+    Stages run from the largest sigma down; stage j draws with jax.random.split(rng, K)[j],
+    split again into its selection key and the estimation key whose fold_in(., t) feeds
+    look t. `sampler` is a cascade.Sampler (default certify.sample_counts).
+    """
+    if check_args:
+        cascade_lib._check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
+                                        num_classes)
+        radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size,
+                                       num_classes, radii)
+    if sampler is None:
+        from dmae_jax.smoothing.certify import sample_counts as sampler
+    looks = look_schedule(n_first, n_max, growth)
+    order = cascade_lib.processing_order(sigmas)
+    stage_keys = jax.random.split(rng, len(order))
+    z0 = _phi_inv(p0)
+    abstained: list[tuple[float, np.ndarray]] = []  # (sigma_j, uppers_j)
+    visited: list[np.ndarray] = []
+    drawn = 0
+    outcome = None
+    for stage, i in enumerate(order):
+        sigma = float(sigmas[i])
+        key_select, key_estimate = jax.random.split(stage_keys[stage])
+        common = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes)
+        c_hat = int(np.argmax(cascade_lib._sample(sampler, logits_fns[i], x, n0, key_select,
+                                                  common)))
+        r_neg = cascade_lib.R_NEG_NONE
+        if abstained:
+            r_neg = max(s_j * (_phi_inv(float(np.delete(u_j, c_hat).max())) - z0)
+                        for s_j, u_j in abstained)
+
+        def draw(t, num, i=i, key_estimate=key_estimate, common=common):
+            return cascade_lib._sample(sampler, logits_fns[i], x, num,
+                                       jax.random.fold_in(key_estimate, t), common)
+
+        outcome = run_stage(draw, c_hat, sigma=sigma, stage=stage, num_stages=len(order),
+                            alpha=alpha, p0=p0, r_neg=r_neg, radii=radii, looks=looks,
+                            num_classes=num_classes)
+        visited.append(outcome.counts)
+        drawn += n0 + outcome.n
+        if outcome.decision == "predict":
+            radius = sigma * (_phi_inv(outcome.pA_lower) - z0)
+            if abstained:
+                radius = min(radius, -r_neg)
+            prediction = c_hat if radius >= 0.0 else ABSTAIN
+            radius = max(radius, 0.0) if prediction >= 0 else 0.0
+            return _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited,
+                                   drawn)
+        if outcome.decision in ("ambiguous", "abstain"):
+            prediction = cascade_lib.AMBIGUOUS if outcome.decision == "ambiguous" else ABSTAIN
+            return _cascade_result(prediction, 0.0, stage, sigma, cascade_lib.R_NEG_NONE,
+                                   outcome, visited, drawn)
+        abstained.append((sigma, outcome.uppers))
+    raise AssertionError("unreachable: the last stage never continues")
+
+
+def _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited, drawn):
+    return cascade_lib.CascadeResult(
+        prediction=int(prediction), radius=float(radius), stage=stage, sigma=sigma,
+        r_neg=float(r_neg), pred_uc=int(prediction), pA_lower=outcome.pA_lower,
+        counts=tuple(visited), num_samples=drawn)
+
+
+def make_cascade_certify_one(
+    logits_fns: Sequence[LogitsFn],
+    *,
+    sigmas: Sequence[float],
+    n0: int,
+    alpha: float,
+    n_max: int,
+    p0: float = 0.5,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    radii: Sequence[float] = DEFAULT_RADII,
+    n_first: int = DEFAULT_N_FIRST,
+    growth: float = DEFAULT_GROWTH,
+    sampler: cascade_lib.Sampler | None = None,
+) -> Callable[[int, Any, Any], dict[str, Any]]:
+    """certify_one(idx, image, label) -> cascade log row (cascade.CASCADE_COLUMNS), label-free.
+
+    The certificate is computed without the label; the label is read afterwards only to
+    score the row's corr_uc (int(pred_uc == label), as the runner scores `correct`). pred_uc
+    is the prediction itself (no clean-classifier fallback).
+    """
+    cascade_lib._check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
+                                    num_classes)
+    radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes,
+                                   radii)
+
+    def certify_one(idx: int, image: Any, label: Any) -> dict[str, Any]:
+        result = certify_cascade_sequential(
+            logits_fns, _check_images("image", image, rank=3), sigmas=sigmas, n0=n0,
+            alpha=alpha, n_max=n_max, p0=p0, batch_size=batch_size,
+            rng=jax.random.fold_in(rng, idx), num_classes=num_classes, radii=radii,
+            n_first=n_first, growth=growth, sampler=sampler, check_args=False)
+        return {
+            "predict": result.prediction,
+            "radius": result.radius,
+            "r_neg": result.r_neg,
+            "pred_uc": result.pred_uc,
+            "corr_uc": int(result.pred_uc == int(label)),
+            "stage": result.stage,
+            "sigma": result.sigma,
+            "num_samples": result.num_samples,
+        }
+
+    return certify_one

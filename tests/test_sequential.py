@@ -1,0 +1,246 @@
+"""Sequential, anytime-valid certification: exact soundness, the real sampler, label-freeness."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dmae_jax.smoothing import ABSTAIN, sequential
+from dmae_jax.smoothing.cascade import AMBIGUOUS, CASCADE_COLUMNS
+from dmae_jax.smoothing.certify import LOG_COLUMNS, certify_detailed
+from dmae_jax.smoothing.sequential import (
+    certify_cascade_sequential,
+    certify_sequential,
+    decide_single,
+    grid_level,
+    look_schedule,
+)
+
+RADII = sequential.DEFAULT_RADII
+
+
+def test_look_schedule_is_geometric_and_ends_at_the_cap():
+    assert look_schedule(64, 1000, 1.5) == (64, 96, 144, 216, 324, 486, 729, 1000)
+    assert look_schedule(10, 10, 2.0) == (10,)
+    assert look_schedule(1, 4, 1.01) == (1, 2, 3, 4)  # always at least one more sample
+    with pytest.raises(ValueError, match="growth must be a number > 1"):
+        look_schedule(1, 4, 1.0)
+    with pytest.raises(ValueError, match="n_first must be <= n_max"):
+        look_schedule(5, 4, 2.0)
+
+
+def test_grid_level_counts_the_radii_certified_inclusively():
+    assert grid_level(-1.0, RADII) == 0
+    assert grid_level(0.0, RADII) == 1
+    assert grid_level(0.2499, RADII) == 1
+    assert grid_level(0.25, RADII) == 2
+    assert grid_level(9.0, RADII) == len(RADII)
+
+
+def exact_single_sigma(pA, *, sigma, alpha, looks, level):
+    """Exact (P(wrong certificate), E[estimation samples]) of the single-sigma stopping rule.
+
+    Dynamic programming over the looks: the law of the c_hat votes among the runs that have
+    not stopped yet, advanced by the Binomial votes of each round. A certificate is wrong
+    when it predicts with pA_lower > pA (then sigma Phi^-1(pA_lower) exceeds the true radius).
+    """
+    alive = np.zeros(looks[-1] + 1)
+    alive[0] = 1.0
+    wrong, samples, drawn = 0.0, 0.0, 0
+    for n_t in looks:
+        step = stats.binom.pmf(np.arange(n_t - drawn + 1), n_t - drawn, pA)
+        alive = np.convolve(alive, step)[: looks[-1] + 1]
+        drawn = n_t
+        for nA in np.flatnonzero(alive > 1e-300):
+            stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=level, radii=RADII,
+                                        n_max=looks[-1])
+            if stop:
+                if 0.5 <= lower and lower > pA:
+                    wrong += alive[nA]
+                samples += alive[nA] * n_t
+                alive[nA] = 0.0
+    assert alive.sum() < 1e-12  # every run stops at the cap
+    return wrong, samples
+
+
+@pytest.mark.parametrize("pA", [
+    stats.norm.cdf(1.0),  # exactly the threshold of r = 0.25 at sigma = 0.25
+    stats.norm.cdf(2.0),  # exactly the threshold of r = 0.5
+    0.5,  # exactly the abstain threshold
+    0.5 + 1e-3,
+])
+def test_single_sigma_wrong_certificates_are_at_most_alpha_exactly(pA):
+    looks = look_schedule(8, 400, 1.5)
+    alpha = 0.05
+    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
+                                        level=alpha / len(looks))
+    assert wrong <= alpha
+    assert samples < looks[-1]  # it does stop early on average
+
+
+def test_the_exact_check_has_power_a_rule_without_the_union_bound_fails_it():
+    # The same stopping rule with every look at the full alpha (optional stopping without a
+    # confidence sequence) certifies wrongly more often than alpha at a threshold pA.
+    looks = look_schedule(8, 400, 1.5)
+    worst = max(exact_single_sigma(stats.norm.cdf(z), sigma=0.25, alpha=0.05, looks=looks,
+                                   level=0.05)[0] for z in (1.0, 2.0))
+    assert worst > 0.05
+
+
+def threshold_classifier(threshold):
+    """f(x) = class 0 if the first pixel exceeds threshold, else class 1 (a linear classifier)."""
+    def logits_fn(images):
+        score = images[:, 0, 0, 0] - threshold
+        return jnp.stack([score, -score], axis=-1)
+    return logits_fn
+
+
+def test_real_sampler_wrong_certificate_rate_at_a_threshold_pA_is_at_most_alpha():
+    # pA = Phi(1): the smoothed classifier's true radius is exactly 0.25 = sigma, a grid
+    # radius, the hardest case: any bound above pA certifies 0.25 wrongly.
+    sigma, alpha, images = 0.25, 0.05, 80
+    x = np.full((1, 1, 1), 0.5, np.float32)
+    fn = threshold_classifier(0.5 - sigma)
+    certify_one = sequential.make_certify_one(
+        fn, sigma=sigma, n0=16, alpha=alpha, n_max=600, batch_size=128,
+        rng=jax.random.key(0), num_classes=2, n_first=16)
+    rows = [certify_one(i, x, 0) for i in range(images)]
+    true_radius = sigma * stats.norm.ppf(stats.norm.cdf(1.0))
+    wrong = sum(r["predict"] == 0 and r["radius"] > true_radius + 1e-9 for r in rows)
+    assert wrong <= stats.binom.ppf(0.999, images, alpha)
+    assert any(r["predict"] == 0 for r in rows)  # it does certify
+    assert np.mean([r["n_drawn"] for r in rows]) < 16 + 600
+    assert set(rows[0]) == {"predict", "radius", *LOG_COLUMNS}
+    for r in rows:
+        assert r["n_drawn"] == 16 + r["n"] and r["nA"] <= r["n"]
+
+
+def test_an_easy_image_stops_early_and_matches_the_fixed_protocol():
+    x = np.full((1, 1, 1), 0.9, np.float32)
+    fn = threshold_classifier(-10.0)  # always class 0
+    got = certify_sequential(fn, x, sigma=0.25, n0=100, alpha=0.001, n_max=100_000,
+                             batch_size=4096, rng=jax.random.key(1), num_classes=2)
+    # Fixed N = 100,000: every vote for class 0, radius 0.25 Phi^-1(alpha^(1/N)) = 0.953.
+    fixed = certify_detailed(fn, x, sigma=0.25, n0=100, n=100, alpha=0.001 ** (100 / 100_000),
+                             batch_size=128, rng=jax.random.key(1), num_classes=2)
+    assert fixed.radius == pytest.approx(0.25 * stats.norm.ppf(0.001 ** (1 / 100_000)))
+    # Both certify the grid radius 0.75, the largest below that cap.
+    assert grid_level(got.radius, RADII) == grid_level(fixed.radius, RADII) == 4
+    assert got.n_drawn < 12_000
+    assert got.prediction == fixed.prediction == 0
+
+
+def test_an_abstaining_image_stops_after_a_few_hundred_samples():
+    rng = np.random.default_rng(0)
+
+    def sampler(fn, images, key, num):
+        return rng.multinomial(num, [0.3, 0.3, 0.4])
+
+    got = certify_sequential(None, np.zeros((1, 1, 1), np.float32), sigma=0.5, n0=100,
+                             alpha=0.001, n_max=100_000, batch_size=1, rng=jax.random.key(0),
+                             num_classes=3, sampler=sampler)
+    assert got.prediction == ABSTAIN and got.n < 1000
+
+
+class Poison:
+    """A label that fails the test if anything reads it."""
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"the label was read ({name})")
+
+    def __index__(self):
+        raise AssertionError("the label was read")
+
+    def __eq__(self, other):
+        raise AssertionError("the label was read")
+
+    __hash__ = None
+
+
+def test_the_label_never_reaches_the_sequential_path():
+    x = np.full((1, 1, 1), 0.7, np.float32)
+    certify_one = sequential.make_certify_one(
+        threshold_classifier(0.5), sigma=0.25, n0=32, alpha=0.01, n_max=1000, batch_size=128,
+        rng=jax.random.key(3), num_classes=2)
+    rows = [certify_one(5, x, label) for label in (0, 1, Poison())]
+    assert rows[0] == rows[1] == rows[2]
+    assert "label" not in certify_sequential.__code__.co_varnames
+    assert "label" not in certify_cascade_sequential.__code__.co_varnames
+
+
+# ------------------------------------------------------------------------------------------
+# Cascade.
+# ------------------------------------------------------------------------------------------
+
+
+class Probs:
+    """A base classifier known only by its smoothed class probabilities at one sigma."""
+
+    def __init__(self, probs):
+        self.probs = np.asarray(probs, np.float64)
+
+
+def table_sampler(seed):
+    rng = np.random.default_rng(seed)
+
+    def sampler(fn, x, *, sigma, num, batch_size, rng_key=None, num_classes, **kwargs):
+        return rng.multinomial(num, fn.probs)
+
+    def wrapped(fn, x, *, sigma, num, batch_size, rng, num_classes):
+        return sampler(fn, x, sigma=sigma, num=num, batch_size=batch_size,
+                       num_classes=num_classes)
+
+    return wrapped
+
+
+def test_sequential_cascade_on_the_official_boundary_case_stays_below_alpha():
+    # Stage 0: p(a) = 0.501, p(b) = 0.499; stage 1 always b (the case where the official
+    # alpha split certifies b wrongly ~11% of the time at alpha = 0.1).
+    fns = [Probs([0.501, 0.499]), Probs([0.0, 1.0])]
+    sampler = table_sampler(0)
+    runs, alpha, wrong = 200, 0.1, 0
+    for i in range(runs):
+        result = certify_cascade_sequential(
+            fns, np.zeros((1, 1, 1), np.float32), sigmas=[1.0, 0.5], n0=20, alpha=alpha,
+            n_max=400, batch_size=1, rng=jax.random.key(i), num_classes=2, n_first=20,
+            sampler=sampler)
+        wrong += result.prediction == 1  # b is never the cascade's class at x
+    assert wrong <= stats.binom.ppf(0.999, runs, alpha)
+
+
+def test_sequential_cascade_decides_like_the_fixed_one_on_clear_cases():
+    x = np.zeros((1, 1, 1), np.float32)
+    common = dict(sigmas=[1.0, 0.5], n0=50, alpha=0.001, n_max=20_000, batch_size=1,
+                  num_classes=3, sampler=table_sampler(1))
+    # Stage 0 certain of class 2: predicts at stage 0 with sigma 1's radius, early.
+    got = certify_cascade_sequential([Probs([0, 0, 1]), Probs([1, 0, 0])], x,
+                                     rng=jax.random.key(0), **common)
+    assert (got.prediction, got.stage) == (2, 0) and got.radius > 2.5
+    assert got.num_samples < 10_000
+    # Stage 0 spread out (abstains), stage 1 certain of class 0: predicts 0 at stage 1,
+    # radius limited by stage 0's off-class term sigma_0 (Phi^-1(1/2) - Phi^-1(U)) > 0.
+    got = certify_cascade_sequential([Probs([0.2, 0.35, 0.45]), Probs([1, 0, 0])], x,
+                                     rng=jax.random.key(0), **common)
+    assert (got.prediction, got.stage) == (0, 1)
+    assert 0 < got.radius <= -stats.norm.ppf(0.45) + 1e-9
+    assert got.radius <= -got.r_neg
+    # Stage 0 straddles p0: ambiguous without visiting stage 1.
+    got = certify_cascade_sequential([Probs([0.5, 0.5, 0]), Probs([1, 0, 0])], x,
+                                     rng=jax.random.key(0), **common)
+    assert (got.prediction, got.stage) == (AMBIGUOUS, 0)
+
+
+def test_sequential_cascade_rows_are_label_free_but_for_corr_uc():
+    certify_one = sequential.make_cascade_certify_one(
+        [Probs([0.1, 0.9]), Probs([0.9, 0.1])], sigmas=[1.0, 0.5], n0=20, alpha=0.01,
+        n_max=2000, batch_size=1, rng=jax.random.key(0), num_classes=2,
+        sampler=lambda *a, **k: table_sampler(7)(*a, **k))
+    rows = [certify_one(3, np.zeros((1, 1, 1), np.float32), label) for label in (0, 1)]
+    assert set(rows[0]) == {"predict", "radius", *CASCADE_COLUMNS}
+    assert rows[0]["corr_uc"] != rows[1]["corr_uc"]
+    assert {k: v for k, v in rows[0].items() if k != "corr_uc"} == \
+        {k: v for k, v in rows[1].items() if k != "corr_uc"}
+    assert math.isfinite(rows[0]["radius"])
