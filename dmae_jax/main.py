@@ -101,6 +101,24 @@ class _DiskFullReports(std_logging.Filter):
         return not any(marker in text for marker in _DISK_FULL)
 
 
+def _without_closed_loop_reports(hook):
+    """sys.unraisablehook minus TensorStore's write completions into a closed event loop.
+
+    When a checkpoint save fails (a full disk), Orbax closes its asyncio loop while
+    TensorStore still completes the other writes; each completion is reported as an
+    unraisable `RuntimeError: Event loop is closed`, hundreds of tracebacks in front of the
+    one line that says what happened.
+    """
+
+    def unraisablehook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return unraisablehook
+
+
 def _user_error(error: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None (keep the traceback).
 
@@ -183,6 +201,7 @@ def _guarded(argv) -> None:
 
 def _run() -> None:
     std_logging.getLogger("absl").addFilter(_DiskFullReports())
+    sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
     app.run(_guarded, flags_parser=_parse_flags)
 
 

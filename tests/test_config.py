@@ -318,3 +318,17 @@ def test_orbax_reports_of_a_full_disk_are_left_to_the_one_error_line():
     assert quiet.filter(record(orbax, "No space left on device", logging.WARNING))
     assert quiet.filter(record(os.path.join("dmae_jax", "train", "common.py"),
                                "No space left on device"))
+
+
+def test_closed_event_loop_reports_are_dropped_other_unraisables_kept():
+    import types
+
+    from dmae_jax import main as main_lib
+
+    seen = []
+    hook = main_lib._without_closed_loop_reports(seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(closed)
+    hook(other)
+    assert seen == [other]
