@@ -95,20 +95,19 @@ def prepare(
         from dmae_jax.data import digits
 
         return digits.prepare(image_size, data_dir)
-    _check_tensorflow(name)
-    _import_tensorflow_quietly()
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
     if name == "imagenet2012":
         root = os.fspath(data_dir) if data_dir is not None else tfds.core.constants.DATA_DIR
-        manual = os.fspath(manual_dir or os.path.join(root, "downloads", "manual"))
+        manual_dir = os.fspath(manual_dir or os.path.join(root, "downloads", "manual"))
         archives = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
-        if not any(os.path.isfile(os.path.join(manual, a)) for a in archives):
+        if not any(os.path.isfile(os.path.join(manual_dir, a)) for a in archives):
             raise PrepareError(
-                f"--manual_dir {manual!r} holds neither {archives[0]} nor {archives[1]}: "
+                f"--manual_dir {manual_dir!r} holds neither {archives[0]} nor {archives[1]}: "
                 "download them from https://image-net.org/ (TFDS cannot download ImageNet)")
-        manual_dir = manual
+    _check_tensorflow(name)
+    _import_tensorflow_quietly()
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(
@@ -134,6 +133,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; a problem is one line on stderr and exit status 1."""
     args = _parse_args(argv)
+    from dmae_jax import quiet
+
+    quiet.install()
     try:
         builder = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
                           image_size=args.image_size, progress=args.progress)

@@ -22,7 +22,10 @@ NOISE = (
 
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a record whose arguments do not fit its format
+            message = str(record.msg)
         return not any(fragment in message for fragment in NOISE)
 
 
@@ -31,6 +34,8 @@ def install() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from absl import logging as absl_logging
 
-    logger = absl_logging.get_absl_logger()
-    if not any(isinstance(f, _DropNoise) for f in logger.filters):
-        logger.addFilter(_DropNoise())
+    # Libraries log through absl's logger or their own Python loggers; all of it reaches the
+    # terminal through absl's handler, so the filter sits on both.
+    for target in (absl_logging.get_absl_logger(), absl_logging.get_absl_handler()):
+        if not any(isinstance(f, _DropNoise) for f in target.filters):
+            target.addFilter(_DropNoise())
