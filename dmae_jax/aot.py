@@ -23,6 +23,7 @@ compiler allocates and fail the same way on the real slice.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -261,18 +262,38 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def _report(compiled, **kwargs) -> CompileReport:
-    mem = compiled.memory_analysis()
+# libtpu's cost model gives these custom calls (concatenations it emits itself) a cost of
+# -1 s each in the program's `optimal_seconds`; their real cost is a small copy.
+_UNCOSTED_CALLS = ('custom_call_target="ConcatBitcast"',)
+
+
+def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, estimated seconds) per chip of a compiled program, from XLA's cost analysis."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
-    if mem is None or not cost or "flops" not in cost:
-        raise RuntimeError("the compiler returned no memory or cost analysis for this program")
+    if not cost or "flops" not in cost or "optimal_seconds" not in cost:
+        raise RuntimeError("the compiler returned no cost analysis for this program")
+    seconds = float(cost["optimal_seconds"])
+    if seconds < 0:
+        text = compiled.as_text()
+        seconds += sum(text.count(call) for call in _UNCOSTED_CALLS)
+    if not seconds > 0:
+        raise RuntimeError(
+            f"XLA's cost model gave no usable step time ({cost['optimal_seconds']} s)")
+    return float(cost["flops"]), seconds
+
+
+def _report(compiled, **kwargs) -> CompileReport:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError("the compiler returned no memory analysis for this program")
+    flops, seconds = _cost(compiled)
     return CompileReport(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-        code_bytes=mem.generated_code_size_in_bytes, xla_flops=float(cost["flops"]),
-        step_seconds=float(cost.get("optimal_seconds", float("nan"))), **kwargs)
+        code_bytes=mem.generated_code_size_in_bytes, xla_flops=flops, step_seconds=seconds,
+        **kwargs)
 
 
 def _fit_advice(task: str, settings: dict) -> str:
@@ -300,7 +321,7 @@ def _fit_advice(task: str, settings: dict) -> str:
 
 
 def abstract_parts(create: Callable[[], Any]):
-    """`common.ModelParts` with abstract parameters (ShapeDtypeStructs) and concrete constants.
+    """`models.ModelParts` with abstract parameters (ShapeDtypeStructs) and concrete constants.
 
     The parameters are never initialised; the model's non-parameter state (fixed sin-cos
     position embeddings) is computed for real, inside a jit whose parameter initialisers XLA
@@ -309,7 +330,7 @@ def abstract_parts(create: Callable[[], Any]):
     import jax
     from flax import nnx
 
-    from dmae_jax.train.common import ModelParts
+    from dmae_jax.models import ModelParts
 
     abstract = nnx.eval_shape(create)
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
@@ -481,9 +502,7 @@ def _update_cost(tx, state, shardings) -> tuple[float, float]:
     sh = (shardings["params"], shardings["opt_state"])
     compiled = jax.jit(update, in_shardings=sh, out_shardings=sh).lower(
         state["params"], state["opt_state"]).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost["flops"]), float(cost.get("optimal_seconds", 0.0))
+    return _cost(compiled)
 
 
 def _compile(lowered, task: str, settings: dict, what: str, topology: Topology):
@@ -508,6 +527,9 @@ def compile_certify(config, topology: Topology, variant: str,
                     devices: Sequence | None = None) -> CompileReport:
     """Compiles one certification sampling step (config.batch_size noisy samples of one image).
 
+    `variant` is the classifier's ViT variant, optionally with its patch size ("large",
+    "mu/4"; patch 16 by default): a certification config names only the export.
+
     Certification runs per host (each host certifies its own images on its local chips), so
     the step is compiled for the chips of one host of the slice.
     """
@@ -521,8 +543,9 @@ def compile_certify(config, topology: Topology, variant: str,
     from dmae_jax import defaults
     from dmae_jax.data import datasets
     from dmae_jax.models import create_classifier, resolve_model_config
-    from dmae_jax.smoothing import certify
 
+    # The module (the package re-exports a function of the same name).
+    certify = importlib.import_module("dmae_jax.smoothing.certify")
     devices = topology_devices(topology) if devices is None else list(devices)
     host = [d for d in devices if d.process_index == devices[0].process_index]
     batch = config.batch_size
@@ -531,9 +554,8 @@ def compile_certify(config, topology: Topology, variant: str,
                          f"one {topology.accelerator_type} host, got {batch}")
     num_classes = datasets.num_classes(config.data.dataset)
     size = config.data.image_size
-    model_cfg = defaults.model(variant, img_size=size)
-    if config.data.dataset != "imagenet2012":
-        model_cfg.normalization = "cifar10" if config.data.dataset == "cifar10" else "imagenet"
+    name, _, patch = variant.partition("/")
+    model_cfg = defaults.model(name, img_size=size, patch_size=int(patch or 16))
     parts, _ = abstract_parts(lambda: create_classifier(model_cfg, num_classes,
                                                         rngs=nnx.Rngs(0)))
 
@@ -561,8 +583,8 @@ def compile_certify(config, topology: Topology, variant: str,
         static_fn=static_fn, num_classes=num_classes, batch_size=batch, compute_dtype=dtype,
         mesh=mesh)
     settings = {"batch": batch, "dtype": config.compute_dtype}
-    what = (f"certify ViT-{variant[0].upper()}/16 classifier at {size}, {batch} noisy samples "
-            f"per step, {config.compute_dtype}")
+    what = (f"certify ViT {name}/{model_cfg.patch_size} classifier at {size}, {batch} noisy "
+            f"samples per step, {config.compute_dtype}")
     compiled = _compile(lowered, "certify", settings, what, topology)
     flops = classifier_forward_flops(resolve_model_config(model_cfg), num_classes)
     return _report(compiled, what=what, topology=topology, num_chips=len(host),
@@ -603,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         lock_config=True)
     topology_flag = flags.DEFINE_string("topology", None, f"TPU slice: {TOPOLOGY_HELP}.")
     variant_flag = flags.DEFINE_string(
-        "variant", None, "Certification configs only: the classifier's ViT variant.")
+        "variant", None,
+        "Certification configs only: the classifier's ViT variant[/patch], e.g. large or mu/4.")
 
     def run(argv):
         del argv
