@@ -108,6 +108,10 @@ def test_cascade_identity_covers_sigmas_p0_and_every_checkpoint(tmp_path):
         changed[field] = value
         with pytest.raises(IdentityError, match=f"certified with {field} = "):
             identity.check_log(changed, log_path, warn=lambda s: None)
+    changed = C.resolve(config)
+    changed.sigmas = (1.0, 0.5, 0.25)
+    with pytest.raises(IdentityError, match=r"rerun with --config.sigmas='\(1.0,0.5\)'"):
+        identity.check_log(changed, log_path, warn=lambda s: None)
 
 
 def test_identity_is_readable_next_to_a_cohen_compatible_log(tmp_path):

@@ -329,11 +329,18 @@ def check_identity(log_path: str | os.PathLike, identity: dict[str, Any], *, has
     for field in sorted(set(recorded) | set(fresh)):
         old, new = recorded.get(field, "<absent>"), fresh.get(field, "<absent>")
         if old != new:
-            hint = (hints or {}).get(field) or f"--config.{field}={old}"
+            hint = (hints or {}).get(field) or f"--config.{field}={_flag_value(old)}"
             raise IdentityError(
                 f"{log_path} holds rows certified with {field} = {old!r}, but this run has "
                 f"{field} = {new!r}. To resume it, rerun with {hint}; to certify anew, use "
                 f"another --workdir or --config.log_name")
+
+
+def _flag_value(value: Any) -> str:
+    """`value` as a `--config.field=` command-line value (tuples as '(a,b)')."""
+    if isinstance(value, list | tuple):
+        return "'(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")'"
+    return str(value)
 
 
 def read_header_and_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
