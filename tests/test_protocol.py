@@ -276,8 +276,10 @@ def test_upsampling_kernel_is_torch_antialias_false_and_torchvision_0_17_differs
 # ------------------------------------------------------------------ linear probing
 
 
+@functools.lru_cache(maxsize=1)
 def _probe(rng_seed: int = 0):
-    """A mu-size probe classifier initialised from a random mu DMAE, and the DMAE params."""
+    """A mu-size probe classifier initialised from a random mu DMAE, and the DMAE params
+    (built once: the tests only read it, except for the BatchNorm statistics)."""
     import ml_collections
     from flax import nnx
 
