@@ -11,6 +11,7 @@ setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(include=["dmae_jax", "dmae_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
