@@ -11,6 +11,7 @@ import re
 import pytest
 
 from dmae_jax import config as C
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from tests import helpers
 
@@ -74,7 +75,7 @@ def test_every_config_file_documents_a_command():
 
 @pytest.mark.parametrize("path, arg", _documented())
 def test_config_builds_resolves_and_validates(path, arg):
-    config = C.resolve(load_config(path, arg))
+    config = config_lib.resolve(load_config(path, arg))
     module = importlib.import_module(_RUNNERS[C.task(config)])
     try:
         module.validate(config)
@@ -115,36 +116,38 @@ def test_bad_arg_is_one_config_error_naming_it(path, arg, message):
 
 
 def test_parse_arg_types():
-    args = C.parse_arg("sigmas=0.5/0.25,flag,count=3,name=x,kind=b", sigmas=(1.0,), flag=False,
-                       count=0, name="", kind=C.OneOf("a", "b"), other=C.OneOf("p", "q"))
+    one_of = config_lib.OneOf
+    args = config_lib.parse_arg("sigmas=0.5/0.25,flag,count=3,name=x,kind=b", sigmas=(1.0,),
+                                flag=False, count=0, name="", kind=one_of("a", "b"),
+                                other=one_of("p", "q"))
     assert args.to_dict() == {"sigmas": (0.5, 0.25), "flag": True, "count": 3, "name": "x",
                               "kind": "b", "other": "p"}
-    assert C.parse_arg(None, flag=False).flag is False
+    assert config_lib.parse_arg(None, flag=False).flag is False
 
 
 def test_arg_and_override_mean_the_same_once_resolved():
-    by_arg = C.resolve(load_config("configs/certify.py", "dataset=digits,sigma=1.0"))
+    by_arg = config_lib.resolve(load_config("configs/certify.py", "dataset=digits,sigma=1.0"))
     overridden = load_config("configs/certify.py", "dataset=digits")
     overridden.sigma = 1.0
-    by_override = C.resolve(overridden)
+    by_override = config_lib.resolve(overridden)
     assert by_arg.to_dict() == by_override.to_dict()
     assert by_override.log_name == "certify_sigma_1.0.tsv"
 
     finetune = load_config("configs/finetune_digits.py")
     finetune.sigma = 1.0
-    assert C.resolve(finetune).eta == 0.1
-    assert C.resolve(load_config("configs/finetune_digits.py", "sigma=1.0")).eta == 0.1
-    assert C.resolve(load_config("configs/finetune_digits.py", "sigma=0.5")).eta == 0.5
+    assert config_lib.resolve(finetune).eta == 0.1
+    assert config_lib.resolve(load_config("configs/finetune_digits.py", "sigma=1.0")).eta == 0.1
+    assert config_lib.resolve(load_config("configs/finetune_digits.py", "sigma=0.5")).eta == 0.5
 
 
 def test_resolve_keeps_values_the_user_set():
     cfg = load_config("configs/finetune_imagenet.py", "sigma=1.0")
     cfg.eta = 0.3
-    assert C.resolve(cfg).eta == 0.3
+    assert config_lib.resolve(cfg).eta == 0.3
     cascade = load_config("configs/cascade.py", "sigmas=0.5/0.25")
-    assert C.resolve(cascade).log_name == "cascade_0.5_0.25.tsv"
+    assert config_lib.resolve(cascade).log_name == "cascade_0.5_0.25.tsv"
     cascade.log_name = "mine.tsv"
-    assert C.resolve(cascade).log_name == "mine.tsv"
+    assert config_lib.resolve(cascade).log_name == "mine.tsv"
 
 
 def test_digits_pipeline_keeps_a_users_eta():
@@ -219,7 +222,7 @@ def test_bad_value_fails_validation_in_one_line(path, field, value, message):
     config = load_config(path)
     _set(config, field, value)
     start = time.monotonic()
-    config = C.resolve(config)
+    config = config_lib.resolve(config)
     module = importlib.import_module(_RUNNERS[C.task(config)])
     with pytest.raises(C.ConfigError) as e:
         module.validate(config)

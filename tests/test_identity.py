@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dmae_jax import config as C
+from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from dmae_jax.errors import IdentityError
 from dmae_jax.smoothing import identity, logs, runner
@@ -29,7 +30,7 @@ def _certify_config(checkpoint: str, sigma: float = 0.25, **overrides):
     cfg = defaults.certify("digits", sigma)
     cfg.checkpoint = checkpoint
     cfg.update(overrides)
-    return C.resolve(cfg)
+    return config_lib.resolve(cfg)
 
 
 def _log_rows(log_path: str, indices) -> None:
@@ -101,14 +102,14 @@ def test_cascade_identity_covers_sigmas_p0_and_every_checkpoint(tmp_path):
     exports = [_fake_export(tmp_path / f"ft_{s}", s, str(s).encode()) for s in (1.0, 0.5)]
     config = defaults.cascade("digits", (1.0, 0.5))
     config.checkpoints = tuple(exports)
-    config = C.resolve(config)
+    config = config_lib.resolve(config)
     log_path = _started_log(tmp_path, config)
     for field, value in (("p0", 0.6), ("checkpoints", tuple(reversed(exports)))):
-        changed = C.resolve(config)
+        changed = config_lib.resolve(config)
         changed[field] = value
         with pytest.raises(IdentityError, match=f"certified with {field} = "):
             identity.check_log(changed, log_path, warn=lambda s: None)
-    changed = C.resolve(config)
+    changed = config_lib.resolve(config)
     changed.sigmas = (1.0, 0.5, 0.25)
     with pytest.raises(IdentityError, match=r"rerun with --config.sigmas='\(1.0,0.5\)'"):
         identity.check_log(changed, log_path, warn=lambda s: None)
