@@ -360,6 +360,7 @@ class Progress:
         self.writer, self.ckpt = writer, ckpt
         self.total, self.batch = total_steps, global_batch_size
         self.t0, self.step0 = time.time(), first_step
+        self.first_reported = False
 
     def report(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
         """Fetches `metrics` of `step`, checks them, prints the line, writes the scalars."""
@@ -371,9 +372,9 @@ class Progress:
                 f"stopping; the last good checkpoint is step {self.ckpt.latest_step()} in "
                 f"{self.ckpt.directory}. Lower the learning rate or use float32 compute.")
         now = time.time()
-        if step == self.step0 + 1:
+        if not self.first_reported:
             speed = f"first step {now - self.t0:.1f}s (with compilation)"
-            self.t0, self.step0 = now, step
+            self.t0, self.step0, self.first_reported = now, step, True
         else:
             rate = (step - self.step0) / max(now - self.t0, 1e-9)
             values["images_per_sec"] = rate * self.batch
