@@ -156,6 +156,10 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
     cfg.batch_size = batch_size   # noisy samples per step, split over the local devices
     cfg.compute_dtype = "float32"  # or bfloat16
     cfg.early_abstain = False     # DMAE's shortcut: abstain when the n0 guess is not the label
+    cfg.mode = "fixed"            # fixed (Cohen: n0 + n samples) | sequential (stop when settled)
+    cfg.n_max = 0                 # sequential: cap on estimation samples; 0 = 1.5 * n
+    cfg.radii = ()                # sequential: radii of interest; () = 0, 0.25, ..., 3
+    cfg.alpha_split = "sound"     # cascade: alpha/K per stage (level alpha) | official: alpha/(j+1)
     cfg.log_name = ""             # "": certify_sigma_<sigma>.tsv in the workdir
     return cfg
 

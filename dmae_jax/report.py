@@ -1,11 +1,14 @@
 """Certified accuracy and average certified radius (ACR) from certification logs.
 
     python -m dmae_jax.report LOG.tsv [LOG2.tsv ...] [--radii 0,0.25,...] [--labels a,b]
-                              [--envelope] [--plot out.png]
+                              [--envelope] [--plot out.png] [--json out.json] [--csv out.csv]
 
 Certified accuracy at r is the fraction of *all* logged images that are correct with
-radius >= r (inclusive, as Cohen et al.'s analyze.py); abstentions (predict -1) count as
-wrong at every r, so the value at r = 0 is the smoothed classifier's clean accuracy.
+radius >= r (inclusive, as Cohen et al.'s analyze.py); abstentions (predict -1, and the
+cascade's -2) count as wrong at every r, so the value at r = 0 is the smoothed classifier's
+clean accuracy. For a cascade log the report also counts the images that stopped at each
+stage. Curves are labelled, and plots titled, from the identity recorded next to a log
+(data set, sigma, N, alpha, mode) when there is one, else from its columns.
 ACR = mean(correct * radius) over all rows (Jeong & Shin 2020; Zhai et al. 2020). The
 envelope is the best certified accuracy over the logs at each radius: a max over several
 classifiers (e.g. sigmas), not the certificate of any single one. Reads every log dialect
@@ -15,6 +18,7 @@ classifiers (e.g. sigmas), not the certificate of any single one. Reads every lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -52,10 +56,80 @@ def acr(rows: Rows) -> float:
 
 
 def abstention_rate(rows: Rows) -> float:
-    """Fraction of rows where the smoothed classifier abstained (predict == -1)."""
+    """Fraction of rows where the smoothed classifier abstained (predict < 0: -1, or -2 for
+    the cascade's ambiguous stop)."""
     if not rows:
         raise ValueError("rows must hold at least one certification result, got none")
-    return float(np.mean([int(r["predict"]) == -1 for r in rows]))
+    return float(np.mean([int(r["predict"]) < 0 for r in rows]))
+
+
+def stage_counts(rows: Rows) -> list[tuple[int, float, int]] | None:
+    """[(stage, sigma, images that stopped there)] of a cascade log; None for other logs."""
+    if not rows or "stage" not in rows[0]:
+        return None
+    counts: dict[int, list] = {}
+    for r in rows:
+        entry = counts.setdefault(int(r["stage"]), [float(r.get("sigma", "nan")), 0])
+        entry[1] += 1
+    return [(stage, sigma, count) for stage, (sigma, count) in sorted(counts.items())]
+
+
+def describe_stages(rows: Rows) -> str | None:
+    """'stopped at stage 0 (sigma 1.0): 80, ...' for a cascade log; None for other logs."""
+    counts = stage_counts(rows)
+    if counts is None:
+        return None
+    return "stopped at " + ", ".join(f"stage {stage} (sigma {sigma:g}): {count}"
+                                      for stage, sigma, count in counts)
+
+
+def log_info(path: str | os.PathLike, rows: Rows) -> dict[str, Any]:
+    """What produced a log: data set, sigma(s), N0, N, alpha, mode, task (None when unknown).
+
+    From the identity recorded next to the log by the certify/cascade tasks; for a log
+    without one (e.g. Cohen et al.'s), sigma and N from its columns when it has them.
+    """
+    identity = logs.read_identity(path) or {}
+    info: dict[str, Any] = {key: identity.get(key) for key in
+                            ("task", "sigma", "sigmas", "n0", "n", "alpha", "mode")}
+    info["dataset"] = identity.get("data.dataset", identity.get("dataset"))
+    if info["sigma"] is None and info["sigmas"] is None and rows and "sigma" in rows[0]:
+        sigmas = sorted({float(r["sigma"]) for r in rows}, reverse=True)
+        info["sigma" if len(sigmas) == 1 else "sigmas"] = sigmas[0] if len(sigmas) == 1 \
+            else sigmas
+    if info["n"] is None and rows and "n" in rows[0] and "n_drawn" not in rows[0]:
+        info["n"] = max(int(r["n"]) for r in rows)
+    return info
+
+
+def describe_log(info: dict[str, Any], fallback: str) -> str:
+    """A curve label: 'sigma=0.25', 'cascade 1>0.5>0.25', with ', sequential' if so."""
+    if info.get("sigmas"):
+        sigmas = info["sigmas"]
+        sigmas = sigmas if isinstance(sigmas, list | tuple) else str(sigmas).split(",")
+        label = "cascade " + ">".join(f"{float(s):g}" for s in sigmas)
+    elif info.get("sigma") is not None:
+        label = f"sigma={float(info['sigma']):g}"
+    else:
+        return fallback
+    return label + (", sequential" if info.get("mode") == "sequential" else "")
+
+
+def plot_title(infos: Sequence[dict[str, Any]]) -> str:
+    """Data set, N and alpha shared by the logs (sigma is in each curve's label)."""
+    parts = []
+    for key, name in (("dataset", ""), ("n", "N="), ("alpha", "alpha=")):
+        values = {info.get(key) for info in infos}
+        if len(values) == 1 and None not in values:
+            value = values.pop()
+            parts.append(f"{name}{value:,}" if key == "n" and isinstance(value, int)
+                         else f"{name}{value}")
+    sigmas = {info.get("sigma") for info in infos}
+    if len(infos) == 1 and None not in sigmas:
+        parts.append(f"sigma={sigmas.pop()}")
+    if any(info.get("mode") == "sequential" for info in infos):
+        parts.append("sequential (N is the cap's base)")
+    return "certified accuracy" + (": " + ", ".join(parts) if parts else "")
 
 
 def envelope(accuracies: Sequence[np.ndarray]) -> np.ndarray:
@@ -84,12 +158,15 @@ def markdown_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     curves = []
     for name, rows in zip(names, rows_per_log, strict=True):
+        if not rows:  # a log with its header only: nothing certified yet
+            lines.append("| " + " | ".join([name, "0", *["-"] * (len(header) - 2)]) + " |")
+            continue
         curve = certified_accuracy(rows, radii)
         curves.append(curve)
         cells = [name, str(len(rows)), f"{abstention_rate(rows):.3f}"]
         cells += [f"{a:.3f}" for a in curve] + [f"{acr(rows):.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if with_envelope:
+    if with_envelope and curves:
         cells = ["envelope (max over logs)", "", ""]
         cells += [f"{a:.3f}" for a in envelope(curves)] + [""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -112,19 +189,23 @@ def plot_certified_accuracy(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if max_radius is None:
-        largest = max(float(np.nanmax([r["radius"] for r in rows])) for rows in rows_per_log)
-        max_radius = max(0.25 * math.ceil(largest / 0.25 + 1e-9), 0.25)
+    if max_radius is None:  # to the largest radius certified (correctly) in any log
+        largest = max((float(r["radius"]) for rows in rows_per_log for r in rows
+                       if r["correct"] and math.isfinite(float(r["radius"]))), default=0.0)
+        max_radius = max(0.05 * math.ceil(largest / 0.05 + 1e-9), 0.25)
     radii = np.arange(0.0, max_radius + radius_step / 2, radius_step)
     figure, axes = plt.subplots(figsize=(6, 4))
     curves = []
     for name, rows in zip(names, rows_per_log, strict=True):
+        if not rows:
+            continue
         curve = certified_accuracy(rows, radii)
         curves.append(curve)
         axes.plot(radii, curve, label=name)
-    if with_envelope:
+    if with_envelope and curves:
         axes.plot(radii, envelope(curves), "k--", label="envelope (max over logs)")
-    axes.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0.0, 1.0),
+    axes.set(xlabel="L2 radius ([0, 1] pixel units)", ylabel="certified accuracy",
+             ylim=(0.0, 1.0),
              xlim=(0.0, max_radius), title=title)
     axes.grid(alpha=0.3)
     axes.legend()
@@ -145,40 +226,99 @@ def _parse_radii(text: str) -> list[float]:
     return radii
 
 
+def summary(rows_per_log: Sequence[Rows], names: Sequence[str], paths: Sequence[str],
+            radii: Sequence[float]) -> list[dict[str, Any]]:
+    """One JSON-ready record per log: what produced it, accuracy at radii, ACR, stage counts."""
+    records = []
+    for name, rows, path in zip(names, rows_per_log, paths, strict=True):
+        stages = stage_counts(rows)
+        records.append({
+            "name": name, "path": os.fspath(path), "images": len(rows),
+            "info": log_info(path, rows),
+            "abstain": abstention_rate(rows) if rows else None,
+            "radii": [float(r) for r in radii],
+            "certified_accuracy": certified_accuracy(rows, radii).tolist() if rows else None,
+            "acr": acr(rows) if rows else None,
+            "stages": None if stages is None else [
+                {"stage": st, "sigma": sg, "images": c} for st, sg, c in stages],
+        })
+    return records
+
+
+def write_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
+    """The table as CSV: log, images, abstain, one column per radius, ACR."""
+    import csv
+
+    radii = records[0]["radii"] if records else []
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["log", "images", "abstain", *(f"r={r:g}" for r in radii), "ACR"])
+        for record in records:
+            accuracy = record["certified_accuracy"] or [""] * len(radii)
+            writer.writerow([record["name"], record["images"], record["abstain"],
+                             *accuracy, record["acr"]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: prints the markdown table and optionally writes the PNG plot."""
+    """Command line: prints the markdown table; optionally writes the plot, JSON and CSV."""
     parser = argparse.ArgumentParser(
         prog="python -m dmae_jax.report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("logs", nargs="+", help="certification TSV logs")
     parser.add_argument("--radii", type=_parse_radii, default=list(DEFAULT_RADII),
                         help="comma-separated radii (default 0,0.25,...,3)")
-    parser.add_argument("--labels", default=None, help="comma-separated names, one per log")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated names, one per log (default: from each log's "
+                             "recorded identity or sigma column)")
     parser.add_argument("--envelope", action="store_true",
                         help="add the best accuracy over the logs at each radius")
     parser.add_argument("--plot", default=None, help="write a PNG plot to this path")
+    parser.add_argument("--json", default=None, help="write the results as JSON to this path")
+    parser.add_argument("--csv", default=None, help="write the table as CSV to this path")
     args = parser.parse_args(argv)
 
-    if args.labels is None:
-        names = [os.path.basename(p) for p in args.logs]
-    else:
-        names = args.labels.split(",")
-        if len(names) != len(args.logs):
-            parser.error(f"--labels needs {len(args.logs)} names, got {len(names)}: {args.labels}")
     try:
         rows_per_log = [load(path) for path in args.logs]
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    infos = [log_info(path, rows) for path, rows in zip(args.logs, rows_per_log, strict=True)]
+    if args.labels is None:
+        names = [describe_log(info, os.path.basename(p)) for info, p in
+                 zip(infos, args.logs, strict=True)]
+        if len(set(names)) != len(names):  # same settings twice: tell them apart by file
+            names = [f"{n} ({os.path.basename(p)})" for n, p in
+                     zip(names, args.logs, strict=True)]
+    else:
+        names = args.labels.split(",")
+        if len(names) != len(args.logs):
+            parser.error(f"--labels needs {len(args.logs)} names, got {len(names)}: {args.labels}")
     if args.envelope and len({frozenset(r["idx"] for r in rows) for rows in rows_per_log}) > 1:
         print("warning: the logs certify different images; the envelope mixes test sets",
               file=sys.stderr)
     print(markdown_table(rows_per_log, names, args.radii, with_envelope=args.envelope))
-    for name, path in zip(names, args.logs, strict=True):
+    for name, path, rows in zip(names, args.logs, rows_per_log, strict=True):
         identity = logs.describe_identity(path)
         print(f"{name}: {identity or 'no identity recorded (not written by dmae_jax)'}")
+        if not rows:
+            print(f"{name}: {path} has a header but no rows yet: nothing certified")
+        stages = describe_stages(rows)
+        if stages:
+            print(f"{name}: {stages}")
+    records = summary(rows_per_log, names, args.logs, args.radii)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"logs": records}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.csv:
+        write_csv(args.csv, records)
+        print(f"wrote {args.csv}")
     if args.plot:
-        plot_certified_accuracy(args.plot, rows_per_log, names, with_envelope=args.envelope)
-        print(f"wrote {args.plot}")
+        if not any(rows_per_log):
+            print("no rows in any log: no plot written", file=sys.stderr)
+        else:
+            plot_certified_accuracy(args.plot, rows_per_log, names, with_envelope=args.envelope,
+                                    title=plot_title(infos))
+            print(f"wrote {args.plot}")
     return 0
 
 

@@ -84,3 +84,76 @@ def test_bad_arguments_are_clear_errors(logs, capsys):
     with pytest.raises(SystemExit):
         report.main([*logs, "--labels", "only_one"])
     assert "--labels needs 2 names" in capsys.readouterr().err
+
+
+CASCADE_HEADER = HEADER + "\tr_neg\tpred_uc\tcorr_uc\tstage\tsigma\tnum_samples"
+
+
+def write_cascade_log(path, rows, final_newline=True):
+    """rows: (idx, label, predict, radius, stage, sigma)."""
+    lines = [CASCADE_HEADER]
+    for idx, label, predict, radius, stage, sigma in rows:
+        lines.append(f"{idx}\t{label}\t{predict}\t{radius!r}\t{int(predict == label)}\t0:00:01"
+                     f"\t-100.0\t{predict}\t{int(predict == label)}\t{stage}\t{sigma}\t1200")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + ("\n" if final_newline else ""))
+    return str(path)
+
+
+CASCADE_ROWS = [(0, 5, -2, 0.0, 1, 0.5), (1, 7, 7, 0.58, 1, 0.5), (2, 1, 1, 1.3, 0, 1.0),
+                (3, 2, -1, 0.0, 2, 0.25), (4, 3, 3, 0.2, 2, 0.25)]
+
+
+def test_abstention_counts_the_cascades_ambiguous_minus_two(tmp_path):
+    rows = read_log(write_cascade_log(tmp_path / "c.tsv", CASCADE_ROWS))
+    assert report.abstention_rate(rows) == pytest.approx(2 / 5)
+
+
+def test_a_complete_last_line_without_newline_is_read_as_analyze_py_does(tmp_path):
+    path = write_cascade_log(tmp_path / "c.tsv", CASCADE_ROWS, final_newline=False)
+    rows = read_log(path)
+    assert [r["idx"] for r in rows] == [0, 1, 2, 3, 4]
+    torn = tmp_path / "torn.tsv"  # a last line cut short is still ignored
+    torn.write_text(open(path).read()[:-12])
+    assert [r["idx"] for r in read_log(torn)] == [0, 1, 2, 3]
+
+
+def test_header_only_log_gives_a_clear_message_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "empty.tsv"
+    path.write_text(CASCADE_HEADER)  # not even a newline
+    assert report.main([str(path), "--radii", "0,0.5", "--json", str(tmp_path / "r.json"),
+                        "--plot", str(tmp_path / "p.png")]) == 0
+    captured = capsys.readouterr()
+    assert "| empty.tsv | 0 | - | - | - | - |" in captured.out
+    assert "has a header but no rows yet" in captured.out
+    assert "no plot written" in captured.err
+
+
+def test_cascade_stage_counts_json_csv_and_labels_from_the_log(tmp_path, capsys):
+    path = write_cascade_log(tmp_path / "c.tsv", CASCADE_ROWS)
+    rows = read_log(path)
+    assert report.stage_counts(rows) == [(0, 1.0, 1), (1, 0.5, 2), (2, 0.25, 2)]
+    out_json, out_csv, plot = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "p.png"
+    assert report.main([path, "--radii", "0,0.5", "--json", str(out_json), "--csv",
+                        str(out_csv), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    name = "cascade 1>0.5>0.25"  # from the sigma column: no file name as the label
+    assert f"{name}: stopped at stage 0 (sigma 1): 1, stage 1 (sigma 0.5): 2, " \
+           "stage 2 (sigma 0.25): 2" in out
+    import json
+    record = json.loads(out_json.read_text())["logs"][0]
+    assert record["name"] == name and record["images"] == 5 and record["abstain"] == 0.4
+    assert record["certified_accuracy"] == pytest.approx([3 / 5, 2 / 5])
+    assert record["stages"][1] == {"stage": 1, "sigma": 0.5, "images": 2}
+    assert out_csv.read_text().splitlines() == [
+        "log,images,abstain,r=0,r=0.5,ACR",
+        f"{name},5,0.4,0.6,0.4,{record['acr']!r}"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_title_names_data_set_n_alpha_and_sigma():
+    info = {"dataset": "digits", "n": 500, "alpha": 0.001, "sigma": 0.25, "mode": "fixed"}
+    assert report.plot_title([info]) == \
+        "certified accuracy: digits, N=500, alpha=0.001, sigma=0.25"
+    assert report.describe_log(info, "x.tsv") == "sigma=0.25"
+    assert report.describe_log({**info, "mode": "sequential"}, "x") == "sigma=0.25, sequential"

@@ -343,14 +343,26 @@ def _flag_value(value: Any) -> str:
     return str(value)
 
 
-def read_header_and_lines(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Header columns and complete data lines of a log; a torn last line is ignored."""
+def read_header_and_lines(
+    path: str | os.PathLike, *, keep_final_line: bool = False
+) -> tuple[list[str], list[str]]:
+    """Header columns and complete data lines of a log; a torn last line is ignored.
+
+    keep_final_line=True keeps a last line without a trailing newline when it has as many
+    fields as the header (a log written by another tool, read as Cohen's analyze.py does).
+    """
     with open(path, "rb") as f:
-        lines, _ = _split_complete_lines(f.read())
+        data = f.read()
+    lines, end = _split_complete_lines(data)
+    tail = data[end:].decode("utf-8", errors="replace")
     lines = [line for line in lines if line.strip()]
+    if keep_final_line and tail.strip() and not lines:
+        lines, tail = [tail], ""  # a header without its newline
     if not lines:
         raise LogFormatError(f"{os.fspath(path)} is empty; a log starts with a header line")
     split = (lambda s: s.split("\t")) if "\t" in lines[0] else (lambda s: s.split())
+    if keep_final_line and tail.strip() and len(split(tail)) == len(split(lines[0])):
+        lines.append(tail)
     return split(lines[0]), lines[1:]
 
 
@@ -361,7 +373,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     float time in seconds (when the log has it), and extra columns as int, float or str.
     """
     path = os.fspath(path)
-    columns, lines = read_header_and_lines(path)
+    columns, lines = read_header_and_lines(path, keep_final_line=True)
     required = ("idx", "label", "predict", "radius")
     if any(c not in columns for c in required):
         raise LogFormatError(

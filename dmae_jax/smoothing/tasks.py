@@ -37,12 +37,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
             config.max == -1 or config.max >= 1):
         raise C.ConfigError(f"config.max must be -1 (every image) or >= 1, got {config.max!r}")
     C.one_of(config, "compute_dtype", DTYPES)
+    C.one_of(config, "mode", ("fixed", "sequential"))
+    if config.mode == "sequential":
+        if config.n_max != 0:
+            C.positive(config, "n_max")
+        if config.early_abstain:
+            raise C.ConfigError("config.early_abstain reads the label; sequential "
+                                "certification is label-free: use mode=fixed or drop it")
     if config.task == "certify":
         C.positive(config, "sigma")
         exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
     else:
         sigmas = C.sigmas(config, "sigmas")
         C.in_range(config, "p0", 1e-12, 1.0)
+        C.one_of(config, "alpha_split", ("sound", "official"))
         per_sigma = list(config.get("checkpoints") or [])
         if per_sigma and len(per_sigma) != len(sigmas):
             raise C.ConfigError(
@@ -145,6 +153,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     num_classes = datasets.num_classes(config.data.dataset)
     dtype = None if config.compute_dtype == "float32" else jax.numpy.bfloat16
     rng = jax.random.key(config.seed)
+    from dmae_jax.smoothing import sequential
+
+    seq = dict(n_max=config.n_max or int(1.5 * config.n), n0=config.n0, alpha=config.alpha,
+               radii=tuple(config.radii) or sequential.DEFAULT_RADII,
+               batch_size=config.batch_size, rng=rng, num_classes=num_classes)
 
     if config.task == "certify":
         classifier_fn, _ = load_classifier(config.checkpoint, dtype=config.compute_dtype)
@@ -153,6 +166,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes,
             early_abstain=config.early_abstain, compute_dtype=dtype)
+        if config.mode == "sequential":
+            certify_one = sequential.make_certify_one(logits_fn, sigma=config.sigma,
+                                                      compute_dtype=dtype, **seq)
         columns = LOG_COLUMNS
     else:
         from dmae_jax.smoothing import cascade
@@ -164,7 +180,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                for p, s in zip(paths, sigmas, strict=True)]
         certify_one = cascade.make_certify_one(
             fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
-            batch_size=config.batch_size, rng=rng, num_classes=num_classes)
+            batch_size=config.batch_size, rng=rng, num_classes=num_classes,
+            alpha_split=config.alpha_split)
+        if config.mode == "sequential":
+            certify_one = sequential.make_cascade_certify_one(fns, sigmas=sigmas,
+                                                              p0=config.p0, **seq)
         columns = cascade.CASCADE_COLUMNS
 
     items, names = _items(config)  # the "image" column names each row's file (ImageNet)
