@@ -263,7 +263,7 @@ def test_report_shows_each_logs_identity(tmp_path, capsys):
     log_path = _started_log(tmp_path, config)
     report.main([log_path, "--radii", "0"])
     out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.startswith(config.log_name + ": "))
+    line = next(line for line in out.splitlines() if "checkpoint=sha256:" in line)
     assert "alpha=0.001" in line and "n=500" in line and "sigma=0.25" in line
     assert "checkpoint=sha256:" in line and "data.dataset=digits" in line
 
