@@ -17,6 +17,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dmae_jax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 _TPU_ENV_HINTS = ("TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -41,12 +43,12 @@ def initialize_distributed(
         process_id = int(os.environ["DMAE_PROCESS_ID"])
     if coordinator_address:
         if num_processes is None or process_id is None:
-            raise ValueError(
+            raise ConfigError(
                 "a coordinator address needs num_processes and process_id too, got "
                 f"num_processes={num_processes}, process_id={process_id}"
             )
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+            raise ConfigError(f"process_id must be in [0, {num_processes}), got {process_id}")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif _on_multihost_tpu() or _on_cluster():
         jax.distributed.initialize()
@@ -76,7 +78,7 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     """A ("data", "fsdp") mesh over `devices` (default: all); `fsdp` devices share each param."""
     n = jax.device_count() if devices is None else len(devices)
     if fsdp < 1 or n % fsdp:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh.fsdp must be a divisor of the device count {n}, got {fsdp}"
         )
     # Auto axes: XLA propagates shardings from the inputs (jax.make_mesh defaults to Explicit
@@ -128,7 +130,7 @@ def check_batch_size(global_batch_size: int, field: str, accum_steps: int = 1) -
     """Fails early when a batch cannot be split evenly over devices, processes and micro-steps."""
     n = jax.device_count()
     if global_batch_size <= 0 or global_batch_size % (n * accum_steps):
-        raise ValueError(
+        raise ConfigError(
             f"{field} must be a positive multiple of the device count ({n}) times the "
             f"gradient-accumulation steps ({accum_steps}), got {global_batch_size}"
         )

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import PIL.Image
 
+from dmae_jax.errors import ConfigError
+
 RRC_SCALE = (0.2, 1.0)  # DMAE/MAE pretraining; torchvision's default is (0.08, 1.0).
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 EVAL_CROP_FRACTION = 0.875  # 224 / 256: MAE/DMAE eval resizes to 256 and crops 224.
@@ -152,7 +154,7 @@ def eval_image(image: np.ndarray, dataset: str, image_size: int) -> np.ndarray:
     if dataset in RESIZE_CROP_DATASETS:
         return center_crop_resize(image, image_size)
     if image.shape[:2] != (image_size, image_size):
-        raise ValueError(
+        raise ConfigError(
             f"{dataset} images are used at their stored size, so config.data.image_size must "
             f"be {image.shape[0]}x{image.shape[1]}, got {image_size}")
     return image

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dmae_jax.data import digits
-from dmae_jax.errors import UserError
+from dmae_jax.errors import ConfigError, UserError
 
 DATASETS = ("digits", "cifar10", "imagenet2012")
 NUM_CLASSES = {"digits": digits.NUM_CLASSES, "cifar10": 10, "imagenet2012": 1000}
@@ -101,7 +101,7 @@ def _image_label(record: dict) -> dict:
 def _check_name(name: str) -> None:
     """Raise a ValueError naming `config.data.dataset` if `name` is unknown."""
     if name not in DATASETS:
-        raise ValueError(f"config.data.dataset must be one of {list(DATASETS)}, got {name!r}")
+        raise ConfigError(f"config.data.dataset must be one of {list(DATASETS)}, got {name!r}")
 
 
 def _root(data_dir: str | None) -> str:
@@ -149,7 +149,7 @@ def load_source(
     try:
         tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     except (ValueError, KeyError, AssertionError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"split for data set {name!r} must be one of {valid} or a TFDS slice of one "
             f"(e.g. 'train[:90%]'), got {split!r}: {e}"
         ) from None
@@ -252,7 +252,7 @@ def num_examples(name: str, split: str) -> int:
     try:
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
     except (ValueError, KeyError, AssertionError) as e:
-        raise ValueError(
+        raise ConfigError(
             f"split for data set {name!r} must be one of {sorted(infos)} or a TFDS slice of "
             f"one (e.g. 'train[:90%]'), got {split!r}: {e}"
         ) from None

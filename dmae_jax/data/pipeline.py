@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dmae_jax.data import augment as aug
 from dmae_jax.data import randaugment
+from dmae_jax.errors import ConfigError
 
 # rrc_flip: pretraining (RandomResizedCrop scale (0.2, 1) + flip); rrc_flip_randaug: ImageNet
 # fine-tuning (RandomResizedCrop scale (0.08, 1) + flip + RandAugment rand-m9-mstd0.5-inc1);
@@ -60,7 +61,7 @@ def _process_layout(
     if n < 1 or not 0 <= p < n:
         raise ValueError(f"process_index must be in [0, process_count={n}), got {p}")
     if batch_size < n or batch_size % n:
-        raise ValueError(
+        raise ConfigError(
             f"global batch size must be a positive multiple of process_count={n}, got {batch_size}"
         )
     return p, n, batch_size // n
@@ -154,7 +155,7 @@ class TrainIterator:
         )
         self.num_records = len(source)
         if self.num_records < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"global_batch_size must be <= the number of records ({self.num_records}), "
                 f"got {global_batch_size}"
             )

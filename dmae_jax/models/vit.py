@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmae_jax.errors import ConfigError
+
 VARIANTS: dict[str, dict] = {
     "mu": {"width": 128, "depth": 4, "num_heads": 4},
     "tiny": {"width": 192, "depth": 12, "num_heads": 3},
@@ -52,7 +54,7 @@ LAYER_NORM_EPS = 1e-6
 def get_variant(name: str) -> dict:
     """Returns {width, depth, num_heads} of a named ViT variant."""
     if name not in VARIANTS:
-        raise ValueError(
+        raise ConfigError(
             f"model.variant must be one of {sorted(VARIANTS)}, got {name!r}"
         )
     return dict(VARIANTS[name])
@@ -66,7 +68,7 @@ REQUIRED_FIELDS = ("variant", "img_size", "patch_size")
 
 def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -81,7 +83,7 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
 
     for name in REQUIRED_FIELDS:
         if model_cfg.get(name, None) is None:
-            raise ValueError(f"model.{name} is required")
+            raise ConfigError(f"model.{name} is required")
     cfg = dict(defaults.model(model_cfg.get("variant")).to_dict(),
                width=None, depth=None, num_heads=None)
     for name in cfg:
@@ -94,26 +96,26 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
     for name in ("img_size", "patch_size", "decoder_width", "decoder_depth", "decoder_heads"):
         cfg[name] = _positive_int(cfg[name], name)
     if cfg["img_size"] % cfg["patch_size"] != 0:
-        raise ValueError(
+        raise ConfigError(
             f"model.img_size must be divisible by model.patch_size ({cfg['patch_size']}), "
             f"got {cfg['img_size']}"
         )
     for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads")):
         if cfg[width] % cfg[heads] != 0 or cfg[width] % 4 != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.{width} must be divisible by 4 (sin-cos embedding) and by "
                 f"model.{heads} ({cfg[heads]}), got {cfg[width]}"
             )
     if cfg["normalization"] not in NORMALIZATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"model.normalization must be one of {sorted(NORMALIZATIONS)}, "
             f"got {cfg['normalization']!r}"
         )
     if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
     rate = cfg["drop_path_rate"]
     if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
+        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
     cfg["drop_path_rate"] = float(rate)
     for name in ("norm_pix_loss", "global_pool", "remat"):
         cfg[name] = bool(cfg[name])
@@ -123,7 +125,7 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
 def get_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Returns the per-channel (mean, std) of a named input normalisation."""
     if name not in NORMALIZATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"model.normalization must be one of {sorted(NORMALIZATIONS)}, got {name!r}"
         )
     return NORMALIZATIONS[name]
