@@ -408,3 +408,38 @@ def test_certification_runs_the_classifier_in_the_configured_dtype(tmp_path):
     assert a.dtype == b.dtype == np.float32
     assert 0 < np.abs(a - b).max() < 0.05 * max(np.abs(a).max(), 1e-3) + 1e-3
     np.testing.assert_array_equal(a, np.asarray(clf(x)))
+
+
+def test_linear_probe_with_best_vote_selection_exports_plain_classifiers(tmp_path):
+    """A few linear-probing steps on digits: BatchNorm statistics, group-wise training,
+    evaluation on every 4th test image, the best and the last export both load as plain
+    cls-token classifiers."""
+    from flax import nnx
+
+    from dmae_jax import config as C
+    from dmae_jax import defaults, exports
+    from dmae_jax.models import classifier, create_dmae
+    from dmae_jax.train import finetune
+
+    cfg = defaults.digits_finetune(sigma=0.25)
+    dmae = create_dmae(defaults.digits_pretrain().model, rngs=nnx.Rngs(0))
+    exports.save(tmp_path / "dmae", nnx.state(dmae, nnx.Param).to_pure_dict(),
+                 {"kind": "dmae", "model": defaults.digits_pretrain().model.to_dict()})
+    cfg.data.data_dir = str(tmp_path / "tfds")
+    cfg.model.global_pool = False
+    cfg.data.augment = "rrc_single_flip"
+    cfg.update(init_from=str(tmp_path / "dmae"), linear_probe=True, con_reg=False,
+               num_noise_samples=1, batch_size=32, probe_bn_group_size=16,
+               probe_stat_batches=2, total_steps=4, eval_every_steps=2, eval_skip=4,
+               eval_noise_draws=2, select="best_vote", log_every_steps=2, ckpt_every_steps=4)
+    cfg.optim.update(base_lr=0.5, weight_decay=0.0, warmup_epochs=0)
+    cfg = C.resolve(cfg)
+    finetune.validate(cfg)
+    finetune.run(cfg, str(tmp_path / "run"))
+    for export in ("export", "best/export"):
+        parts, meta = classifier.from_export(str(tmp_path / "run" / export), field="x")
+        assert meta["model"]["global_pool"] is False
+        assert set(parts.params["head"]) == {"kernel", "bias"}
+    best_meta = exports.load(str(tmp_path / "run" / "best" / "export"))[1]
+    assert best_meta["selection"]["metric"] == "eval_vote_acc"
+    assert best_meta["selection"]["step"] in (2, 4)
