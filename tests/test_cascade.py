@@ -6,8 +6,11 @@ smoothed probabilities, and with them the exact cascade, are known. One test run
 JAX sampler of dmae_jax.smoothing.certify end to end.
 """
 
+import dataclasses
 import functools
 import itertools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +30,9 @@ from dmae_jax.smoothing.cascade import (
     expected_num_stages,
     make_certify_one,
     off_class_upper_bound,
-    predict_cascade,
+    processing_order,
 )
-from dmae_jax.smoothing.certify import lower_confidence_bound, radius_from_bound
+from dmae_jax.smoothing.certify import lower_confidence_bound, radius_from_bound, sample_counts
 from dmae_jax.smoothing.logs import BASE_COLUMNS, CertifyLog, read_log
 from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, reduce_counts
 
@@ -593,6 +596,90 @@ def test_samples_drawn_match_the_stages_visited():
 # ------------------------------------------------------------------------------------------
 # Empirical prediction mode (predict_mdds.py).
 # ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# The official empirical (non-certified) mode, predict_mdds.py: kept here as an executable
+# specification of what the paper's "empirical accuracy" numbers compute; no task uses it.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadePrediction:
+    """Outcome of the empirical (non-certified) cascade prediction of one image."""
+
+    prediction: int  # final class: clean logits + log smoothed prior, or clean argmax
+    cascade_prediction: int  # top class of the accepting stage, or ABSTAIN (official pred0)
+    stage: int  # last stage visited (0 = largest sigma)
+    sigma: float
+    clean_max_prob: float  # max softmax of the clean classifier (official c_max)
+    num_samples: int  # noisy forward passes used: (stage + 1) * n
+
+
+
+def predict_cascade(
+    logits_fns: Sequence[cascade.LogitsFn],
+    clean_logits_fn: cascade.LogitsFn,
+    x: Any,
+    *,
+    sigmas: Sequence[float],
+    n: int = 200,
+    p0: float = 0.5,
+    unif_w: float = 0.1,
+    batch_size: int,
+    rng: jax.Array,
+    num_classes: int,
+    sampler: cascade.Sampler | None = None,
+) -> CascadePrediction:
+    """Empirical cascade prediction of one image [H, W, C] (official predict_mdds.py).
+
+    From the largest sigma down, draw n noisy samples and accept the first scale whose top
+    count n_A satisfies n_A >= p0 * n (no confidence interval, no off-class test: the
+    official code has one but never feeds it a scale, so it never acts). With counts of the
+    accepting scale, the output is argmax(clean_logits + log((1 - unif_w) counts / n +
+    unif_w / K)): the smoothed votes act as a prior on the clean classifier. If every scale
+    abstains, the output is the clean classifier's argmax. Stage j uses key
+    jax.random.split(rng, len(sigmas))[j].
+    """
+    cascade._check_sigmas(sigmas)
+    cascade._check_positive_ints(n=n, batch_size=batch_size)
+    if len(logits_fns) != len(sigmas):
+        raise ValueError(
+            f"logits_fns must have one entry per sigma ({len(sigmas)}), got {len(logits_fns)}"
+        )
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"p0 must be in (0, 1), got {p0}")
+    if not 0.0 <= unif_w <= 1.0:
+        raise ValueError(f"unif_w must be in [0, 1], got {unif_w}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    sampler = sample_counts if sampler is None else sampler
+    clean_logits = np.asarray(clean_logits_fn(x[None]), dtype=np.float64)[0]
+    clean_probs = np.exp(clean_logits - clean_logits.max())
+    clean_max_prob = float(clean_probs.max() / clean_probs.sum())
+    order = processing_order(sigmas)
+    stage_keys = jax.random.split(rng, len(order))
+    accepted_counts = None
+    cascade_prediction = ABSTAIN
+    for stage, i in enumerate(order):
+        common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
+        counts = cascade._sample(sampler, logits_fns[i], x, n, stage_keys[stage], common)
+        c_hat = int(np.argmax(counts))
+        if counts[c_hat] >= p0 * n:
+            cascade_prediction, accepted_counts = c_hat, counts
+            break
+    outputs = clean_logits
+    if accepted_counts is not None:
+        prior = (1.0 - unif_w) * accepted_counts / n + unif_w / num_classes
+        outputs = clean_logits + np.log(np.clip(prior, 1e-20, None))
+    return CascadePrediction(
+        prediction=int(np.argmax(outputs)),
+        cascade_prediction=cascade_prediction,
+        stage=stage,
+        sigma=float(sigmas[order[stage]]),
+        clean_max_prob=clean_max_prob,
+        num_samples=(stage + 1) * n,
+    )
 
 
 def test_empirical_mode_accepts_the_first_scale_with_top_count_at_least_p0_n():
