@@ -5,7 +5,7 @@
     python -m dmae_jax.diffusion.convert --checkpoint=256x256_diffusion_uncond.pt \\
         --preset=256x256_diffusion_uncond --out=/path/to/unet_imagenet
 
-Checkpoints are read with torch.load(weights_only=True) (no pickled code runs). Every
+Checkpoints are read without PyTorch by `dmae_jax.pth` (weights only: no pickled code runs). Every
 parameter of our model must come from exactly one checkpoint key and every key must be
 used; a missing or unknown key or a shape mismatch is an error naming the key.
 """
@@ -123,20 +123,20 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 
 def load_torch_state_dict(path: str) -> dict[str, Any]:
-    """Reads a plain state_dict file with torch.load(weights_only=True); clear error otherwise."""
-    import torch  # Only the importer needs PyTorch.
+    """Reads a plain state_dict file without PyTorch (`dmae_jax.pth`); clear error otherwise."""
+    from dmae_jax import pth
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = pth.load(path)
     except FileNotFoundError:
         raise ConversionError(f"--checkpoint {path!r} does not exist") from None
-    except Exception as e:  # torch raises many types for non-checkpoints; the reason matters.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pth.CheckpointFormatError as e:  # includes a pickle that asks for code to run
+        reason = str(e).strip().splitlines()[0]
         raise ConversionError(
-            f"--checkpoint {path!r} is not a PyTorch checkpoint loadable with "
-            f"weights_only=True ({reason[:200]})"
+            f"--checkpoint {path!r} is not a PyTorch checkpoint of weights only "
+            f"({reason[:200]})"
         ) from None
-    if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise ConversionError(
             f"--checkpoint {path!r} holds a {type(obj).__name__}, expected a UNet state_dict "
             "(a mapping of parameter names to tensors, as the official .pt files are)"
