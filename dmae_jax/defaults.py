@@ -30,6 +30,9 @@ def model(variant: str = "base", **overrides) -> ml_collections.ConfigDict:
         global_pool=True,         # classifier: average patch tokens + fc_norm (official)
         dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
         remat=False,              # rematerialise blocks (ViT-L/H at large batch)
+        upsample="bicubic",       # resize of other-size inputs: bicubic (PyTorch A=-0.75, no
+                                  # antialias: torchvision < 0.17, the papers') |
+                                  # bicubic_antialias (torchvision >= 0.17 Resize)
     ))
     cfg.update(overrides)
     return cfg

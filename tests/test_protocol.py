@@ -273,6 +273,49 @@ def test_upsampling_kernel_is_torch_antialias_false_and_torchvision_0_17_differs
                                maps["torch_antialias_down"], atol=5e-6)
 
 
+@pytest.mark.parametrize("upsample,fixture", [("bicubic", "torch_antialias_false"),
+                                              ("bicubic_antialias", "torchvision_resize_new")])
+def test_model_upsample_switch_selects_the_fixture_kernel(upsample, fixture):
+    """model.upsample picks the 32 -> 224 map inside the classifier and the DMAE."""
+    from flax import nnx
+
+    from dmae_jax import defaults
+    from dmae_jax.models import classifier, dmae
+
+    maps = fixture_npz("resize.npz")
+    x = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32)
+    want = np.einsum("oh,bhwc->bowc", maps[fixture], x)
+    want = np.einsum("pw,bowc->bopc", maps[fixture], want)  # [2, 224, 224, 3]
+    other = "torchvision_resize_new" if fixture == "torch_antialias_false" \
+        else "torch_antialias_false"
+    cfg = defaults.model("mu", img_size=224, patch_size=16, depth=1, decoder_width=32,
+                         decoder_depth=1, decoder_heads=1, upsample=upsample)
+    model = dmae.create_dmae(cfg, rngs=nnx.Rngs(0))
+    got = np.asarray(model.preprocess(jnp.asarray(x)))
+    np.testing.assert_allclose(got, np.asarray(model.preprocess(jnp.asarray(want))), atol=2e-5)
+    assert np.abs(maps[other] - maps[fixture]).max() > 0.01  # the switch is observable
+
+    clf = classifier.create_classifier(cfg, 10, rngs=nnx.Rngs(0))
+    feats = np.asarray(clf.features(jnp.asarray(x)))
+    np.testing.assert_allclose(feats, np.asarray(clf.features(jnp.asarray(want))), atol=1e-4)
+    pre_other = np.einsum("pw,bowc->bopc", maps[other],
+                          np.einsum("oh,bhwc->bowc", maps[other], x))
+    assert np.abs(feats - np.asarray(clf.features(jnp.asarray(pre_other)))).max() > 1e-3
+
+
+def test_model_upsample_default_is_the_papers_kernel_and_bad_values_are_named():
+    from dmae_jax import defaults
+    from dmae_jax.errors import ConfigError
+    from dmae_jax.models import vit
+
+    assert defaults.model("base").upsample == "bicubic"
+    cfg = {"variant": "mu", "img_size": 32, "patch_size": 8}
+    assert vit.resolve_model_config(cfg)["upsample"] == "bicubic"
+    with pytest.raises(ConfigError, match=r"model.upsample must be one of "
+                                          r"\['bicubic', 'bicubic_antialias'\], got 'bilinear'"):
+        vit.resolve_model_config({**cfg, "upsample": "bilinear"})
+
+
 # ------------------------------------------------------------------ linear probing
 
 

@@ -1,10 +1,10 @@
 """The ViT classifier of the official DMAE fine-tuning (MAE's `models_vit.VisionTransformer`).
 
 Images in [0, 1] are normalised inside the model (so smoothing noise lives in pixel space),
-resized to img_size with PyTorch bicubic when their size differs (the official CIFAR-10
-pipeline upsamples 32 -> 224 after adding the noise), embedded, run through the blocks, then
-either average-pooled over the patch tokens + `fc_norm` (global_pool, the default) or the cls
-token + `norm`, and a linear `head`.
+resized to img_size with PyTorch bicubic (`upsample`: antialiased or not) when their size
+differs (the official CIFAR-10 pipeline upsamples 32 -> 224 after adding the noise), embedded,
+run through the blocks, then either average-pooled over the patch tokens + `fc_norm`
+(global_pool, the default) or the cls token + `norm`, and a linear `head`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ class Classifier(nnx.Module):
     def __init__(self, *, img_size: int, patch_size: int, width: int, depth: int,
                  num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
                  drop_path_rate: float, global_pool: bool, normalization: str,
-                 dtype=jnp.float32, remat: bool = False, in_chans: int = 3, rngs: nnx.Rngs):
+                 dtype=jnp.float32, remat: bool = False, in_chans: int = 3,
+                 upsample: str = "bicubic", rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -41,6 +42,9 @@ class Classifier(nnx.Module):
         self.mean, self.std = vit.get_normalization(normalization)
         self.dtype = dtype
         self.remat = remat
+        if upsample not in vit.UPSAMPLE:
+            raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
+        self.upsample = upsample
 
         # timm 0.5.4 init (trunc_normal_(std=.02) with absolute cutoffs +-2 is a plain normal
         # at this std); the conv keeps PyTorch's default init, as in timm.
@@ -71,8 +75,8 @@ class Classifier(nnx.Module):
 
     def features(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """[0, 1] images [B, H, W, C] -> pooled, normalised features [B, D] float32."""
-        x = vit.normalize(vit.resize_to(images.astype(jnp.float32), self.img_size),
-                          self.mean, self.std)
+        x = vit.resize_to(images.astype(jnp.float32), self.img_size, self.upsample)
+        x = vit.normalize(x, self.mean, self.std)
         x = self.patch_embed(x)
         cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
@@ -140,7 +144,7 @@ def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
         depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=int(num_classes),
         drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"],
         normalization=cfg["normalization"], dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"],
-        rngs=rngs,
+        upsample=cfg["upsample"], rngs=rngs,
     )
 
 

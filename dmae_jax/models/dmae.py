@@ -4,7 +4,8 @@ Computes what the official `models_dmae.DenoisingMaskedAutoencoderViT` computes
 (timm 0.5.4 blocks):
 
     x_noisy = x + sigma * eps                     (in [0, 1] pixel space, never clipped)
-    resize both to img_size (PyTorch bicubic)     (only when the input size differs)
+    resize both to img_size (PyTorch bicubic,     (only when the input size differs)
+        antialiased or not: `upsample`)
     normalise both with mean/std
     encoder: patch embed + fixed sin-cos pos embed, keep int(L * (1 - mask_ratio)) random
              patches (argsort of uniform noise), prepend cls, blocks, norm
@@ -116,7 +117,7 @@ class DMAE(nnx.Module):
                  width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  decoder_width: int, decoder_depth: int, decoder_heads: int,
                  norm_pix_loss: bool, normalization: str, dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, upsample: str = "bicubic", rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -130,6 +131,9 @@ class DMAE(nnx.Module):
         self.mean, self.std = vit.get_normalization(normalization)
         self.dtype = dtype
         self.remat = remat
+        if upsample not in vit.UPSAMPLE:
+            raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
+        self.upsample = upsample
 
         # Official init: xavier_uniform Linear (zero bias), the patch conv as a Linear on its
         # (D, C*p*p) view, cls and mask tokens N(0, 0.02).
@@ -173,8 +177,8 @@ class DMAE(nnx.Module):
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """[0, 1] images [B, H, W, C] -> normalised [B, img_size, img_size, C] float32."""
-        return vit.normalize(vit.resize_to(images.astype(jnp.float32), self.img_size),
-                             self.mean, self.std)
+        x = vit.resize_to(images.astype(jnp.float32), self.img_size, self.upsample)
+        return vit.normalize(x, self.mean, self.std)
 
     def forward_encoder(self, x: jax.Array, ids_shuffle: jax.Array, len_keep: int
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -292,7 +296,7 @@ def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs) -> DMAE:
         depth=cfg["depth"], num_heads=cfg["num_heads"], decoder_width=cfg["decoder_width"],
         decoder_depth=cfg["decoder_depth"], decoder_heads=cfg["decoder_heads"],
         norm_pix_loss=cfg["norm_pix_loss"], normalization=cfg["normalization"],
-        dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"], rngs=rngs,
+        dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"], upsample=cfg["upsample"], rngs=rngs,
     )
 
 

@@ -48,6 +48,13 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
 }
 
+# How inputs whose size differs from img_size are resized inside the model (CIFAR-10 32 -> 224
+# after the noise): the value is the `antialias` flag of PyTorch's bicubic F.interpolate.
+# "bicubic": A = -0.75, no antialiasing, what torchvision < 0.17 `Resize` on tensors and the
+# papers' code computed; "bicubic_antialias": torchvision >= 0.17 `Resize` (antialias=True),
+# a normalised A = -0.5 kernel (a different map even when upsampling).
+UPSAMPLE = {"bicubic": False, "bicubic_antialias": True}
+
 LAYER_NORM_EPS = 1e-6
 
 
@@ -113,6 +120,10 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
         )
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
+    if cfg["upsample"] not in UPSAMPLE:
+        raise ConfigError(
+            f"model.upsample must be one of {sorted(UPSAMPLE)}, got {cfg['upsample']!r}"
+        )
     rate = cfg["drop_path_rate"]
     if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
@@ -137,15 +148,18 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def resize_to(images: jax.Array, img_size: int) -> jax.Array:
-    """Resizes [B, H, W, C] to [B, img_size, img_size, C] with PyTorch bicubic (no-op if equal)."""
+def resize_to(images: jax.Array, img_size: int, upsample: str = "bicubic") -> jax.Array:
+    """Resizes [B, H, W, C] to [B, img_size, img_size, C] with PyTorch bicubic (no-op if equal);
+    `upsample` is a key of UPSAMPLE (antialiased or not)."""
     if images.shape[1:3] == (img_size, img_size):
         return images
     # Imported here: the resize lives in the data package, which the models must not require
     # when inputs already have the model's size (the common case).
     from dmae_jax.data.resize import resize_bicubic_torch
 
-    return resize_bicubic_torch(images, (img_size, img_size))
+    if upsample not in UPSAMPLE:
+        raise ValueError(f"upsample must be one of {sorted(UPSAMPLE)}, got {upsample!r}")
+    return resize_bicubic_torch(images, (img_size, img_size), antialias=UPSAMPLE[upsample])
 
 
 def sincos_1d_posemb(dim: int, positions: np.ndarray) -> np.ndarray:
