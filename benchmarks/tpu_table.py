@@ -188,14 +188,22 @@ def main(argv: list[str] | None = None) -> None:
     """Compiles every case (or reads them from --from-json) and prints the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the raw results here")
-    parser.add_argument("--from-json", help="print the table of a previous run's results")
+    parser.add_argument("--from-json",
+                        help="print the table of previous runs' results (FILE[,FILE...])")
     parser.add_argument("--workers", type=int, default=2, help="compiles in parallel")
     parser.add_argument("--only", default="", help="comma-separated stages to compile")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            data = json.load(f)
-        print(markdown(data["results"], data["meta"]))
+        results, meta = [], {}
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                data = json.load(f)
+            results += data["results"]
+            meta = meta or data["meta"]
+        stages = {"pretrain": 0, "finetune": 1, "certify": 2}
+        results.sort(key=lambda r: (stages[r["stage"]], r["variant"] == "large",
+                                    TOPOLOGIES.index(r["topology"])))
+        print(markdown(results, meta))
         return
     import importlib.metadata
 

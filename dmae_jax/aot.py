@@ -343,62 +343,94 @@ def abstract_parts(create: Callable[[], Any]):
 # ---------------------------------------------------------------------------------------------
 
 
-def _steps(config) -> tuple[int, int]:
-    """(steps per epoch, total steps) from the data set's size, without reading it."""
+# (training examples, classes) of the data sets, as published; `digits` is read from its
+# module. Kept here so that compiling (and the GPU check) needs no TFDS.
+_DATASETS = {"imagenet2012": (1_281_167, 1000), "cifar10": (50_000, 10)}
+
+
+def _dataset(name: str) -> tuple[int, int]:
+    if name in _DATASETS:
+        return _DATASETS[name]
     from dmae_jax.data import datasets
 
-    sizes = datasets.NUM_EXAMPLES[config.data.dataset]
-    num = sizes.get(config.data.train_split) or max(sizes.values())
-    per_epoch = max(num // config.batch_size, 1)
-    total = config.get("total_steps") or max(1, int(round(config.num_epochs * per_epoch)))
-    return per_epoch, total
+    return max(datasets.NUM_EXAMPLES[name].values()), datasets.num_classes(name)
 
 
-def _pretrain_pieces(config, mesh):
-    """(parts, tx, loss_fn, lr_fn, flops per image) of the pretraining step."""
-    from flax import nnx
+@dataclasses.dataclass
+class TrainPieces:
+    """What a trainer puts into `common.make_train_step`, built for a config."""
 
-    from dmae_jax.models import create_dmae, resolve_model_config
+    parts: Any  # models.ModelParts (abstract parameters unless built with concrete=True)
+    tx: Any  # optax.GradientTransformation
+    loss_fn: Callable
+    lr_fn: Callable
+    flops_per_image: float  # analytic model FLOPs of one training image (forward + backward)
+    labels: bool  # whether the batch has a "label" field
+
+
+def _schedule(config, num_examples: int):
     from dmae_jax.train import optim
 
-    parts, _ = abstract_parts(lambda: create_dmae(config.model, rngs=nnx.Rngs(config.seed)))
-    per_epoch, total = _steps(config)
-    schedule = optim.lr_schedule(
+    per_epoch = max(num_examples // config.batch_size, 1)
+    total = config.get("total_steps") or max(1, int(round(config.num_epochs * per_epoch)))
+    return optim.lr_schedule(
         base_lr=config.optim.base_lr, global_batch_size=config.batch_size, total_steps=total,
         warmup_steps=min(int(config.optim.warmup_epochs * per_epoch), total // 2),
         min_lr=config.optim.min_lr)
-    tx = optim.pretrain_optimizer(
-        parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
-        b1=config.optim.b1, b2=config.optim.b2)
-
-    def loss_fn(params, batch, rng):
-        out = parts.bind(params)(
-            batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
-        return out.loss, {}
-
-    flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(resolve_model_config(config.model),
-                                                    config.mask_ratio)
-    return parts, tx, loss_fn, schedule, flops, {"image": ()}
 
 
-def _finetune_pieces(config, mesh):
-    """(parts, tx, loss_fn, lr_fn, flops per image) of the fine-tuning step."""
+def _model_parts(create: Callable[[], Any], concrete: bool):
+    if not concrete:
+        return abstract_parts(create)
+    from dmae_jax.models import ModelParts
+
+    model = create()
+    return ModelParts.split(model), model
+
+
+def _resolved(config):
+    """The config with its derived fields filled, as `dmae_jax.main` runs it."""
+    from dmae_jax import config as config_lib
+
+    return config_lib.resolve(config)
+
+
+def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
+    """The optimizer, loss and model of a `pretrain` or `finetune` config's training step.
+
+    Abstract parameters by default (compiling needs only their shapes); `concrete=True`
+    initialises them for a real run (the GPU check).
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from dmae_jax.data import datasets
-    from dmae_jax.models import create_classifier, resolve_model_config
+    from dmae_jax.models import create_classifier, create_dmae, resolve_model_config
     from dmae_jax.train import losses, mixup, optim
 
-    num_classes = datasets.num_classes(config.data.dataset)
-    parts, model = abstract_parts(
-        lambda: create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed)))
-    per_epoch, total = _steps(config)
-    schedule = optim.lr_schedule(
-        base_lr=config.optim.base_lr, global_batch_size=config.batch_size, total_steps=total,
-        warmup_steps=min(int(config.optim.warmup_epochs * per_epoch), total // 2),
-        min_lr=config.optim.min_lr)
+    config = _resolved(config)
+    num_examples, num_classes = _dataset(config.data.dataset)
+    schedule = _schedule(config, num_examples)
+    if config.task == "pretrain":
+        parts, _ = _model_parts(lambda: create_dmae(config.model, rngs=nnx.Rngs(config.seed)),
+                                concrete)
+        tx = optim.pretrain_optimizer(
+            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
+            b1=config.optim.b1, b2=config.optim.b2)
+
+        def loss_fn(params, batch, rng):
+            out = parts.bind(params)(
+                batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
+            return out.loss, {}
+
+        flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(resolve_model_config(config.model),
+                                                        config.mask_ratio)
+        return TrainPieces(parts, tx, loss_fn, schedule, flops, labels=False)
+    if config.task != "finetune":
+        raise ValueError(f"config.task must be pretrain or finetune here, got {config.task!r}")
+    parts, model = _model_parts(
+        lambda: create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed)),
+        concrete)
     if config.linear_probe:
         tx = optim.linear_probe_optimizer(
             parts.params, schedule=schedule, weight_decay=config.optim.weight_decay)
@@ -428,10 +460,7 @@ def _finetune_pieces(config, mesh):
 
     flops = m * TRAIN_FLOPS_FACTOR * classifier_forward_flops(
         resolve_model_config(config.model), num_classes)
-    return parts, tx, loss_fn, schedule, flops, {"image": (), "label": None}
-
-
-_PIECES = {"pretrain": _pretrain_pieces, "finetune": _finetune_pieces}
+    return TrainPieces(parts, tx, loss_fn, schedule, flops, labels=True)
 
 
 def train_mesh(config, devices: Sequence):
@@ -457,7 +486,8 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
             f"config.batch_size must be a multiple of the {n} chips of {topology.accelerator_type}"
             f" times config.accum_steps ({accum}), got {batch}")
     mesh = train_mesh(config, devices)
-    parts, tx, loss_fn, lr_fn, flops_per_image, fields = _PIECES[config.task](config, mesh)
+    pieces = train_pieces(config)
+    parts, tx, loss_fn, lr_fn = pieces.parts, pieces.tx, pieces.loss_fn, pieces.lr_fn
     key = jax.random.key(config.seed)
     shapes = jax.eval_shape(lambda p: common.init_state(p, tx, key), parts.params)
     shardings = parallel.state_shardings(shapes, mesh)
@@ -467,7 +497,7 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
     bsh = parallel.batch_sharding(mesh)
     batch_spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
                                                 sharding=bsh)}
-    if "label" in fields:
+    if pieces.labels:
         batch_spec["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bsh)
     step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
                                   accum_steps=accum, lr_fn=lr_fn)
@@ -480,7 +510,8 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
             f"{accum}, {settings['dtype']}")
     compiled = _compile(step.lower(state, batch_spec), "train", settings, what, topology)
     report = _report(compiled, what=what, topology=topology, num_chips=n, items_per_step=batch,
-                     item="images", model_flops=flops_per_image * batch / n, settings=settings)
+                     item="images", model_flops=pieces.flops_per_image * batch / n,
+                     settings=settings)
     if accum > 1:
         # XLA's cost analysis counts a loop body once: the micro-batch scan ran accum times.
         # Step = accum x (what was counted - the optimizer update) + the update.
@@ -541,7 +572,6 @@ def compile_certify(config, topology: Topology, variant: str,
     from jax.sharding import PartitionSpec as P
 
     from dmae_jax import defaults
-    from dmae_jax.data import datasets
     from dmae_jax.models import create_classifier, resolve_model_config
 
     # The module (the package re-exports a function of the same name).
@@ -552,7 +582,7 @@ def compile_certify(config, topology: Topology, variant: str,
     if batch % len(host):
         raise ValueError(f"config.batch_size must be a multiple of the {len(host)} chips of "
                          f"one {topology.accelerator_type} host, got {batch}")
-    num_classes = datasets.num_classes(config.data.dataset)
+    num_classes = _dataset(config.data.dataset)[1]
     size = config.data.image_size
     name, _, patch = variant.partition("/")
     model_cfg = defaults.model(name, img_size=size, patch_size=int(patch or 16))
@@ -597,8 +627,9 @@ def compile_config(config, topology: Topology | str, *, variant: str | None = No
     """The compile report of any config's step (training or certification) on a slice."""
     if isinstance(topology, str):
         topology = resolve_topology(topology)
+    config = _resolved(config)
     task = config.task
-    if task in _PIECES:
+    if task in ("pretrain", "finetune"):
         return compile_train(config, topology, devices)
     if task in ("certify", "cascade"):
         if not variant:

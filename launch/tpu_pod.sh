@@ -108,12 +108,15 @@ run gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU:dmae_jax.tar.gz" --zone "$ZO
 # ------------------------------------------------------------------ 3. Python >= 3.11 env.
 # The TPU VM images ship Python 3.10; uv puts a standalone CPython $PYTHON in ~/dmae_venv.
 JAX_SPEC="jax[tpu]${JAX_VERSION:+==$JAX_VERSION}"
-ssh_all "set -e
-rm -rf ~/dmae_jax && mkdir -p ~/dmae_jax ~/dmae_runs && tar -xzf ~/dmae_jax.tar.gz -C ~/dmae_jax
-python3 -m pip install --user -q -U uv
-~/.local/bin/uv venv -q --allow-existing --python $PYTHON ~/dmae_venv
-~/.local/bin/uv pip install -q --python ~/dmae_venv/bin/python -e ~/dmae_jax $(printf %q "$JAX_SPEC")
-~/dmae_venv/bin/python -c 'import sys, jax; assert sys.version_info >= (3, 11); print(jax.__version__, jax.device_count())'"
+SETUP=(
+  "rm -rf ~/dmae_jax && mkdir -p ~/dmae_jax ~/dmae_runs"
+  "tar -xzf ~/dmae_jax.tar.gz -C ~/dmae_jax"
+  "python3 -m pip install --user -q -U uv"
+  "~/.local/bin/uv venv -q --allow-existing --python $PYTHON ~/dmae_venv"
+  "~/.local/bin/uv pip install -q --python ~/dmae_venv/bin/python -e ~/dmae_jax $(printf %q "$JAX_SPEC")"
+  "~/dmae_venv/bin/python -c 'import sys, jax; assert sys.version_info >= (3, 11); print(jax.__version__, jax.device_count())'"
+)
+ssh_all "$(printf '%s && ' "${SETUP[@]}")true"
 
 # ------------------------------------------------------------------ 4. The run, detached.
 # The same command on every worker; process 0 writes metrics and reports, every process
