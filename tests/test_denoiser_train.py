@@ -203,6 +203,11 @@ def test_the_cascade_denoisers_share_one_copy_of_the_weights(ddpm_export):
                                    (1.0, 0.5, 0.25))
     for leaves in zip(*(jax.tree.leaves(f) for f in fns), strict=True):
         assert leaves[0] is leaves[1] is leaves[2]
+    # ... and on the devices too: certification places each shared array once.
+    from dmae_jax.smoothing import tasks
+
+    for leaves in zip(*(jax.tree.leaves(f) for f in tasks.place_once(fns)), strict=True):
+        assert leaves[0] is leaves[1] is leaves[2]
     x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3))
     assert not np.allclose(fns[0](x), fns[2](x)), "each sigma has its own t*"
 
@@ -324,3 +329,20 @@ def _set(config, field: str, value) -> None:
     for p in parents:
         node = node[p]
     node[leaf] = value
+
+
+def test_the_cascade_certifies_through_one_denoiser_export(tmp_path, ddpm_export,
+                                                           classifier_export, data_dir):
+    from dmae_jax.smoothing import tasks
+
+    config = defaults.cascade("digits", sigmas=(0.5, 0.25), n=16)
+    config.update(checkpoint=classifier_export, denoiser=os.path.join(ddpm_export, "export"),
+                  n0=4, batch_size=8, max=4)
+    config.data.update(image_size=8, data_dir=data_dir)
+    tasks.validate(config)
+    tasks.run(config, str(tmp_path))
+    logs = [f for f in os.listdir(tmp_path) if f.endswith(".tsv")]
+    assert len(logs) == 1
+    with open(tmp_path / logs[0]) as f:
+        rows = [line for line in f.read().splitlines()[1:] if line]
+    assert len(rows) == 2, rows   # images 0 and 2 (skip 2) below max 4

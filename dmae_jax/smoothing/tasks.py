@@ -89,22 +89,37 @@ def load_classifier(path: str, *, field: str = "config.checkpoint", dtype: str |
     return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, parts.params)), meta
 
 
-def load_denoiser(config, sigma: float):
-    """A denoise_fn (noisy [B,H,W,C] in [0,1] -> clean estimate) for one sigma, or None."""
+def _logits_fns_for(config, classifier_fns, sigmas) -> list:
+    """One logits_fn per sigma: the classifier, behind the denoiser when one is configured.
+
+    The denoiser export is read once for all sigmas (`load_denoise_fns` shares its weights),
+    so a cascade costs the memory of one UNet, not one per sigma.
+    """
     if not config.get("denoiser"):
-        return None
-    from dmae_jax.diffusion import loading
+        return list(classifier_fns)
+    from dmae_jax.diffusion import denoise, loading
 
-    return loading.load_denoise_fn(config.denoiser, config.denoiser_kind, sigma)
+    denoise_fns = loading.load_denoise_fns(config.denoiser, config.denoiser_kind, sigmas)
+    return [denoise.denoise_then_classify(d, c)
+            for d, c in zip(denoise_fns, classifier_fns, strict=True)]
 
 
-def _logits_fn_for(config, classifier_fn, sigma: float):
-    denoise_fn = load_denoiser(config, sigma)
-    if denoise_fn is None:
-        return classifier_fn
-    from dmae_jax.diffusion import denoise
+def place_once(fns: list) -> list:
+    """`place_replicated` over pytree logits_fns; an array several of them share is copied once.
 
-    return denoise.denoise_then_classify(denoise_fn, classifier_fn)
+    The cascade's logits_fns share the denoiser's (and possibly a classifier's) arrays, so
+    the devices hold one copy of each model, however many sigmas use it.
+    """
+    from dmae_jax.smoothing.certify import place_replicated
+
+    placed: dict[int, jax.Array] = {}
+
+    def place(leaf):
+        if id(leaf) not in placed:
+            placed[id(leaf)] = place_replicated(leaf)
+        return placed[id(leaf)]
+
+    return jax.tree.map(place, fns)
 
 
 def _items(config) -> tuple[list, dict]:
@@ -142,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax import report
     from dmae_jax.data import datasets
     from dmae_jax.smoothing import identity, runner
-    from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one, place_replicated
+    from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
 
     config = C.resolve(config)
     os.makedirs(workdir, exist_ok=True)
@@ -161,7 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     if config.task == "certify":
         classifier_fn, _ = load_classifier(config.checkpoint, dtype=config.compute_dtype)
-        logits_fn = place_replicated(_logits_fn_for(config, classifier_fn, config.sigma))
+        logits_fn = place_once(_logits_fns_for(config, [classifier_fn], [config.sigma]))[0]
         certify_one = make_certify_one(
             logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes,
@@ -176,8 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         sigmas = C.sigmas(config, "sigmas")
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
         loaded = {p: load_classifier(p, dtype=config.compute_dtype)[0] for p in set(paths)}
-        fns = [place_replicated(_logits_fn_for(config, loaded[p], s))
-               for p, s in zip(paths, sigmas, strict=True)]
+        fns = place_once(_logits_fns_for(config, [loaded[p] for p in paths], sigmas))
         certify_one = cascade.make_certify_one(
             fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
             batch_size=config.batch_size, rng=rng, num_classes=num_classes,
