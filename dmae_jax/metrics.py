@@ -145,6 +145,7 @@ class SummaryWriter:
         self._write(self._event_pb2.Event(
             wall_time=time.time(), step=int(step),
             summary=self._summary_pb2.Summary(value=values)))
+        self._file.flush()  # TensorBoard shows a running job's values as they come
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One scalar per tag at `step`."""
