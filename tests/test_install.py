@@ -265,3 +265,25 @@ def test_prepare_names_what_is_missing(tmp_path):
         prepare.prepare("imagenet2012", data_dir=str(tmp_path), manual_dir=str(tmp_path))
     with pytest.raises(prepare.PrepareError, match="must be one of"):
         prepare.prepare("mnist", data_dir=str(tmp_path))
+
+
+def test_quiet_drops_the_third_party_noise_and_nothing_else():
+    import logging
+
+    from absl import logging as absl_logging
+
+    from dmae_jax import quiet
+
+    quiet.install()
+    quiet.install()  # idempotent: one filter
+    handler = absl_logging.get_absl_handler()
+    assert sum(isinstance(f, quiet._DropNoise) for f in handler.filters) == 1
+
+    def passes(msg, *args):
+        record = logging.LogRecord("tfds", logging.WARNING, __file__, 1, msg, args, None)
+        return handler.filter(record)
+
+    assert not passes("Variant folder %s has no %s", "/d/digits/1.0.0", "dataset_info.json")
+    assert not passes("OpenCV is not installed. We recommend using OpenCV ...")
+    assert passes("preemption notice (SIGTERM): saved step %d, exiting", 7)
+    assert passes("Variant folder %s has no %s", "/d", "features.json")
