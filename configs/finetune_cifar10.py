@@ -18,7 +18,7 @@ exports the last epoch only:
   python -m dmae_jax.main --config=configs/finetune_cifar10.py:sigma=0.25,select=best_vote \
       --workdir=runs/ft_cifar_025 --config.init_from=runs/dmae_base_cifar10/export
 
-CIFAR-10 must be prepared first (downloads 163 MB; pip install -e ".[prepare]"):
+CIFAR-10 must be prepared first (downloads about 160 MB; pip install -e ".[prepare]"):
   python -m dmae_jax.prepare --dataset=cifar10 --data_dir=DATA_DIR
 """
 
