@@ -14,8 +14,9 @@ by a kill is truncated, and the first event written after reopening is preceded 
 `SessionLog.START` at its step, so TensorBoard discards the steps the killed attempt logged
 after its last checkpoint instead of showing them twice. Only process 0 writes; other
 processes get a writer that does nothing, and so does a run without the `tensorboard`
-package or with a non-local workdir (`gs://...`: appending to GCS objects needs TensorFlow's
-file system), with a warning.
+package (with a warning). A workdir on an object store (`gs://...`, through `etils.epath`,
+as Orbax) cannot be appended to: there the stream is kept in memory and the object
+rewritten at most once a minute and at the end.
 """
 
 from __future__ import annotations
@@ -69,23 +70,96 @@ def frame_record(data: bytes) -> bytes:
             + struct.pack("<I", masked_crc32c(data)))
 
 
-def valid_prefix_length(path: str) -> int:
-    """Bytes of `path` that hold whole, checksummed records (a killed writer's tail is cut)."""
-    size, end = os.path.getsize(path), 0
-    with open(path, "rb") as f:
-        while end + 12 <= size:
-            f.seek(end)
-            header = f.read(12)
-            (length,) = struct.unpack("<Q", header[:8])
-            if struct.unpack("<I", header[8:])[0] != masked_crc32c(header[:8]):
-                break
-            if end + 12 + length + 4 > size:
-                break
-            data = f.read(length)
-            if struct.unpack("<I", f.read(4))[0] != masked_crc32c(data):
-                break
-            end += 12 + length + 4
+def valid_prefix_length(data: bytes) -> int:
+    """Bytes at the start of `data` that hold whole, checksummed records (a cut tail is not)."""
+    size, end = len(data), 0
+    while end + 12 <= size:
+        header = data[end:end + 8]
+        (length,) = struct.unpack("<Q", header)
+        if struct.unpack("<I", data[end + 8:end + 12])[0] != masked_crc32c(header):
+            break
+        if end + 12 + length + 4 > size:
+            break
+        record = data[end + 12:end + 12 + length]
+        if struct.unpack("<I", data[end + 12 + length:end + 16 + length])[0] != masked_crc32c(
+                record):
+            break
+        end += 16 + length
     return end
+
+
+class _AppendFile:
+    """A local events file, opened for appending; every flush reaches the disk."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self._file = open(path, "ab")  # noqa: SIM115 (closed in close())
+
+    @staticmethod
+    def existing(path: str) -> bytes:
+        if not os.path.exists(path):
+            return b""
+        with open(path, "rb") as f:
+            return f.read()
+
+    def truncate(self, size: int) -> None:
+        self._file.truncate(size)
+        self._file.seek(size)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def flush(self, force: bool = False) -> None:
+        del force
+        if not self._file.closed:
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+class _RewrittenObject:
+    """An events file on an object store (gs://...), which cannot append: the whole stream
+    is kept in memory and the object rewritten on flush, at most every `interval_s`."""
+
+    def __init__(self, path: str, interval_s: float = 60.0):
+        from etils import epath
+
+        self.path, self._target, self._interval = path, epath.Path(path), interval_s
+        self._target.parent.mkdir(parents=True, exist_ok=True)
+        self._data = bytearray(self.existing(path))
+        self._uploaded = time.monotonic()
+        self._dirty = False
+
+    @staticmethod
+    def existing(path: str) -> bytes:
+        from etils import epath
+
+        target = epath.Path(path)
+        return target.read_bytes() if target.exists() else b""
+
+    def truncate(self, size: int) -> None:
+        del self._data[size:]
+        self._dirty = True
+
+    def write(self, data: bytes) -> None:
+        self._data += data
+        self._dirty = True
+
+    def flush(self, force: bool = False) -> None:
+        if self._dirty and (force or time.monotonic() - self._uploaded >= self._interval):
+            try:
+                self._target.write_bytes(bytes(self._data))
+            except Exception as e:  # a storage hiccup must not stop training; retried later
+                logging.warning("could not write %s (%s); retrying at the next flush",
+                                self.path, e)
+                return
+            self._uploaded, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush(force=True)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -113,27 +187,29 @@ def _uint8_images(name: str, value: Any) -> np.ndarray:
 class SummaryWriter:
     """CLU-style metric writer appending TensorBoard events to one file per run."""
 
-    def __init__(self, logdir: str, *, filename: str = EVENTS_FILE):
+    def __init__(self, logdir: str, *, filename: str = EVENTS_FILE,
+                 object_store: bool | None = None):
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        os.makedirs(logdir, exist_ok=True)
-        self.path = os.path.join(logdir, filename)
-        resumed = os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        if resumed:
-            valid = valid_prefix_length(self.path)
-            if valid < os.path.getsize(self.path):
-                logging.warning("%s: dropping %d bytes of a cut-off record", self.path,
-                                os.path.getsize(self.path) - valid)
-                os.truncate(self.path, valid)
-            resumed = valid > 0
-        self._file = open(self.path, "ab")  # noqa: SIM115 (closed in close())
-        self._restart_pending = resumed
-        if not resumed:
+        logdir = os.fspath(logdir)
+        if object_store is None:
+            object_store = "://" in logdir
+        self.path = f"{logdir.rstrip('/')}/{filename}"
+        sink = _RewrittenObject if object_store else _AppendFile
+        existing = sink.existing(self.path)
+        valid = valid_prefix_length(existing)
+        self._sink = sink(self.path)
+        if valid < len(existing):
+            logging.warning("%s: dropping %d bytes of a cut-off record", self.path,
+                            len(existing) - valid)
+            self._sink.truncate(valid)
+        self._restart_pending = valid > 0
+        if not valid:
             self._write(self._event_pb2.Event(wall_time=time.time(), file_version=_FILE_VERSION))
 
     def _write(self, event) -> None:
-        self._file.write(frame_record(event.SerializeToString()))
+        self._sink.write(frame_record(event.SerializeToString()))
 
     def _write_summary(self, step: int, values: list) -> None:
         if self._restart_pending:
@@ -145,7 +221,7 @@ class SummaryWriter:
         self._write(self._event_pb2.Event(
             wall_time=time.time(), step=int(step),
             summary=self._summary_pb2.Summary(value=values)))
-        self._file.flush()  # TensorBoard shows a running job's values as they come
+        self._sink.flush()  # TensorBoard shows a running job's values as they come
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """One scalar per tag at `step`."""
@@ -189,13 +265,11 @@ class SummaryWriter:
 
     def flush(self) -> None:
         """Makes everything written so far visible to TensorBoard."""
-        if not self._file.closed:
-            self._file.flush()
+        self._sink.flush(force=True)
 
     def close(self) -> None:
         """Flushes and closes the file."""
-        if not self._file.closed:
-            self._file.close()
+        self._sink.close()
 
 
 class NullWriter:
@@ -226,17 +300,20 @@ def create_writer(workdir: str) -> SummaryWriter | NullWriter:
 
     if jax.process_index() > 0:
         return NullWriter()
-    if "://" in os.fspath(workdir):
-        logging.warning("TensorBoard events are written to local directories only; %s is "
-                        "not one, so this run writes none", workdir)
-        return NullWriter()
     try:
         import tensorboard.compat.proto.event_pb2  # noqa: F401
     except ImportError:
         logging.warning("tensorboard is not installed (pip install tensorboard): this run "
                         "writes no TensorBoard events")
         return NullWriter()
-    return SummaryWriter(os.fspath(workdir))
+    if "://" not in os.fspath(workdir):
+        return SummaryWriter(os.fspath(workdir))
+    try:
+        return SummaryWriter(os.fspath(workdir))
+    except Exception as e:  # e.g. no file system for gs:// (etils needs gcsfs or TensorFlow)
+        logging.warning("TensorBoard events cannot be written to %s (%s): this run writes "
+                        "none", workdir, e)
+        return NullWriter()
 
 
 CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100

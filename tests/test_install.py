@@ -139,6 +139,24 @@ def test_tensorboard_reads_scalars_images_and_text_and_a_resume_appends_one_stre
     assert text.tensor_proto.string_val == [b"**bold** text"]
 
 
+def test_an_object_store_workdir_gets_the_same_stream_rewritten_whole(tmp_path):
+    logdir = str(tmp_path)
+    writer = metrics.SummaryWriter(logdir, object_store=True)
+    writer.write_scalars(1, {"loss": 1.0})
+    path = os.path.join(logdir, metrics.EVENTS_FILE)
+    assert not os.path.exists(path)  # rewritten at most once a minute, and on flush/close
+    writer.write_scalars(2, {"loss": 2.0})
+    writer.close()
+    with open(path, "ab") as f:
+        f.write(b"\x01\x02")  # a cut-off record
+    writer = metrics.SummaryWriter(logdir, object_store=True)
+    writer.write_scalars(2, {"loss": 3.0})
+    writer.flush()
+    assert [(e.step, e.value) for e in _accumulator(logdir).Scalars("loss")] == [(1, 1.0),
+                                                                                  (2, 3.0)]
+    writer.close()
+
+
 def test_certification_results_become_a_tensorboard_run(tmp_path):
     radii = [0.0, 0.3, 0.7, 1.2, 0.5, 0.0]
     rows = [{"idx": i, "label": 1, "predict": -1 if i == 5 else (1 if i != 4 else 2),
