@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flax import nnx, traverse_util
 
-from dmae_jax.models.unet import UNET_PRESETS, UNet, UNetConfig
+from dmae_jax.models.unet import UNET_PRESETS, UNet, UNetConfig, export_meta
 
 
 class ConversionError(ValueError):
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         params = convert_unet_state_dict(load_torch_state_dict(args.checkpoint), config)
     except ConversionError as e:
         sys.exit(f"error: {e}")
-    meta = {"kind": "unet", "preset": args.preset, "config": config.to_dict()}
+    meta = export_meta(config, args.preset)
     exports.save(args.out, params, meta)
     n = sum(int(np.prod(v.shape)) for v in traverse_util.flatten_dict(params).values())
     print(f"wrote {n:,} parameters of {args.preset} to {args.out}")

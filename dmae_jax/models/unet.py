@@ -469,6 +469,11 @@ class UNet(nnx.Module):
         return self.out_conv(h)
 
 
+def export_meta(config: UNetConfig, preset: str | None, **extra: Any) -> dict[str, Any]:
+    """The meta.json of a UNet export (the importer's and the trainers'): kind, preset, config."""
+    return {"kind": "unet", "preset": preset, "config": config.to_dict(), **extra}
+
+
 def from_export(directory: str, *, field: str,
                 dtype=jnp.float32) -> tuple[ModelParts, UNetConfig, dict]:
     """The UNet of an export (kind "unet": trained or converted) with its weights.

@@ -183,9 +183,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 stop.exit(step, ckpt)
             if evaluate and common.every(step, config.eval_every_steps, total_steps):
                 evaluate(step, state, classifier_params)
-        exports.save_final(workdir, exported(state), train_denoiser.unet_export_meta(
-            config, unet_config, unet_meta.get("preset"), calibrated_from=config.denoiser,
-            classifier=config.classifier, sigmas=list(sigmas), dataset=config.data.dataset))
+        exports.save_final(workdir, exported(state), unet_lib.export_meta(
+            unet_config, unet_meta.get("preset"), model=config.model.to_dict(),
+            calibrated_from=config.denoiser, classifier=config.classifier,
+            sigmas=list(sigmas), dataset=config.data.dataset))
 
 
 def _fingerprint(config) -> dict:

@@ -73,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.diffusion import losses
     from dmae_jax.diffusion.loading import unet_schedule
     from dmae_jax.models import DTYPES, ModelParts
+    from dmae_jax.models import unet as unet_lib
     from dmae_jax.models.unet import UNET_PRESETS, UNet
     from dmae_jax.train import optim
 
@@ -148,15 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 stop.exit(step, ckpt)
             if evaluate and common.every(step, config.eval_every_steps, total_steps):
                 evaluate(step, state)
-        exports.save_final(workdir, exported(state), unet_export_meta(
-            config, unet_config, config.model.preset, ema_decay=config.ema_decay,
-            dataset=config.data.dataset))
-
-
-def unet_export_meta(config, unet_config, preset: str | None, **extra) -> dict:
-    """The meta of a trained UNet's export: `dmae_jax.diffusion.convert`'s fields and more."""
-    return {"kind": "unet", "model": config.model.to_dict(), "preset": preset,
-            "config": unet_config.to_dict(), **extra}
+        exports.save_final(workdir, exported(state), unet_lib.export_meta(
+            unet_config, config.model.preset, model=config.model.to_dict(),
+            ema_decay=config.ema_decay, dataset=config.data.dataset))
 
 
 def _fingerprint(config) -> dict:
