@@ -71,20 +71,24 @@ def frame_record(data: bytes) -> bytes:
 
 
 def valid_prefix_length(data: bytes) -> int:
-    """Bytes at the start of `data` that hold whole, checksummed records (a cut tail is not)."""
-    size, end = len(data), 0
+    """Bytes at the start of `data` that hold whole, checksummed records (a cut tail is not).
+
+    A kill can only cut the stream's end, so every record's length checksum is checked but
+    only the last record's data checksum (the data CRC is pure Python, ~10 ms per MB).
+    """
+    size, end, last = len(data), 0, None
     while end + 12 <= size:
         header = data[end:end + 8]
         (length,) = struct.unpack("<Q", header)
         if struct.unpack("<I", data[end + 8:end + 12])[0] != masked_crc32c(header):
             break
-        if end + 12 + length + 4 > size:
+        if end + 16 + length > size:
             break
-        record = data[end + 12:end + 12 + length]
-        if struct.unpack("<I", data[end + 12 + length:end + 16 + length])[0] != masked_crc32c(
-                record):
-            break
-        end += 16 + length
+        last, end = end, end + 16 + length
+    if last is not None:
+        record = data[last + 12:end - 4]
+        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(record):
+            end = last
     return end
 
 
