@@ -182,7 +182,8 @@ def test_init_from_converted_dmae_matches_the_official_finetuning_load(dmae_pair
     ("large", 329_541_888, 304_326_632),
 ])
 def test_parameter_counts_match_pytorch(variant, dmae_count, classifier_count):
-    """dmae.md: DMAE-B 111.91M (incl. fixed pos embeds), ViT-B 86.57M; L: 329.54M / 304.33M."""
+    """The official models' sizes: DMAE-B 111.91M (incl. fixed pos embeds), ViT-B 86.57M;
+    L: 329.54M / 304.33M."""
     arch = vit.get_variant(variant)
     with torch.device("meta"):
         torch_counts = (

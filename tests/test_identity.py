@@ -271,7 +271,7 @@ def test_report_shows_each_logs_identity(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------
-# The scenario end to end: certify, then resume under another identity.
+# End to end: certify, then resume under another identity.
 # ---------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,10 @@
 """The `certify` and `cascade` tasks: certify a data set with an exported classifier.
 
-`certify`: Cohen et al.'s CERTIFY at one sigma, one log row per image (the TSV contract of
-DESIGN.md), resumable. `cascade`: the multi-scale cascade of Jeong & Shin over several
-sigmas, either with one fine-tuned classifier per sigma (`config.checkpoints`) or with one
-classifier behind a denoiser for every sigma (`config.checkpoint` + `config.denoiser`).
+`certify`: Cohen et al.'s CERTIFY at one sigma, one log row per image (Cohen et al.'s TSV
+columns idx, label, predict, radius, correct, time, then ours), resumable. `cascade`: the
+multi-scale cascade of Jeong & Shin over several sigmas, either with one fine-tuned
+classifier per sigma (`config.checkpoints`) or with one classifier behind a denoiser for
+every sigma (`config.checkpoint` + `config.denoiser`).
 
   python -m dmae_jax.main --config=configs/certify.py:sigma=0.5 --workdir=runs/cert \
       --config.checkpoint=runs/ft_050/export
