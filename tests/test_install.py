@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -55,6 +56,9 @@ def _python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def _accumulator(logdir: str):
+    # Read as a TensorFlow-free install does: this module's presence makes TensorBoard use
+    # its own file-system stub instead of importing TensorFlow (into the test process).
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     acc = ea.EventAccumulator(logdir, size_guidance={ea.SCALARS: 0, ea.IMAGES: 0,
