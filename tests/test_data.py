@@ -396,12 +396,14 @@ def test_eval_resizes_records_of_another_size_with_the_center_crop():
     np.testing.assert_array_equal(batch["image"][0], expected)
 
 
-def test_make_global_batch_shards_every_leaf_over_the_data_axis():
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+def test_global_batch_shards_every_leaf_over_the_batch_axes():
+    from dmae_jax import parallel
+
+    mesh = parallel.make_mesh()
     batch = next(train(synthetic_source(), global_batch_size=jax.device_count() * 2))
-    global_batch = pipeline.make_global_batch(batch, mesh, P("data", None, None, None))
+    global_batch = parallel.global_batch(batch, mesh)
     assert global_batch["image"].shape == batch["image"].shape
-    assert global_batch["label"].sharding.spec == P("data")
+    assert global_batch["label"].sharding.spec == P(parallel.BATCH_AXES)
     assert len(global_batch["image"].sharding.device_set) == jax.device_count()
     np.testing.assert_array_equal(np.asarray(global_batch["label"]), batch["label"])
     assert math.isclose(

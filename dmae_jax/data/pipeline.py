@@ -9,7 +9,7 @@ workers; only who computes which rows changes. The iterator's position is the nu
 global batches produced, which is all a checkpoint needs to resume exactly.
 
 Batches leave as NumPy: images float32 [b, H, W, 3] in [0, 1] (uint8 / 255, as torchvision's
-ToTensor), labels int32 [b]. `make_global_batch` turns them into global `jax.Array`s.
+ToTensor), labels int32 [b]. `parallel.global_batch` turns them into global `jax.Array`s.
 """
 
 import sys
@@ -19,7 +19,6 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dmae_jax.data import augment as aug
 from dmae_jax.data import randaugment
@@ -30,7 +29,6 @@ from dmae_jax.errors import ConfigError
 # rrc_single_flip: linear probing (MAE's TF-style RandomResizedCrop, one draw, + flip); flip:
 # flip only (CIFAR-10); none: the stored image (resized/cropped to size if it differs).
 AUGMENTATIONS = ("rrc_flip", "rrc_flip_randaug", "rrc_single_flip", "flip", "none")
-DATA_SPEC = PartitionSpec("data")
 STATE_VERSION = 1
 # Batches each Grain reader (main process or worker) prepares ahead of the training step.
 _PREFETCH_BATCHES = 2
@@ -346,16 +344,3 @@ def eval_batches(
     )
     for batch in batches:
         yield {**batch, "image": _to_float(batch["image"])}
-
-
-def make_global_batch(
-    local_batch: dict[str, np.ndarray], mesh: Mesh, spec: PartitionSpec = DATA_SPEC
-) -> dict[str, jax.Array]:
-    """Local NumPy batch -> global `jax.Array`s sharded as `spec` (truncated to each leaf's
-    rank, so P('data', None, None, None) also fits the 1-D labels)."""
-
-    def put(x: np.ndarray) -> jax.Array:
-        sharding = NamedSharding(mesh, PartitionSpec(*tuple(spec)[: np.ndim(x)]))
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return {key: put(value) for key, value in local_batch.items()}
