@@ -85,7 +85,9 @@ def pretrain(dataset: str = "imagenet2012", variant: str = "base") -> ml_collect
         min_lr=0.0, weight_decay=0.05, b1=0.9, b2=0.95, warmup_epochs=40,
     ))
     cfg.init_from = ""            # a DMAE export to continue from (e.g. CIFAR-10 continuation)
-    cfg.num_grid_images = 8       # reconstruction grid rows written at each evaluation
+    cfg.num_grid_images = 8       # images (columns) of the reconstruction grid of each evaluation
+    cfg.eval_batch_size = 128     # eval images of the masked-patch MSE (the first num_grid_images
+                                  # are shown)
     _loop(cfg, num_epochs=1100)
     return cfg
 
@@ -238,7 +240,8 @@ def pipeline() -> ml_collections.ConfigDict:
     cfg.finetune = digits_finetune()  # sigma, eta and init_from are set per stage
     cfg.certify = certify("digits")   # task, sigma, checkpoint and log_name set per stage
     cfg.report_radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-    cfg.random_init_baseline = 0.0  # > 0: also fine-tune from random init at this sigma
+    cfg.random_init_baseline = False  # True: also fine-tune from random init (same budget)
+                                      # at every sigma and certify it
     return cfg
 
 

@@ -9,6 +9,9 @@ restarts from its last checkpoint, a killed certification from its last logged i
   workdir/finetune_<sigma>/        classifier fine-tuned from the DMAE encoder, per sigma
   workdir/certify/certify_sigma_<sigma>.tsv   CERTIFY at each sigma
   workdir/certify/cascade_<...>.tsv           the multi-scale cascade over all sigmas
+  workdir/finetune_<sigma>_random_init/, certify/certify_sigma_<sigma>_random_init.tsv
+                                   with random_init_baseline: the same fine-tuning from a
+                                   random initialisation and its certification, per sigma
   workdir/report.md, certified_accuracy.png, reconstructions.png
 """
 
@@ -37,6 +40,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.positive(config, "certify.n")
     C.in_range(config, "certify.alpha", 1e-300, 1.0)
     C.positive(config, "certify.batch_size")
+    if not isinstance(config.random_init_baseline, bool):
+        raise C.ConfigError(
+            "config.random_init_baseline must be True (a random-init baseline at every sigma "
+            f"of config.sigmas) or False, got {config.random_init_baseline!r}"
+        )
 
 
 def _finetune_config(config, sigma: float, init_from: str) -> ml_collections.ConfigDict:
@@ -107,12 +115,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.train import pretrain
 
     sigmas = C.sigmas(config, "sigmas")
-    baseline = config.get("random_init_baseline", 0.0)
+    baselines = sigmas if config.random_init_baseline else ()
     names = (["pretrain DMAE"] + [f"fine-tune sigma={s}" for s in sigmas]
              + [f"certify sigma={s}" for s in sigmas] + ["certify cascade"]
-             + ([f"random-init baseline sigma={baseline}"] if baseline else []) + ["report"])
+             + [f"random-init baseline sigma={s}" for s in baselines] + ["report"])
     stages = _Stages(names, [3] + [1.5] * len(sigmas) + [1] * len(sigmas) + [1.5]
-                     + ([2.5] if baseline else []) + [0.1])
+                     + [2.5] * len(baselines) + [0.1])
     os.makedirs(workdir, exist_ok=True)
     k = 0
 
@@ -146,14 +154,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         checkpoints=tuple(exports[s] for s in order))
     k += 1
 
-    if baseline:
-        # Issue #4's claim in small: the same fine-tuning from a random initialisation.
+    for sigma in baselines:
+        # DMAE's claim at every sigma: the same fine-tuning from a random initialisation.
         stages.start(k)
-        export = _finetune_stage(config, baseline, "",
-                                 os.path.join(workdir, f"finetune_{baseline}_random_init"))
-        logs[f"sigma={baseline}, random init"] = _certify_stage(
-            config, cert_dir, task="certify", sigma=baseline, checkpoint=export,
-            log_name=f"certify_sigma_{baseline}_random_init.tsv")
+        export = _finetune_stage(config, sigma, "",
+                                 os.path.join(workdir, f"finetune_{sigma}_random_init"))
+        logs[f"sigma={sigma}, random init"] = _certify_stage(
+            config, cert_dir, task="certify", sigma=sigma, checkpoint=export,
+            log_name=f"certify_sigma_{sigma}_random_init.tsv")
         k += 1
 
     stages.start(k)
@@ -171,25 +179,72 @@ def write_report(workdir: str, logs: dict[str, str], pre_dir: str, config,
     radii = list(config.report_radii)
     plot = os.path.join(workdir, "certified_accuracy.png")
     report.plot_certified_accuracy(plot, rows, names, max_radius=max(radii))
-    grids = sorted(os.listdir(os.path.join(pre_dir, "reconstructions")))
+    grids = sorted(f for f in os.listdir(os.path.join(pre_dir, "reconstructions"))
+                   if f.endswith(".png"))
     if grids:
         shutil.copy(os.path.join(pre_dir, "reconstructions", grids[-1]),
                     os.path.join(workdir, "reconstructions.png"))
     table = report.markdown_table(rows, names, radii=radii)
+    comparison = init_comparison(dict(zip(names, rows, strict=True)))
     text = (
         f"# dmae_jax digits pipeline\n\n"
         f"Certified accuracy (fraction of the {len(rows[0])} test images certified correct "
         f"at L2 radius >= r, [0,1] pixel units), N0={config.certify.n0}, N={config.certify.n}, "
         f"alpha={config.certify.alpha}. Clean accuracy is the smoothed classifier's accuracy "
         f"(r = 0); ACR is the average certified radius.\n\n{table}\n\n"
+        f"{comparison}"
         f"![certified accuracy](certified_accuracy.png)\n\n"
         f"Reconstructions on test digits (rows: clean; noisy sigma={config.pretrain.sigma} "
         f"with {config.pretrain.mask_ratio:.0%} of the patches masked; DMAE's reconstruction "
         f"of it; the whole noisy image; DMAE's reconstruction with nothing masked):\n\n"
         f"![reconstructions](reconstructions.png)\n\n"
+        f"{reconstruction_summary(os.path.join(pre_dir, 'reconstructions'))}"
         f"Wall time of this invocation: {seconds:.0f} s on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s).\n"
     )
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(text)
     print(text, flush=True)
+
+
+def init_comparison(rows: dict[str, list]) -> str:
+    """Markdown: DMAE-initialised against random-init fine-tuning at each sigma that has both
+    logs ("sigma=<s>" and "sigma=<s>, random init"), clean accuracy (r = 0) and ACR; "" when
+    no sigma has a baseline."""
+    from dmae_jax import report
+
+    lines = []
+    for name, baseline in rows.items():
+        if not name.endswith(", random init") or name[:-len(", random init")] not in rows:
+            continue
+        dmae = rows[name[:-len(", random init")]]
+        acc = [float(report.certified_accuracy(r, [0.0])[0]) for r in (dmae, baseline)]
+        acrs = [report.acr(r) for r in (dmae, baseline)]
+        ahead = ", ".join(what for what, (a, b) in (("r = 0", acc), ("ACR", acrs)) if a > b)
+        lines.append(f"| {name[len('sigma='):-len(', random init')]} | {acc[0]:.3f} | "
+                     f"{acc[1]:.3f} | {acrs[0]:.3f} | {acrs[1]:.3f} | {ahead or 'neither'} |")
+    if not lines:
+        return ""
+    return ("DMAE's claim at every sigma: the same fine-tuning budget from the DMAE encoder "
+            "and from a random initialisation.\n\n"
+            "| sigma | clean acc., DMAE init | clean acc., random init | ACR, DMAE init | "
+            "ACR, random init | DMAE ahead at |\n|---|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n\n")
+
+
+def reconstruction_summary(recon_dir: str) -> str:
+    """Markdown sentence: the newest evaluation's masked-patch MSE against flat blocks (the
+    step_<step>.json pretraining writes next to its grid); "" when there is none."""
+    import json
+
+    found = sorted(f for f in os.listdir(recon_dir) if f.endswith(".json")) \
+        if os.path.isdir(recon_dir) else []
+    if not found:
+        return ""
+    with open(os.path.join(recon_dir, found[-1])) as f:
+        m = json.load(f)
+    verdict = "below" if m["masked_mse"] < m["flat_block_mse"] else "not below"
+    return (f"Masked patches of {m['images']} test images (step {m['step']}): reconstruction "
+            f"MSE {m['masked_mse']:.4f} in [0,1] pixels, {verdict} the {m['flat_block_mse']:.4f} "
+            f"of flat blocks (each masked patch filled with its true mean colour, the best any "
+            f"flat prediction can do).\n\n")

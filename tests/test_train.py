@@ -388,7 +388,8 @@ def test_digits_pipeline_runs_end_to_end_and_a_rerun_resumes(tmp_path, data_dir)
     cmd = helpers.main_command("configs/digits.py:runlocal", work, *dirs)
     first = helpers.run(cmd, timeout=900).stdout
     report = open(os.path.join(work, "report.md")).read()
-    for name in ("sigma=0.25", "sigma=0.5", "sigma=1.0", "cascade", "ACR"):
+    for name in ("sigma=0.25", "sigma=0.5", "sigma=1.0", "cascade", "ACR",
+                 "reconstruction MSE", "of flat blocks"):
         assert name in report
     for png in ("certified_accuracy.png", "reconstructions.png"):
         assert os.path.getsize(os.path.join(work, png)) > 1000

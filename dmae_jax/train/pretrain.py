@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -28,6 +29,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     C.in_range(config, "mask_ratio", 0.0, 1.0)
     C.positive(config, "batch_size")
     C.positive(config, "accum_steps")
+    C.positive(config, "eval_batch_size")
+    C.positive(config, "num_grid_images")
     C.positive(config, "optim.base_lr")
     C.positive(config, "optim.weight_decay", allow_zero=True)
     C.positive(config, "optim.warmup_epochs", allow_zero=True)
@@ -143,13 +146,44 @@ def _fingerprint(config) -> dict:
     return {"task": config.task, "model": config.model.to_dict(), "batch_size": config.batch_size}
 
 
-def _reconstruction_writer(config, workdir, parts, writer):
-    """Eval hook: reconstruction loss on a fixed batch and a PNG grid.
+def masked_patch_errors(clean: jax.Array, recon: jax.Array, mask: jax.Array,
+                        patch_size: int) -> tuple[jax.Array, jax.Array]:
+    """(reconstruction MSE, flat-block MSE) over the masked patches, [0, 1] pixel units.
 
-    Rows: clean; noisy with the masked patches grey (the encoder's input); the reconstruction
-    from it; the whole noisy image; DMAE's reconstruction of it with nothing masked (DMAE as
-    a one-step denoiser).
+    `clean` and `recon` are [B, H, W, C] in [0, 1], `mask` [B, L] (1 = masked, patches in
+    row-major order). The flat-block baseline fills every masked patch with the true mean
+    colour of that clean patch (its per-channel mean): the smallest error any prediction
+    that is flat inside each patch can reach, so a reconstruction below it has drawn
+    structure inside the masked patches, not grey blocks.
     """
+    b, h, w, c = clean.shape
+    p = patch_size
+    clean = clean.astype(jnp.float32).reshape(b, h // p, p, w // p, p, c)
+    recon = recon.astype(jnp.float32).reshape(b, h // p, p, w // p, p, c)
+    flat = jnp.mean(clean, axis=(2, 4), keepdims=True)
+
+    def per_patch(err):  # [B, gh, p, gw, p, C] -> [B, L]
+        return jnp.mean(err, axis=(2, 4, 5)).reshape(b, -1)
+
+    mask = mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    mse = jnp.sum(mask * per_patch(jnp.square(recon - clean))) / count
+    flat_mse = jnp.sum(mask * per_patch(jnp.square(flat - clean))) / count
+    return mse, flat_mse
+
+
+def _reconstruction_writer(config, workdir, parts, writer):
+    """Eval hook: reconstruction loss and masked-patch errors on a fixed batch, a PNG grid.
+
+    The errors (`masked_patch_errors`: the reconstruction against the flat-block baseline)
+    are measured on the first eval_batch_size eval images, written to TensorBoard and to
+    workdir/reconstructions/step_<step>.json next to the grid. Grid rows (the first
+    num_grid_images): clean; noisy with the masked patches grey (the encoder's input); the
+    reconstruction from it; the whole noisy image; DMAE's reconstruction of it with nothing
+    masked (DMAE as a one-step denoiser).
+    """
+    import json
+
     from dmae_jax.data import datasets, pipeline
 
     if not config.eval_every_steps:
@@ -158,9 +192,12 @@ def _reconstruction_writer(config, workdir, parts, writer):
         config.data.dataset, config.data.eval_split,
         data_dir=config.data.data_dir, image_size=config.data.image_size,
     )
-    n = min(config.get("num_grid_images", 8), len(source))
-    batch = next(iter(pipeline.eval_batches(source, batch_size=n,
-                                            image_size=config.data.image_size)))
+    num_eval = min(config.eval_batch_size, len(source))
+    n = min(config.num_grid_images, num_eval)
+    # The same images on every process (parameters are gathered): process_count=1.
+    batch = next(iter(pipeline.eval_batches(source, batch_size=num_eval,
+                                            image_size=config.data.image_size,
+                                            process_index=0, process_count=1)))
     images = batch["image"]
     rng = jax.random.key(config.seed + 1)
 
@@ -171,16 +208,21 @@ def _reconstruction_writer(config, workdir, parts, writer):
         out = model(images, sigma=config.sigma, mask_ratio=config.mask_ratio, noise=noise,
                     rng=rng)
         noisy = images + config.sigma * noise
-        return (out.loss, out.mask, noisy, model.pred_to_images(out.pred, noisy, config.sigma),
-                model.reconstruct(noisy, config.sigma))
+        recon = model.pred_to_images(out.pred, noisy, config.sigma)
+        clean = model.preprocess(images) * jnp.asarray(model.std) + jnp.asarray(model.mean)
+        errors = masked_patch_errors(clean, recon, out.mask, model.patch_size)
+        return (out.loss, errors, out.mask[:n], noisy[:n], recon[:n],
+                model.reconstruct(noisy[:n], config.sigma))
 
     def evaluate(step, state):
         params = exports.gather(state["params"])
-        loss, mask, noisy, recon, denoised = jax.device_get(reconstruct(params))
-        writer.write_scalars(step, {"eval_loss": float(loss)})
+        loss, (mse, flat_mse), mask, noisy, recon, denoised = jax.device_get(
+            reconstruct(params))
+        writer.write_scalars(step, {"eval_loss": float(loss), "eval_masked_mse": float(mse),
+                                    "eval_masked_mse_flat": float(flat_mse)})
         if jax.process_index() == 0:
             grid = visualize.image_grid(
-                [images, visualize.masked_view(noisy, mask, config.model.patch_size), recon,
+                [images[:n], visualize.masked_view(noisy, mask, config.model.patch_size), recon,
                  noisy, denoised],
                 scale=max(1, 96 // config.data.image_size),
                 labels=["clean", f"noisy, {config.mask_ratio:.0%} masked (input)",
@@ -189,7 +231,11 @@ def _reconstruction_writer(config, workdir, parts, writer):
             )
             path = f"{workdir}/reconstructions/step_{step:06d}.png"
             visualize.save_png(path, grid)
+            with open(f"{workdir}/reconstructions/step_{step:06d}.json", "w") as f:
+                json.dump({"step": step, "images": num_eval, "masked_mse": float(mse),
+                           "flat_block_mse": float(flat_mse)}, f)
             writer.write_images(step, {"reconstructions": grid})
-            logging.info("eval_loss=%.4f, reconstruction grid %s", loss, path)
+            logging.info("eval_loss=%.4f, masked-patch MSE %.4f (flat blocks %.4f), "
+                         "reconstruction grid %s", loss, mse, flat_mse, path)
 
     return evaluate

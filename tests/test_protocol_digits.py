@@ -1,0 +1,171 @@
+"""The digits report's evidence: DMAE against random init at every sigma, and masked
+reconstructions measured against flat blocks (fast: stages are stubbed where noted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dmae_jax import pipeline
+from dmae_jax.errors import ConfigError
+from dmae_jax.train.pretrain import masked_patch_errors
+from tests import helpers
+
+
+def load_config(path: str, arg: str | None = None):
+    """get_config(arg) of a config file, as config_flags loads it."""
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(helpers.REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+# ------------------------------------------------------------------ masked-patch errors
+
+
+def _flat_blocks(images: np.ndarray, p: int) -> np.ndarray:
+    """Every p x p patch replaced by its per-channel mean."""
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // p, p, w // p, p, c)
+    return np.broadcast_to(x.mean(axis=(2, 4), keepdims=True), x.shape).reshape(images.shape)
+
+
+def test_masked_patch_errors_count_masked_patches_against_the_best_flat_block():
+    rng = np.random.default_rng(0)
+    clean = rng.random((2, 8, 8, 3), dtype=np.float32)
+    mask = np.zeros((2, 4), np.float32)
+    mask[0, [0, 3]] = mask[1, [1]] = 1.0  # 3 masked patches (2 x 2 grids of 4 x 4 patches)
+    p = 4
+
+    mse, flat = map(float, masked_patch_errors(jnp.asarray(clean), jnp.asarray(clean),
+                                               jnp.asarray(mask), p))
+    assert mse == 0.0 and flat > 0.0
+
+    # Flat blocks in the masked patches score exactly the baseline; visible patches never count.
+    recon = np.where(np.kron(mask.reshape(2, 2, 2), np.ones((p, p)))[..., None] > 0,
+                     _flat_blocks(clean, p), 1.0 - clean)
+    mse, flat2 = map(float, masked_patch_errors(jnp.asarray(clean), jnp.asarray(recon),
+                                                jnp.asarray(mask), p))
+    np.testing.assert_allclose(mse, flat, rtol=1e-6)
+    assert flat2 == flat
+
+    want = np.mean([np.mean((_flat_blocks(clean, p) - clean)[b, y:y + p, x:x + p] ** 2)
+                    for b, y, x in ((0, 0, 0), (0, 4, 4), (1, 0, 4))])
+    np.testing.assert_allclose(flat, want, rtol=1e-6)
+
+    # A constant 0.1 error on one of the three masked patches: 0.01 / 3.
+    shifted = clean.copy()
+    shifted[1, 0:4, 4:8] += 0.1
+    mse, _ = masked_patch_errors(jnp.asarray(clean), jnp.asarray(shifted), jnp.asarray(mask), p)
+    np.testing.assert_allclose(float(mse), 0.01 / 3, rtol=1e-5)
+
+
+def test_a_norm_pix_dmae_predicting_nothing_draws_grey_blocks_that_do_not_beat_the_baseline():
+    """pred = 0 becomes each patch's own mean: the flat blocks the baseline stands for."""
+    from flax import nnx
+
+    from dmae_jax import defaults
+    from dmae_jax.models import create_dmae
+
+    model = create_dmae(defaults.model("mu", img_size=8, patch_size=4, depth=1,
+                                       decoder_width=32, decoder_depth=1, decoder_heads=1,
+                                       normalization="cifar10"), rngs=nnx.Rngs(0))
+    grey = np.random.default_rng(1).random((2, 8, 8, 1), dtype=np.float32).repeat(3, -1)
+    recon = model.pred_to_images(jnp.zeros((2, 4, 48)), jnp.asarray(grey))
+    mask = jnp.ones((2, 4))
+    mse, flat = masked_patch_errors(jnp.asarray(grey), recon, mask, 4)
+    assert float(mse) >= float(flat) - 1e-6
+
+
+# ------------------------------------------------------------------ the pipeline's report
+
+
+def _rows(correct: list[int], radius: float) -> str:
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    lines += [f"{i}\t1\t{1 if c else 2}\t{radius if c else 0.0}\t{c}\t0:00:00.1"
+              for i, c in enumerate(correct)]
+    return "\n".join(lines) + "\n"
+
+
+def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
+        tmp_path, monkeypatch):
+    """Stages stubbed: what runs, with which initialisation, and what the report says."""
+    from dmae_jax.smoothing import tasks
+    from dmae_jax.train import finetune, pretrain
+
+    config = load_config("configs/digits.py", "compare,runlocal")
+    assert config.random_init_baseline is True
+    assert load_config("configs/digits.py", "runlocal").random_init_baseline is False
+    calls = []
+
+    def fake_pretrain(cfg, workdir):
+        os.makedirs(os.path.join(workdir, "export"))
+        open(os.path.join(workdir, "export", "meta.json"), "w").write("{}")
+        recon = os.path.join(workdir, "reconstructions")
+        os.makedirs(recon)
+        for step, mse in ((2, 0.09), (4, 0.0123)):
+            with open(os.path.join(recon, f"step_{step:06d}.json"), "w") as f:
+                json.dump({"step": step, "images": 128, "masked_mse": mse,
+                           "flat_block_mse": 0.0456}, f)
+            open(os.path.join(recon, f"step_{step:06d}.png"), "wb").write(b"png")
+
+    def fake_finetune(cfg, workdir):
+        calls.append(("finetune", cfg.sigma, cfg.init_from, os.path.basename(workdir)))
+        os.makedirs(os.path.join(workdir, "export"))
+        open(os.path.join(workdir, "export", "meta.json"), "w").write("{}")
+
+    def fake_certify(cfg, cert_dir):
+        calls.append(("certify", cfg.task, cfg.log_name, cfg.get("checkpoint")))
+        os.makedirs(cert_dir, exist_ok=True)
+        random_init = "random_init" in cfg.log_name
+        # DMAE ahead at 0.25 and 0.5 (the baseline certifies smaller radii), tied at 1.0.
+        sigma = cfg.get("sigma", 1.0)
+        good = [1, 1, 1, 0] if not random_init or sigma == 1.0 else [1, 0, 0, 0]
+        with open(os.path.join(cert_dir, cfg.log_name), "w") as f:
+            f.write(_rows(good, 0.2 if random_init and sigma < 1.0 else 0.5))
+
+    monkeypatch.setattr(pretrain, "run", fake_pretrain)
+    monkeypatch.setattr(finetune, "run", fake_finetune)
+    monkeypatch.setattr(finetune, "validate", lambda cfg: None)
+    monkeypatch.setattr(tasks, "run", fake_certify)
+    monkeypatch.setattr(tasks, "validate", lambda cfg: None)
+    work = str(tmp_path / "digits")
+    pipeline.run(config, work)
+
+    finetunes = [c[1:] for c in calls if c[0] == "finetune"]
+    pre_export = os.path.join(work, "pretrain", "export")
+    for sigma in (0.25, 0.5, 1.0):
+        assert (sigma, pre_export, f"finetune_{sigma}") in finetunes
+        assert (sigma, "", f"finetune_{sigma}_random_init") in finetunes
+        assert ("certify", "certify", f"certify_sigma_{sigma}_random_init.tsv",
+                os.path.join(work, f"finetune_{sigma}_random_init", "export")) in calls
+    assert len(finetunes) == 6
+
+    report = open(os.path.join(work, "report.md")).read()
+    assert "| 0.25 | 0.750 | 0.250 | 0.375 | 0.050 | r = 0, ACR |" in report
+    assert "| 0.5 | 0.750 | 0.250 | 0.375 | 0.050 | r = 0, ACR |" in report
+    assert "| 1.0 | 0.750 | 0.750 | 0.375 | 0.375 | neither |" in report
+    assert ("Masked patches of 128 test images (step 4): reconstruction MSE 0.0123 in [0,1] "
+            "pixels, below the 0.0456 of flat blocks") in report
+    assert open(os.path.join(work, "reconstructions.png"), "rb").read() == b"png"
+
+
+def test_random_init_baseline_is_a_switch_not_a_sigma():
+    import ml_collections
+
+    # A config that still sets the old field value (a sigma) is refused by name.
+    config = ml_collections.ConfigDict(
+        {**load_config("configs/digits.py", "runlocal").to_dict(), "random_init_baseline": 0.25})
+    with pytest.raises(ConfigError, match="config.random_init_baseline must be True .* got 0.25"):
+        pipeline.validate(config)
+
+
+def test_without_baselines_or_evaluations_the_report_says_nothing_of_them(tmp_path):
+    rows = {"sigma=0.25": [], "cascade": []}
+    assert pipeline.init_comparison(rows) == ""
+    assert pipeline.reconstruction_summary(str(tmp_path / "missing")) == ""
