@@ -33,16 +33,6 @@ class PrepareError(RuntimeError):
     """A data set cannot be prepared as asked; the message says what to do."""
 
 
-def command(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> str:
-    """The shell command that prepares `name` in `data_dir` (for error messages and docs)."""
-    parts = ["python -m dmae_jax.prepare", f"--dataset={name}"]
-    if data_dir is not None:
-        parts.append(f"--data_dir={os.fspath(data_dir)}")
-    if manual_dir is not None:
-        parts.append(f"--manual_dir={os.fspath(manual_dir)}")
-    return " ".join(parts)
-
-
 def _check_tensorflow(name: str) -> None:
     import importlib.util
 
@@ -54,8 +44,8 @@ def _check_tensorflow(name: str) -> None:
 
 
 def _import_tensorflow_quietly() -> None:
-    """Imports TensorFlow with file descriptor 2 closed: its C++ start-up lines (oneDNN,
-    absl's pre-initialisation notice) bypass Python and TF_CPP_MIN_LOG_LEVEL."""
+    """Imports TensorFlow with file descriptor 2 sent to /dev/null: its C++ start-up lines
+    (oneDNN, absl's pre-initialisation notice) bypass Python and TF_CPP_MIN_LOG_LEVEL."""
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()

@@ -20,9 +20,9 @@ from dmae_jax.models import (
     create_classifier,
     create_dmae,
     init_from_dmae,
-    set_params,
     vit,
 )
+from tests.helpers import set_params
 from tests.torch_dmae import (
     CIFAR10_MEAN,
     CIFAR10_STD,
