@@ -1,7 +1,7 @@
 r"""Prepares a data set once, in the ArrayRecord format that training and certification read.
 
     python -m dmae_jax.prepare --dataset=digits [--image_size=16] [--data_dir=DIR]
-    python -m dmae_jax.prepare --dataset=cifar10 [--data_dir=DIR]            # downloads about 160 MB
+    python -m dmae_jax.prepare --dataset=cifar10 [--data_dir=DIR]   # downloads about 160 MB
     python -m dmae_jax.prepare --dataset=imagenet2012 --manual_dir=DIR [--data_dir=DIR]
 
 Calls `tfds.builder(name).download_and_prepare(file_format="array_record")` in this process,
