@@ -62,3 +62,21 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(path):
         return []
     return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def set_params(module, params) -> None:
+    """Loads a pure-dict parameter tree (e.g. a converted checkpoint) into `module` in place.
+
+    Every Param must be present with its shape (`exports.match_tree` checks); parameters
+    become float32, as exports hold them.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dmae_jax.exports import match_tree
+
+    state = nnx.state(module, nnx.Param)
+    checked = match_tree(state.to_pure_dict(), dict(params), where="params")
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), checked))
+    nnx.update(module, state)

@@ -16,7 +16,6 @@ from dmae_jax.models import (
     create_dmae,
     init_from_dmae,
     resolve_model_config,
-    set_params,
     vit,
 )
 from dmae_jax.models import dmae as dmae_lib
@@ -260,16 +259,21 @@ def test_init_from_dmae_interpolates_pos_embed_to_a_new_grid(tiny_dmae):
         init_from_dmae(create_classifier(dict(TINY, depth=3), 10, rngs=nnx.Rngs(1)), params)
 
 
-def test_set_params_rejects_missing_entries_and_wrong_shapes(tiny_dmae):
+def test_loaded_params_are_checked_entry_by_entry_against_the_model(tiny_dmae):
+    from dmae_jax.models import ModelParts
+
     params = nnx.state(tiny_dmae, nnx.Param).to_pure_dict()
-    model = create_dmae(TINY, rngs=nnx.Rngs(3))
-    set_params(model, params)
-    np.testing.assert_array_equal(model.mask_token.value, tiny_dmae.mask_token.value)
+    parts = ModelParts.split(create_dmae(TINY, rngs=nnx.Rngs(3)))
+    loaded = parts.with_params(params, where="export")
+    np.testing.assert_array_equal(loaded.bind(loaded.params).mask_token.value,
+                                  tiny_dmae.mask_token.value)
     bad = dict(params, cls_token=np.zeros((1, 1, 8), np.float32))
-    with pytest.raises(ValueError, match=r"cls_token has shape \(1, 1, 8\).*\(1, 1, 32\)"):
-        set_params(model, bad)
+    with pytest.raises(ValueError, match=r"export: cls_token has shape \(1, 1, 8\).*\(1, 1, 32\)"):
+        parts.with_params(bad, where="export")
     with pytest.raises(ValueError, match="missing.*mask_token"):
-        set_params(model, {k: v for k, v in params.items() if k != "mask_token"})
+        parts.with_params({k: v for k, v in params.items() if k != "mask_token"}, where="export")
+    with pytest.raises(ValueError, match="unexpected.*decoder_extra"):
+        parts.with_params(dict(params, decoder_extra=np.zeros(3)), where="export")
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -19,7 +19,6 @@ from flax import nnx
 
 from dmae_jax import exports
 from dmae_jax.diffusion import convert
-from dmae_jax.models import set_params
 from dmae_jax.models import unet as unet_lib
 from dmae_jax.models.unet import (
     UNET_PRESETS,
@@ -27,6 +26,7 @@ from dmae_jax.models.unet import (
     UNetConfig,
     timestep_embedding,
 )
+from tests.helpers import set_params
 from tests.torch_unet import TorchUNet, sinusoidal
 
 IMPROVED = UNetConfig(  # improved-diffusion CIFAR-10 style: num_heads, conv resampling.

@@ -16,13 +16,12 @@ from flax import nnx
 
 from dmae_jax.models.classifier import Classifier, create_classifier, init_from_dmae
 from dmae_jax.models.dmae import DMAE, DMAEOutput, create_dmae
-from dmae_jax.models.parts import ModelParts, set_params
+from dmae_jax.models.parts import ModelParts
 from dmae_jax.models.vit import DTYPES, VARIANTS, resolve_model_config
 
 __all__ = [
     "DMAE", "DMAEOutput", "Classifier", "ModelParts", "init_from_dmae", "create_dmae",
-    "create_classifier", "resolve_model_config", "count_params", "set_params", "DTYPES",
-    "VARIANTS",
+    "create_classifier", "resolve_model_config", "count_params", "DTYPES", "VARIANTS",
 ]
 
 

@@ -1,13 +1,10 @@
-"""A model split for functional use, and loading a parameter tree into a module."""
+"""A model split for functional use: graph, trainable params (a pure dict) and the rest."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
@@ -38,16 +35,3 @@ class ModelParts:
         from dmae_jax.exports import match_tree
 
         return dataclasses.replace(self, params=match_tree(self.params, params, where=where))
-
-
-def set_params(module: nnx.Module, params: Mapping[str, Any]) -> None:
-    """Loads a pure-dict parameter tree (as `nnx.state(m, nnx.Param).to_pure_dict()`) in place.
-
-    Every Param must be present with its exact shape; extra entries are an error.
-    """
-    from dmae_jax.exports import match_tree
-
-    state = nnx.state(module, nnx.Param)
-    checked = match_tree(state.to_pure_dict(), dict(params), where="params")
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), checked))
-    nnx.update(module, state)
