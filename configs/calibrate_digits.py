@@ -1,4 +1,4 @@
-r"""Diffusion calibration on digits: fine-tune the DDPM against a frozen clean classifier.
+r"""Denoiser calibration (task calibrate_denoiser) on digits, against a fixed clean classifier.
 
 Brier loss towards the label where the majority of M one-step denoisings is already right
 ("recoverable"), anti-consistency (the wrong majority class's smoothed confidence, squared)
