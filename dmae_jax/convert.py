@@ -3,10 +3,12 @@
     python -m dmae_jax.convert --checkpoint=dmae_base_sigma_0.25_mask_0.75_1100e.pth \
         --model=base --out=/tmp/dmae_base
 
-Reads a bare state_dict (the released DMAE files), a `{'model': state_dict}` wrapper, or a
+Reads a bare state_dict (the released DMAE files), a `{'model': state_dict, ...}` wrapper
+(MAE-style training checkpoints, whose `args`, `optimizer`, `epoch` are ignored), or a
 fine-tuned classifier state_dict (with `fc_norm`/`head`, or `norm`/`head` for cls-token
 pooling) with `dmae_jax.pth`, a weights-only unpickler that needs no PyTorch: a file whose
-pickle asks for anything but tensors in dicts is refused before any of it runs.
+pickle asks for anything but tensors, containers and an `args` namespace is refused before
+any of it runs.
 Every key must be used: an unknown or missing key, or a shape mismatch, is an error naming
 the key and both shapes. The result is a parameter export (`dmae_jax.exports.save`)
 holding `nnx.state(model, nnx.Param).to_pure_dict()` and meta
@@ -55,10 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         obj = pth.load(path)
     except pth.UnsafeCheckpointError as e:
         raise ConvertError(
-            f"{path} holds Python objects besides tensors (e.g. a training checkpoint's "
-            "'args'); we never unpickle those. Re-save only the weights from a trusted "
-            "file: torch.save(torch.load(f, weights_only=False)['model'], 'model.pth') "
-            f"({e})") from None
+            f"{path} holds Python objects besides tensors, which we never unpickle ({e}). "
+            "If the file is trusted, re-save only the weights with PyTorch: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'model.pth')") from None
     except pth.CheckpointFormatError as e:
         raise ConvertError(f"{path} is not a PyTorch checkpoint ({e})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):

@@ -5,13 +5,14 @@ saved object in which every tensor is a call of `torch._utils._rebuild_tensor_v2
 storage referenced by a persistent id) and `<name>/data/<key>` (each storage's raw bytes,
 in the byte order named by `<name>/byteorder`, little-endian when absent).
 
-The unpickler here resolves only the globals a weights file needs: the tensor and parameter
-rebuild functions, the typed storage classes, `collections.OrderedDict` and `torch.Size`;
-every other global (any function or class that could run code, e.g. `os.system`,
-`builtins.eval`, a training script's `argparse.Namespace`) is refused with
-`UnsafeCheckpointError` before anything is called. This is the same allow-list idea as
-`torch.load(weights_only=True)`, narrower (no sparse or quantized tensors, no numpy
-scalars), and it never imports torch. Files in the pre-1.6 (non-zip) format are refused.
+The unpickler here resolves only the globals a weights file needs, each to a function or
+class of this module: the tensor and parameter rebuild functions, the typed storage
+classes, `collections.OrderedDict`, `torch.Size`, and `argparse.Namespace` (to an inert
+attribute holder, so MAE-style training checkpoints with their `args` can be read); every
+other global (any function or class that could run code, e.g. `os.system`, `builtins.eval`)
+is refused with `UnsafeCheckpointError` before anything is called. This is the allow-list
+idea of `torch.load(weights_only=True)`, without sparse or quantized tensors or numpy
+scalars, and it never imports torch. Files in the pre-1.6 (non-zip) format are refused.
 """
 
 from __future__ import annotations
@@ -83,11 +84,20 @@ def _torch_size(dims=()):
     return tuple(int(d) for d in dims)
 
 
+class Namespace:
+    """Stands for `argparse.Namespace` (the `args` of MAE-style training checkpoints): a
+    plain attribute holder; unpickling sets its attributes and runs nothing of argparse."""
+
+    def __repr__(self) -> str:
+        return f"Namespace({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch", "Size"): _torch_size,
+    ("argparse", "Namespace"): Namespace,
     **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
 }
 
