@@ -1,6 +1,6 @@
 r"""The README's TPU table: DMAE-B/16 and DMAE-L/16 compiled for TPU slices on this CPU.
 
-  python -m benchmarks.tpu_table [--json FILE] [--from-json FILE] [--workers 2]
+  python -m benchmarks.tpu_table [--json FILE] [--from-json FILE[,FILE]] [--cases S:V:T,...]
 
 For each stage (pretraining at batch 4096, fine-tuning at the papers' batch of 1024 images
 x 2 noisy copies, certification at 1000 noisy samples per step) and slice, compiles the
@@ -18,11 +18,10 @@ take minutes each on 2 cores: about 30-60 minutes for the whole table on 2 idle 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import json
-import multiprocessing
 import os
+import subprocess
 import sys
 import time
 
@@ -190,9 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--from-json",
                         help="print the table of previous runs' results (FILE[,FILE...])")
-    parser.add_argument("--workers", type=int, default=2, help="compiles in parallel")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated stage:variant:topology to compile, in this order")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
     parser.add_argument("--only", default="", help="comma-separated stages to compile")
     args = parser.parse_args(argv)
+    if args.case:
+        stage, variant, topology = args.case.split(":")
+        print(json.dumps(compile_case({"stage": stage, "variant": variant,
+                                       "topology": topology})), flush=True)
+        return
     if args.from_json:
         results, meta = [], {}
         for path in args.from_json.split(","):
@@ -217,24 +223,33 @@ def main(argv: list[str] | None = None) -> None:
             topologies = ("v4-32", "v5p-128") if stage == "certify" else TOPOLOGIES
             for topology in topologies:
                 cases.append({"stage": stage, "variant": variant, "topology": topology})
+    if args.cases:
+        wanted = [tuple(c.split(":")) for c in args.cases.split(",")]
+        cases = [{"stage": s, "variant": v, "topology": t} for s, v, t in wanted]
     meta = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "libtpu": importlib.metadata.version("libtpu"), "load_start": os.getloadavg()}
     results = []
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = {pool.submit(compile_case, c): c for c in cases}
-        for future in concurrent.futures.as_completed(futures):
-            result = future.result()
-            last = result["tried"][-1]
-            print(f"[{time.strftime('%H:%M:%S')}] {result['stage']} {result['variant']} "
-                  f"{result['topology']}: {_settings_text(last['settings'])} "
-                  + ("fits" if last.get("fits") else "does not fit"), flush=True)
-            results.append(result)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"meta": meta, "results": results}, f, indent=1)
-    order = {(c["stage"], c["variant"], c["topology"]): i for i, c in enumerate(cases)}
-    results.sort(key=lambda r: order[(r["stage"], r["variant"], r["topology"])])
+    # One process per case, one at a time: a ViT-L compile takes several GiB, and a case
+    # that runs out of host memory must not take the others with it.
+    for case in cases:
+        spec = f"{case['stage']}:{case['variant']}:{case['topology']}"
+        out = subprocess.run([sys.executable, "-m", "benchmarks.tpu_table", "--case", spec],
+                             capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode or not lines:
+            result = {**case, "tried": [{"settings": {}, "failed": True,
+                                         "error": f"exit {out.returncode}: "
+                                                  + out.stderr.strip()[-300:]}]}
+        else:
+            result = json.loads(lines[-1])
+        last = result["tried"][-1]
+        print(f"[{time.strftime('%H:%M:%S')}] {spec}: {_settings_text(last['settings'])} "
+              + ("fits" if last.get("fits") else "FAILED" if last.get("failed")
+                 else "does not fit"), flush=True)
+        results.append(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
     meta["load_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:

@@ -368,15 +368,11 @@ class TrainPieces:
     labels: bool  # whether the batch has a "label" field
 
 
-def _schedule(config, num_examples: int):
-    from dmae_jax.train import optim
-
+def _steps(config, num_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps), as `common.train_data` counts them."""
     per_epoch = max(num_examples // config.batch_size, 1)
     total = config.get("total_steps") or max(1, int(round(config.num_epochs * per_epoch)))
-    return optim.lr_schedule(
-        base_lr=config.optim.base_lr, global_batch_size=config.batch_size, total_steps=total,
-        warmup_steps=min(int(config.optim.warmup_epochs * per_epoch), total // 2),
-        min_lr=config.optim.min_lr)
+    return per_epoch, total
 
 
 def _model_parts(create: Callable[[], Any], concrete: bool):
@@ -396,71 +392,42 @@ def _resolved(config):
 
 
 def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
-    """The optimizer, loss and model of a `pretrain` or `finetune` config's training step.
+    """The optimizer, loss and model of a `pretrain` or `finetune` config's training step,
+    built by the trainers' own `make_optimizer` and `make_loss_fn`.
 
     Abstract parameters by default (compiling needs only their shapes); `concrete=True`
     initialises them for a real run (the GPU check).
     """
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from dmae_jax.models import create_classifier, create_dmae, resolve_model_config
-    from dmae_jax.train import losses, mixup, optim
+    from dmae_jax.train import finetune, pretrain
 
     config = _resolved(config)
     num_examples, num_classes = _dataset(config.data.dataset)
-    schedule = _schedule(config, num_examples)
+    per_epoch, total = _steps(config, num_examples)
     if config.task == "pretrain":
         parts, _ = _model_parts(lambda: create_dmae(config.model, rngs=nnx.Rngs(config.seed)),
                                 concrete)
-        tx = optim.pretrain_optimizer(
-            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
-            b1=config.optim.b1, b2=config.optim.b2)
-
-        def loss_fn(params, batch, rng):
-            out = parts.bind(params)(
-                batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
-            return out.loss, {}
-
+        tx, schedule = pretrain.make_optimizer(config, parts.params, steps_per_epoch=per_epoch,
+                                               total_steps=total)
         flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(resolve_model_config(config.model),
                                                         config.mask_ratio)
-        return TrainPieces(parts, tx, loss_fn, schedule, flops, labels=False)
-    if config.task != "finetune":
-        raise ValueError(f"config.task must be pretrain or finetune here, got {config.task!r}")
+        return TrainPieces(parts, tx, pretrain.make_loss_fn(config, parts), schedule, flops,
+                           labels=False)
+    if config.task != "finetune" or config.get("linear_probe"):
+        raise ValueError("compile-only mode covers pretraining and fine-tuning (not linear "
+                         f"probing), got config.task={config.task!r}, linear_probe="
+                         f"{config.get('linear_probe')}")
     parts, model = _model_parts(
         lambda: create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed)),
         concrete)
-    if config.linear_probe:
-        tx = optim.linear_probe_optimizer(
-            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay)
-    else:
-        tx = optim.finetune_optimizer(
-            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
-            b1=config.optim.b1, b2=config.optim.b2, layer_decay=config.optim.layer_decay,
-            num_layers=len(model.blocks))
-    m = config.num_noise_samples
-    use_mix = bool(config.mixup or config.cutmix)
-
-    def loss_fn(params, batch, rng):
-        noise_rng, mix_rng, drop_rng = jax.random.split(rng, 3)
-        images = jnp.concatenate([batch["image"]] * m)
-        labels = jnp.concatenate([batch["label"]] * m)
-        noisy = images + config.sigma * jax.random.normal(noise_rng, images.shape)
-        if use_mix:
-            noisy, targets = mixup.mixup_fn(
-                noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
-                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing)
-        else:
-            targets = labels
-        logits = parts.bind(params)(noisy, rng=drop_rng)
-        return losses.finetune_loss(
-            logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
-            label_smoothing=config.label_smoothing)
-
-    flops = m * TRAIN_FLOPS_FACTOR * classifier_forward_flops(
+    tx, schedule = finetune.make_optimizer(config, parts.params, num_layers=len(model.blocks),
+                                           steps_per_epoch=per_epoch, total_steps=total)
+    flops = config.num_noise_samples * TRAIN_FLOPS_FACTOR * classifier_forward_flops(
         resolve_model_config(config.model), num_classes)
-    return TrainPieces(parts, tx, loss_fn, schedule, flops, labels=True)
+    return TrainPieces(parts, tx, finetune.make_loss_fn(config, parts, num_classes), schedule,
+                       flops, labels=True)
 
 
 def train_mesh(config, devices: Sequence):

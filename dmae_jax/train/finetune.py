@@ -81,12 +81,71 @@ def validate(config: ml_collections.ConfigDict) -> None:
                             "config.linear_probe is on, got ''")
 
 
+def make_optimizer(config: ml_collections.ConfigDict, params, *, num_layers: int,
+                   steps_per_epoch: int, total_steps: int):
+    """(optimizer, lr schedule) of fine-tuning or linear probing.
+
+    `params` may be abstract (shapes only): `dmae_jax.aot` compiles this very step.
+    """
+    from dmae_jax.train import optim
+
+    schedule = optim.lr_schedule(
+        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
+                                         total_steps),
+        min_lr=config.optim.min_lr,
+    )
+    if config.linear_probe:
+        tx = optim.linear_probe_optimizer(
+            params, schedule=schedule, weight_decay=config.optim.weight_decay)
+    else:
+        tx = optim.finetune_optimizer(
+            params, schedule=schedule, weight_decay=config.optim.weight_decay,
+            b1=config.optim.b1, b2=config.optim.b2, layer_decay=config.optim.layer_decay,
+            num_layers=num_layers,
+        )
+    return tx, schedule
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, parts, num_classes: int):
+    """`loss_fn(params, batch, rng) -> (loss, aux)` of the fine-tuning step (`parts`: the
+    classifier's `ModelParts`); `dmae_jax.aot` compiles this very loss."""
+    from dmae_jax.models import linprobe
+    from dmae_jax.train import losses, mixup
+
+    m = config.num_noise_samples
+    use_mix = bool(config.mixup or config.cutmix)
+
+    def loss_fn(params, batch, rng):
+        noise_rng, mix_rng, drop_rng = jax.random.split(rng, 3)
+        images = jnp.concatenate([batch["image"]] * m)        # [m*B, H, W, C]: [x; x]
+        labels = jnp.concatenate([batch["label"]] * m)
+        noisy = images + config.sigma * jax.random.normal(noise_rng, images.shape)
+        if use_mix:
+            noisy, targets = mixup.mixup_fn(
+                noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
+                group_size=config.mixup_group_size, copies=m)
+        else:
+            targets = labels
+        if config.linear_probe:
+            logits = linprobe.train_logits(parts.bind(params), noisy, config.probe_bn_group_size)
+        else:
+            logits = parts.bind(params)(noisy, rng=drop_rng)
+        return losses.finetune_loss(
+            logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
+            label_smoothing=config.label_smoothing)
+
+    return loss_fn
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
     from dmae_jax.data import datasets
     from dmae_jax.models import ModelParts, create_classifier, linprobe
     from dmae_jax.models import classifier as classifier_lib
-    from dmae_jax.train import losses, mixup, optim, selection
+    from dmae_jax.train import optim, selection
 
     # ------------------------------------------------------------------ Workdir.
     lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
@@ -122,48 +181,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     common.log_parameter_overview(parts.params, "classifier")
 
     # ------------------------------------------------------------------ Optimizer.
-    schedule = optim.lr_schedule(
-        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
-        total_steps=total_steps,
-        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
-                                         total_steps),
-        min_lr=config.optim.min_lr,
-    )
-    if config.linear_probe:
-        tx = optim.linear_probe_optimizer(
-            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay)
-    else:
-        tx = optim.finetune_optimizer(
-            parts.params, schedule=schedule, weight_decay=config.optim.weight_decay,
-            b1=config.optim.b1, b2=config.optim.b2, layer_decay=config.optim.layer_decay,
-            num_layers=len(model.blocks),
-        )
+    tx, schedule = make_optimizer(config, parts.params, num_layers=len(model.blocks),
+                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     logging.info("parameter groups:\n%s", optim.describe_param_groups(
         parts.params, layer_decay=config.optim.layer_decay, num_layers=len(model.blocks)))
 
     # ------------------------------------------------------------------ Step.
-    m = config.num_noise_samples
-    use_mix = bool(config.mixup or config.cutmix)
-
-    def loss_fn(params, batch, rng):
-        noise_rng, mix_rng, drop_rng = jax.random.split(rng, 3)
-        images = jnp.concatenate([batch["image"]] * m)        # [m*B, H, W, C]: [x; x]
-        labels = jnp.concatenate([batch["label"]] * m)
-        noisy = images + config.sigma * jax.random.normal(noise_rng, images.shape)
-        if use_mix:
-            noisy, targets = mixup.mixup_fn(
-                noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
-                cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                group_size=config.mixup_group_size, copies=m)
-        else:
-            targets = labels
-        if config.linear_probe:
-            logits = linprobe.train_logits(parts.bind(params), noisy, config.probe_bn_group_size)
-        else:
-            logits = parts.bind(params)(noisy, rng=drop_rng)
-        return losses.finetune_loss(
-            logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
-            label_smoothing=config.label_smoothing)
+    loss_fn = make_loss_fn(config, parts, num_classes)
 
     def make_state(params):
         return common.init_state(params, tx, jax.random.key(config.seed))

@@ -53,10 +53,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
         exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
 
 
+def make_optimizer(config: ml_collections.ConfigDict, params, *, steps_per_epoch: int,
+                   total_steps: int):
+    """(AdamW, lr schedule) of pretraining; `params` may be abstract (shapes only):
+    `dmae_jax.aot` compiles this very step."""
+    from dmae_jax.train import optim
+
+    schedule = optim.lr_schedule(
+        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
+        total_steps=total_steps,
+        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
+                                         total_steps),
+        min_lr=config.optim.min_lr,
+    )
+    tx = optim.pretrain_optimizer(
+        params, schedule=schedule, weight_decay=config.optim.weight_decay,
+        b1=config.optim.b1, b2=config.optim.b2,
+    )
+    return tx, schedule
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, parts):
+    """`loss_fn(params, batch, rng) -> (loss, aux)` of pretraining (`parts`: the DMAE's
+    `ModelParts`); `dmae_jax.aot` compiles this very loss."""
+
+    def loss_fn(params, batch, rng):
+        out = parts.bind(params)(
+            batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
+        return out.loss, {}
+
+    return loss_fn
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
     from dmae_jax.models import ModelParts, create_dmae
-    from dmae_jax.train import optim
 
     # ------------------------------------------------------------------ Workdir.
     lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
@@ -83,23 +114,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     common.log_parameter_overview(params, "DMAE")
 
     # ------------------------------------------------------------------ Optimizer.
-    schedule = optim.lr_schedule(
-        base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
-        total_steps=total_steps,
-        warmup_steps=common.warmup_steps(config.optim.warmup_epochs, steps_per_epoch,
-                                         total_steps),
-        min_lr=config.optim.min_lr,
-    )
-    tx = optim.pretrain_optimizer(
-        params, schedule=schedule, weight_decay=config.optim.weight_decay,
-        b1=config.optim.b1, b2=config.optim.b2,
-    )
+    tx, schedule = make_optimizer(config, params, steps_per_epoch=steps_per_epoch,
+                                  total_steps=total_steps)
 
     # ------------------------------------------------------------------ Step.
-    def loss_fn(params, batch, rng):
-        out = parts.bind(params)(
-            batch["image"], sigma=config.sigma, mask_ratio=config.mask_ratio, rng=rng)
-        return out.loss, {}
+    loss_fn = make_loss_fn(config, parts)
 
     def make_state(params):
         return common.init_state(params, tx, jax.random.key(config.seed))
