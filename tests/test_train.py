@@ -133,6 +133,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_
     config.data.data_dir = data_dir
     config.update(total_steps=10, log_every_steps=1, ckpt_every_steps=2, eval_every_steps=0,
                   batch_size=16)
+    config.model.update(depth=1, decoder_depth=1)  # compiles in a fraction of the time
     real, calls = parallel.global_batch, []
 
     def poisoned_after_four(batch, mesh):
