@@ -24,8 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dmae_jax.checkpoints import CheckpointError
-from dmae_jax.config import ConfigError
+from dmae_jax.errors import CheckpointError, ConfigError
 
 KINDS = ("dmae", "classifier", "unet")
 
