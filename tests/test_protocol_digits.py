@@ -13,7 +13,7 @@ import pytest
 
 from dmae_jax import pipeline
 from dmae_jax.errors import ConfigError
-from dmae_jax.train.pretrain import masked_patch_errors
+from dmae_jax.train.pretrain import flat_blocks, masked_patch_errors
 from tests import helpers
 
 
@@ -28,58 +28,66 @@ def load_config(path: str, arg: str | None = None):
 # ------------------------------------------------------------------ masked-patch errors
 
 
-def _flat_blocks(images: np.ndarray, p: int) -> np.ndarray:
-    """Every p x p patch replaced by its per-channel mean."""
-    b, h, w, c = images.shape
-    x = images.reshape(b, h // p, p, w // p, p, c)
-    return np.broadcast_to(x.mean(axis=(2, 4), keepdims=True), x.shape).reshape(images.shape)
-
-
-def test_masked_patch_errors_count_masked_patches_against_the_best_flat_block():
-    rng = np.random.default_rng(0)
-    clean = rng.random((2, 8, 8, 3), dtype=np.float32)
-    mask = np.zeros((2, 4), np.float32)
-    mask[0, [0, 3]] = mask[1, [1]] = 1.0  # 3 masked patches (2 x 2 grids of 4 x 4 patches)
-    p = 4
-
-    mse, flat = map(float, masked_patch_errors(jnp.asarray(clean), jnp.asarray(clean),
-                                               jnp.asarray(mask), p))
-    assert mse == 0.0 and flat > 0.0
-
-    # Flat blocks in the masked patches score exactly the baseline; visible patches never count.
-    recon = np.where(np.kron(mask.reshape(2, 2, 2), np.ones((p, p)))[..., None] > 0,
-                     _flat_blocks(clean, p), 1.0 - clean)
-    mse, flat2 = map(float, masked_patch_errors(jnp.asarray(clean), jnp.asarray(recon),
-                                                jnp.asarray(mask), p))
-    np.testing.assert_allclose(mse, flat, rtol=1e-6)
-    assert flat2 == flat
-
-    want = np.mean([np.mean((_flat_blocks(clean, p) - clean)[b, y:y + p, x:x + p] ** 2)
-                    for b, y, x in ((0, 0, 0), (0, 4, 4), (1, 0, 4))])
-    np.testing.assert_allclose(flat, want, rtol=1e-6)
-
-    # A constant 0.1 error on one of the three masked patches: 0.01 / 3.
-    shifted = clean.copy()
-    shifted[1, 0:4, 4:8] += 0.1
-    mse, _ = masked_patch_errors(jnp.asarray(clean), jnp.asarray(shifted), jnp.asarray(mask), p)
-    np.testing.assert_allclose(float(mse), 0.01 / 3, rtol=1e-5)
-
-
-def test_a_norm_pix_dmae_predicting_nothing_draws_grey_blocks_that_do_not_beat_the_baseline():
-    """pred = 0 becomes each patch's own mean: the flat blocks the baseline stands for."""
+def _tiny_dmae(norm_pix_loss: bool):
     from flax import nnx
 
     from dmae_jax import defaults
     from dmae_jax.models import create_dmae
 
-    model = create_dmae(defaults.model("mu", img_size=8, patch_size=4, depth=1,
-                                       decoder_width=32, decoder_depth=1, decoder_heads=1,
-                                       normalization="cifar10"), rngs=nnx.Rngs(0))
-    grey = np.random.default_rng(1).random((2, 8, 8, 1), dtype=np.float32).repeat(3, -1)
-    recon = model.pred_to_images(jnp.zeros((2, 4, 48)), jnp.asarray(grey))
-    mask = jnp.ones((2, 4))
-    mse, flat = masked_patch_errors(jnp.asarray(grey), recon, mask, 4)
-    assert float(mse) >= float(flat) - 1e-6
+    return create_dmae(defaults.model("mu", img_size=8, patch_size=4, depth=1,
+                                      decoder_width=32, decoder_depth=1, decoder_heads=1,
+                                      norm_pix_loss=norm_pix_loss), rngs=nnx.Rngs(0))
+
+
+def test_masked_patch_errors_count_only_the_masked_patches():
+    rng = np.random.default_rng(0)
+    clean, flat = rng.random((2, 2, 8, 8, 3), dtype=np.float32)
+    mask = np.zeros((2, 4), np.float32)
+    mask[0, [0, 3]] = mask[1, [1]] = 1.0  # 3 masked patches (2 x 2 grids of 4 x 4 patches)
+    masked = np.kron(mask.reshape(2, 2, 2), np.ones((4, 4)))[..., None] > 0
+
+    def errors(recon):
+        return [float(e) for e in masked_patch_errors(
+            jnp.asarray(clean), jnp.asarray(recon), jnp.asarray(flat), jnp.asarray(mask), 4)]
+
+    mse, flat_mse = errors(np.where(masked, clean, 1.0 - clean))  # wrong only where visible
+    assert mse == 0.0
+    np.testing.assert_allclose(flat_mse, np.mean(((flat - clean)[masked.repeat(3, -1)]) ** 2),
+                               rtol=1e-6)
+    shifted = clean.copy()
+    shifted[1, 0:4, 4:8] += 0.1  # a constant 0.1 error on one of the three masked patches
+    np.testing.assert_allclose(errors(shifted)[0], 0.01 / 3, rtol=1e-5)
+
+
+def test_flat_blocks_are_what_a_norm_pix_model_shows_when_it_predicts_nothing():
+    model = _tiny_dmae(norm_pix_loss=True)
+    rng = np.random.default_rng(1)
+    noisy = jnp.asarray(rng.random((2, 8, 8, 3), dtype=np.float32))
+    mask = jnp.asarray([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    flat = np.asarray(flat_blocks(model, noisy, mask, 0.25))
+    np.testing.assert_array_equal(
+        flat, np.asarray(model.pred_to_images(jnp.zeros((2, 4, 48)), noisy, 0.25)))
+    patches = flat.reshape(2, 2, 4, 2, 4, 3)
+    assert np.ptp(patches, axis=(2, 4)).max() < 1e-6  # flat inside every patch
+    clean = jnp.asarray(rng.random((2, 8, 8, 3), dtype=np.float32))
+    mse, flat_mse = masked_patch_errors(clean, jnp.asarray(flat), jnp.asarray(flat), mask, 4)
+    assert float(mse) == float(flat_mse)  # grey blocks score exactly 1.00 x
+
+
+def test_flat_blocks_of_a_pixel_target_model_use_only_the_visible_patches():
+    model = _tiny_dmae(norm_pix_loss=False)
+    rng = np.random.default_rng(2)
+    noisy = rng.random((2, 8, 8, 3), dtype=np.float32)
+    mask = np.asarray([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], np.float32)
+    flat = np.asarray(flat_blocks(model, jnp.asarray(noisy), jnp.asarray(mask), 0.25))
+    visible = np.kron((1 - mask).reshape(2, 2, 2), np.ones((4, 4))) > 0
+    for b in range(2):
+        np.testing.assert_allclose(flat[b], np.broadcast_to(noisy[b][visible[b]].mean(0),
+                                                            (8, 8, 3)), atol=1e-5)
+    noisy[:, 4:, 4:] = 9.0  # patch 3 is masked in both images: the baseline ignores it
+    np.testing.assert_allclose(
+        np.asarray(flat_blocks(model, jnp.asarray(noisy), jnp.asarray(mask), 0.25)), flat,
+        atol=1e-6)
 
 
 # ------------------------------------------------------------------ the pipeline's report
@@ -111,7 +119,7 @@ def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
         for step, mse in ((2, 0.09), (4, 0.0123)):
             with open(os.path.join(recon, f"step_{step:06d}.json"), "w") as f:
                 json.dump({"step": step, "images": 128, "masked_mse": mse,
-                           "flat_block_mse": 0.0456}, f)
+                           "flat_block_mse": 0.0456, "norm_pix_loss": True}, f)
             open(os.path.join(recon, f"step_{step:06d}.png"), "wb").write(b"png")
 
     def fake_finetune(cfg, workdir):
@@ -151,7 +159,8 @@ def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
     assert "| 0.5 | 0.750 | 0.250 | 0.375 | 0.050 | r = 0, ACR |" in report
     assert "| 1.0 | 0.750 | 0.750 | 0.375 | 0.375 | neither |" in report
     assert ("Masked patches of 128 test images (step 4): reconstruction MSE 0.0123 in [0,1] "
-            "pixels, below the 0.0456 of flat blocks") in report
+            "pixels, 0.27 x the 0.0456 of flat blocks (each masked patch at its own noisy "
+            "mean") in report
     assert open(os.path.join(work, "reconstructions.png"), "rb").read() == b"png"
 
 

@@ -165,37 +165,51 @@ def _fingerprint(config) -> dict:
     return {"task": config.task, "model": config.model.to_dict(), "batch_size": config.batch_size}
 
 
-def masked_patch_errors(clean: jax.Array, recon: jax.Array, mask: jax.Array,
-                        patch_size: int) -> tuple[jax.Array, jax.Array]:
-    """(reconstruction MSE, flat-block MSE) over the masked patches, [0, 1] pixel units.
+def flat_blocks(model, noisy: jax.Array, mask: jax.Array, sigma: float) -> jax.Array:
+    """The flat-block baseline [B, img_size, img_size, C] in [0, 1]: every patch one colour,
+    taken from what the reconstruction of the masked patches is given.
 
-    `clean` and `recon` are [B, H, W, C] in [0, 1], `mask` [B, L] (1 = masked, patches in
-    row-major order). The flat-block baseline fills every masked patch with the true mean
-    colour of that clean patch (its per-channel mean): the smallest error any prediction
-    that is flat inside each patch can reach, so a reconstruction below it has drawn
-    structure inside the masked patches, not grey blocks.
+    A norm-pix DMAE's masked patches are un-normalised with the noisy input patch's own mean
+    and scale (`pred_to_images`), so its baseline is the reconstruction of a prediction of
+    zeros: each patch at its noisy mean, the grey blocks the model shows when it predicts
+    nothing. A DMAE with pixel targets gets no per-patch statistics, so its baseline is the
+    mean colour of the image's visible (noisy) patches. `noisy` [B, H, W, C] is the
+    encoder's input in [0, 1], `mask` [B, L] (1 = masked).
     """
+    if model.norm_pix_loss:
+        zeros = jnp.zeros((noisy.shape[0], model.num_patches,
+                           model.patch_size**2 * model.in_chans), jnp.float32)
+        return model.pred_to_images(zeros, noisy, sigma)
+    x = model.preprocess(noisy) * jnp.asarray(model.std) + jnp.asarray(model.mean)
+    b, h, w, c = x.shape
+    patches = model.patchify(x).reshape(b, model.num_patches, -1, c)
+    visible = (1.0 - mask.astype(jnp.float32))[:, :, None, None]
+    colour = jnp.sum(visible * patches, axis=(1, 2)) / (
+        jnp.maximum(jnp.sum(visible, axis=(1, 2)), 1.0) * patches.shape[2])
+    return jnp.broadcast_to(jnp.clip(colour, 0.0, 1.0)[:, None, None, :], x.shape)
+
+
+def masked_patch_errors(clean: jax.Array, recon: jax.Array, flat: jax.Array, mask: jax.Array,
+                        patch_size: int) -> tuple[jax.Array, jax.Array]:
+    """(MSE of `recon`, MSE of `flat`) against `clean` over the masked patches only, [0, 1]
+    pixel units; images [B, H, W, C], `mask` [B, L] (1 = masked, patches row-major)."""
     b, h, w, c = clean.shape
     p = patch_size
-    clean = clean.astype(jnp.float32).reshape(b, h // p, p, w // p, p, c)
-    recon = recon.astype(jnp.float32).reshape(b, h // p, p, w // p, p, c)
-    flat = jnp.mean(clean, axis=(2, 4), keepdims=True)
 
-    def per_patch(err):  # [B, gh, p, gw, p, C] -> [B, L]
-        return jnp.mean(err, axis=(2, 4, 5)).reshape(b, -1)
+    def per_patch(image):  # squared error, [B, H, W, C] -> [B, L]
+        err = jnp.square(image.astype(jnp.float32) - clean.astype(jnp.float32))
+        return jnp.mean(err.reshape(b, h // p, p, w // p, p, c), axis=(2, 4, 5)).reshape(b, -1)
 
     mask = mask.astype(jnp.float32)
     count = jnp.maximum(jnp.sum(mask), 1.0)
-    mse = jnp.sum(mask * per_patch(jnp.square(recon - clean))) / count
-    flat_mse = jnp.sum(mask * per_patch(jnp.square(flat - clean))) / count
-    return mse, flat_mse
+    return jnp.sum(mask * per_patch(recon)) / count, jnp.sum(mask * per_patch(flat)) / count
 
 
 def _reconstruction_writer(config, workdir, parts, writer):
     """Eval hook: reconstruction loss and masked-patch errors on a fixed batch, a PNG grid.
 
-    The errors (`masked_patch_errors`: the reconstruction against the flat-block baseline)
-    are measured on the first eval_batch_size eval images, written to TensorBoard and to
+    The errors (`masked_patch_errors`: the reconstruction against `flat_blocks`) are
+    measured on the first eval_batch_size eval images, written to TensorBoard and to
     workdir/reconstructions/step_<step>.json next to the grid. Grid rows (the first
     num_grid_images): clean; noisy with the masked patches grey (the encoder's input); the
     reconstruction from it; the whole noisy image; DMAE's reconstruction of it with nothing
@@ -229,7 +243,8 @@ def _reconstruction_writer(config, workdir, parts, writer):
         noisy = images + config.sigma * noise
         recon = model.pred_to_images(out.pred, noisy, config.sigma)
         clean = model.preprocess(images) * jnp.asarray(model.std) + jnp.asarray(model.mean)
-        errors = masked_patch_errors(clean, recon, out.mask, model.patch_size)
+        flat = flat_blocks(model, noisy, out.mask, config.sigma)
+        errors = masked_patch_errors(clean, recon, flat, out.mask, model.patch_size)
         return (out.loss, errors, out.mask[:n], noisy[:n], recon[:n],
                 model.reconstruct(noisy[:n], config.sigma))
 
@@ -252,7 +267,8 @@ def _reconstruction_writer(config, workdir, parts, writer):
             visualize.save_png(path, grid)
             with open(f"{workdir}/reconstructions/step_{step:06d}.json", "w") as f:
                 json.dump({"step": step, "images": num_eval, "masked_mse": float(mse),
-                           "flat_block_mse": float(flat_mse)}, f)
+                           "flat_block_mse": float(flat_mse),
+                           "norm_pix_loss": bool(config.model.norm_pix_loss)}, f)
             writer.write_images(step, {"reconstructions": grid})
             logging.info("eval_loss=%.4f, masked-patch MSE %.4f (flat blocks %.4f), "
                          "reconstruction grid %s", loss, mse, flat_mse, path)
