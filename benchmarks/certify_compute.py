@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         fixed_curve, fixed_acr, fixed_passes = rows["fixed (expected)"]
         top = max(i for i, r in enumerate(radii) if r <= 4 * sigma) + 1
         header = ["sigma", "side", "passes/image", "fixed / side", "ACR",
-                  *(f"r={r:g}" for r in radii[:top]), "max |diff| (points)"]
+                  *(f"r={r:g}" for r in radii[:top]), "max abs diff (points)"]
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for label, (curve, acr_value, passes) in rows.items():
             diff = "" if label.startswith("fixed") else \
