@@ -121,6 +121,8 @@ def _settings_text(settings: dict) -> str:
 
 
 def _hours(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} d"
 
 

@@ -31,6 +31,12 @@ def v4_8():
     return topology, aot.topology_devices(topology)
 
 
+@pytest.fixture(scope="module")
+def pretrain_report(v4_8):
+    topology, devices = v4_8
+    return aot.compile_config(_digits_pretrain(), topology, devices=devices)
+
+
 def test_resolve_topology_names():
     assert aot.resolve_topology("v4-128").topology_name == "v4:4x4x4"
     assert aot.resolve_topology("v4-32").topology_name == "v4:2x2x4"
@@ -43,11 +49,11 @@ def test_resolve_topology_names():
         aot.resolve_topology("tpu-128")
 
 
-def test_pretrain_step_figures_are_present_and_sane(v4_8):
+def test_pretrain_step_figures_are_present_and_sane(v4_8, pretrain_report):
     topology, devices = v4_8
     assert len(devices) == 4 and devices[0].device_kind == "TPU v4"
     cfg = _digits_pretrain()
-    report = aot.compile_config(cfg, topology, devices=devices)
+    report = pretrain_report
     from flax import nnx
 
     from dmae_jax.models import count_params, create_dmae
@@ -80,15 +86,24 @@ def test_pretrain_step_figures_are_present_and_sane(v4_8):
         assert knob in advice
 
 
-def test_fsdp_shards_the_state(v4_8):
+def test_fsdp_shards_the_state(v4_8, pretrain_report):
     topology, devices = v4_8
     cfg = _digits_pretrain()
-    cfg.model.update(width=256, num_heads=4)  # large enough for FSDP to shard every matrix
-    replicated = aot.compile_config(cfg, topology, devices=devices)
     cfg.mesh.fsdp = 4
     sharded = aot.compile_config(cfg, topology, devices=devices)
-    assert sharded.argument_bytes < 0.5 * replicated.argument_bytes
-    assert sharded.xla_flops == pytest.approx(replicated.xla_flops, rel=0.2)
+    assert sharded.argument_bytes < 0.5 * pretrain_report.argument_bytes
+    assert sharded.xla_flops == pytest.approx(pretrain_report.xla_flops, rel=0.2)
+
+
+def test_finetune_step(v4_8):
+    topology, devices = v4_8
+    cfg = defaults.digits_finetune(0.25)
+    cfg.batch_size, cfg.total_steps = 32, 100
+    report = aot.compile_config(cfg, topology, devices=devices)
+    assert report.fits and report.step_seconds > 0 and report.alias_bytes > 0
+    # Two noisy copies per image: the model FLOPs count both.
+    assert 0.8 < report.xla_flops / report.model_flops < 1.5
+    assert "finetune classifier mu/4" in report.format()
 
 
 def test_certify_step_on_one_host(v4_8):
