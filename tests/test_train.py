@@ -65,6 +65,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, 
     helpers.wait_for(stepped_past_restore, 300, "a step after the restore", proc)
     first_resumed = min(helpers.losses("".join(seen)))
     assert first_resumed == killed_at + 1, "the restarted run did not continue from its save"
+    assert f"resumed from step {killed_at} of {total}" in "".join(seen)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, rest
@@ -73,6 +74,7 @@ def test_killed_and_preempted_run_resumes_to_the_uninterrupted_result(tmp_path, 
 
     out = helpers.run(cmd).stdout
     assert min(helpers.losses(out)) == preempted_at + 1
+    assert f"resumed from step {preempted_at} of {total}" in out
     ref_losses, got = helpers.losses(ref_out), helpers.losses(out)
     for step in got:
         np.testing.assert_allclose(got[step], ref_losses[step], rtol=1e-5, err_msg=f"step {step}")
