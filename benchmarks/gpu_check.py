@@ -134,7 +134,7 @@ def _train_config(check: Check, task: str):
     cfg.data.image_size = check.model["img_size"]
     cfg.model.dtype = "bfloat16"
     cfg.total_steps = 10_000
-    cfg.optim.warmup_epochs = 0.0  # the schedule's shape does not matter for timing
+    cfg.optim.warmup_epochs = 0  # the schedule's shape does not matter for timing
     return cfg
 
 
