@@ -234,13 +234,20 @@ def _count_step(
     """
     num_images = images.shape[0]
     samples = NamedSharding(mesh, P(_MESH_AXIS))
-    t = jax.lax.with_sharding_constraint(start + jnp.arange(batch_size, dtype=jnp.int32), samples)
+
+    def split_samples(value: jax.Array) -> jax.Array:
+        # One device: nothing to split, and the constraint can cost a copy of the batch.
+        if mesh.devices.size == 1:
+            return value
+        return jax.lax.with_sharding_constraint(value, samples)
+
+    t = split_samples(start + jnp.arange(batch_size, dtype=jnp.int32))
     valid = t < num_images * num
     t = jnp.minimum(t, num_images * num - 1)
     m, j = t // num, t % num
     sample_keys = jax.vmap(jax.random.fold_in)(image_keys[m], j)
     noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], jnp.float32))(sample_keys)
-    noisy = jax.lax.with_sharding_constraint(images[m] + sigma * noise, samples)
+    noisy = split_samples(images[m] + sigma * noise)
     if compute_dtype is not None:
         noisy = noisy.astype(compute_dtype)
     logits = _rebuild(static_fn, fn_arrays)(noisy)
