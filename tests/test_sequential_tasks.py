@@ -1,0 +1,99 @@
+"""The certify and cascade tasks with mode=sequential, end to end on tiny digits classifiers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dmae_jax import defaults, report
+from dmae_jax.smoothing import logs
+from dmae_jax.smoothing.cascade import CASCADE_COLUMNS
+from dmae_jax.smoothing.certify import LOG_COLUMNS
+
+COHEN = ("idx", "label", "predict", "radius", "correct", "time")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifiers(tmp_path_factory):
+    """Two randomly initialised 16x16 digits classifiers, exported "at" sigma 0.25 and 0.5."""
+    from flax import nnx
+
+    from dmae_jax import exports
+    from dmae_jax.data import datasets
+    from dmae_jax.models import create_classifier
+
+    root = tmp_path_factory.mktemp("sequential_e2e")
+    data_dir = str(root / "tfds")
+    datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
+    model_cfg = defaults.model("mu", img_size=16, patch_size=4)
+    paths = {}
+    for seed, sigma in enumerate((0.25, 0.5)):
+        model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(seed))
+        paths[sigma] = str(root / f"ft_{sigma}" / "export")
+        exports.save(paths[sigma], nnx.state(model, nnx.Param).to_pure_dict(),
+                     {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10,
+                      "sigma": sigma})
+    return data_dir, paths
+
+
+def _header(path):
+    with open(path) as f:
+        return tuple(f.readline().rstrip("\n").split("\t"))
+
+
+def _common(cfg, data_dir):
+    cfg.update(n0=8, n=40, n_max=96, max=6, batch_size=32, mode="sequential")
+    cfg.data.data_dir = data_dir
+    return cfg
+
+
+def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
+                                                                        tiny_classifiers):
+    from dmae_jax.smoothing import tasks
+
+    data_dir, paths = tiny_classifiers
+    cfg = _common(defaults.certify("digits", 0.25), data_dir)
+    cfg.checkpoint = paths[0.25]
+    work = str(tmp_path / "cert")
+    tasks.run(cfg, work)
+    path = os.path.join(work, "certify_sigma_0.25.tsv")
+    assert _header(path)[:6] == COHEN
+    assert _header(path)[6:6 + len(LOG_COLUMNS)] == LOG_COLUMNS
+    rows = logs.read_log(path)
+    assert [r["idx"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        # n0 selection + the estimation samples actually drawn, never past the cap.
+        assert int(r["n_drawn"]) == 8 + int(r["n"])
+        assert 0 < int(r["n"]) <= 96 and 0 <= int(r["nA"]) <= int(r["n"])
+        assert r["predict"] == -1 or r["predict"] == int(r["cAHat"])
+        assert int(r["abstained_early"]) == 0
+    loaded = report.load(path)
+    table = report.markdown_table([loaded], ["seq"])
+    assert "| seq | 3 |" in table
+
+
+def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
+                                                                        tiny_classifiers):
+    from dmae_jax.smoothing import tasks
+
+    data_dir, paths = tiny_classifiers
+    cfg = _common(defaults.cascade("digits", sigmas=(0.5, 0.25)), data_dir)
+    cfg.checkpoints = (paths[0.5], paths[0.25])
+    work = str(tmp_path / "cascade")
+    tasks.run(cfg, work)
+    (name,) = [f for f in os.listdir(work) if f.endswith(".tsv")]
+    path = os.path.join(work, name)
+    assert _header(path)[:6] == COHEN
+    assert _header(path)[6:6 + len(CASCADE_COLUMNS)] == CASCADE_COLUMNS
+    rows = logs.read_log(path)
+    assert [r["idx"] for r in rows] == [0, 2, 4]
+    for r in rows:
+        stage = int(r["stage"])
+        assert stage in (0, 1)
+        assert float(r["sigma"]) == (0.5, 0.25)[stage]
+        # Every visited stage drew n0 selection samples and at most n_max estimation ones.
+        assert 8 * (stage + 1) < int(r["num_samples"]) <= (8 + 96) * (stage + 1)
+        assert int(r["predict"]) in range(-2, 10)
+    table = report.markdown_table([report.load(path)], ["seq"])
+    assert "| seq | 3 |" in table
