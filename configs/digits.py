@@ -25,7 +25,7 @@ from dmae_jax import defaults
 def get_config(arg=None):
     """compare: also the random-init baseline at every sigma; runlocal: a few steps (tests)."""
     args = config_lib.parse_arg(arg, compare=False, runlocal=False)
-    cfg = defaults.pipeline()
+    cfg = defaults.end_to_end()
     if args.compare:
         cfg.random_init_baseline = True
     if args.runlocal:

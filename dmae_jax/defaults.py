@@ -230,10 +230,10 @@ def calibrate_denoiser(dataset: str = "digits") -> ml_collections.ConfigDict:
     return cfg
 
 
-def pipeline() -> ml_collections.ConfigDict:
+def end_to_end() -> ml_collections.ConfigDict:
     """The end-to-end task: pretrain, fine-tune per sigma, certify, cascade, report (digits)."""
     cfg = ml_collections.ConfigDict()
-    cfg.task = "pipeline"
+    cfg.task = "end_to_end"
     cfg.sigmas = (0.25, 0.5, 1.0)  # one fine-tuned classifier and one certification each
     cfg.p0 = 0.5                  # the cascade's confidence threshold
     cfg.pretrain = digits_pretrain()

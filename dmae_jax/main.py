@@ -9,7 +9,7 @@ processes of a multi-host job, and runs `config.task`:
   cascade             multi-scale cascaded certification (smoothing/tasks.py)
   train_denoiser      DDPM training of a diffusion denoiser (train/train_denoiser.py)
   calibrate_denoiser  denoiser calibration against a fixed classifier (train/calibrate_denoiser.py)
-  pipeline            the whole digits pipeline end to end (dmae_jax/pipeline.py)
+  end_to_end          the whole digits pipeline end to end (dmae_jax/end_to_end.py)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dmae_jax import checks
 from dmae_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to the config file.",
@@ -41,7 +42,7 @@ _RUNNERS = {
     "cascade": "dmae_jax.smoothing.tasks",
     "train_denoiser": "dmae_jax.train.train_denoiser",
     "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
-    "pipeline": "dmae_jax.pipeline",
+    "end_to_end": "dmae_jax.end_to_end",
 }
 _TRAINERS = ("pretrain", "finetune", "train_denoiser", "calibrate_denoiser")
 
@@ -62,8 +63,8 @@ def main(argv) -> None:
         from dmae_jax import quiet
 
         quiet.install()
-    config_lib.workdir_usable(_WORKDIR.value)
-    task = config_lib.task(config)
+    checks.workdir_usable(_WORKDIR.value)
+    task = checks.task(config)
     config = config_lib.resolve(config)
     module = importlib.import_module(_RUNNERS[task])
     module.validate(config)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from dmae_jax import config as C
+from dmae_jax import checks as C
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from tests import helpers
@@ -42,7 +42,7 @@ _RUNNERS = {
     "cascade": "dmae_jax.smoothing.tasks",
     "train_denoiser": "dmae_jax.train.train_denoiser",
     "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
-    "pipeline": "dmae_jax.pipeline",
+    "end_to_end": "dmae_jax.end_to_end",
 }
 
 
@@ -151,13 +151,13 @@ def test_resolve_keeps_values_the_user_set():
 
 
 def test_digits_pipeline_keeps_a_users_eta():
-    from dmae_jax import pipeline
+    from dmae_jax import end_to_end
 
     config = load_config("configs/digits.py")
-    assert [pipeline._finetune_config(config, s, "").eta for s in (0.25, 0.5, 1.0)] == [
+    assert [end_to_end._finetune_config(config, s, "").eta for s in (0.25, 0.5, 1.0)] == [
         0.5, 0.5, 0.1]
     config.finetune.eta = 0.3
-    assert [pipeline._finetune_config(config, s, "").eta for s in (0.25, 1.0)] == [0.3, 0.3]
+    assert [end_to_end._finetune_config(config, s, "").eta for s in (0.25, 1.0)] == [0.3, 0.3]
 
 
 def test_every_task_has_a_factory_with_every_loop_field():
@@ -170,7 +170,7 @@ def test_every_task_has_a_factory_with_every_loop_field():
         C.training_loop(cfg)
     tasks = {f().task for f in (defaults.pretrain, defaults.finetune, defaults.certify,
                                 defaults.cascade, defaults.train_denoiser,
-                                defaults.calibrate_denoiser, defaults.pipeline)}
+                                defaults.calibrate_denoiser, defaults.end_to_end)}
     assert tasks == set(C.TASKS)
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dmae_jax import config as C
+from dmae_jax import checks as C
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from dmae_jax.errors import IdentityError

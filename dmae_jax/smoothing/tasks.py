@@ -18,7 +18,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from dmae_jax import config as C
+from dmae_jax import checks as C
+from dmae_jax import config as config_lib
 from dmae_jax import exports
 
 DTYPES = ("float32", "bfloat16")
@@ -160,11 +161,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.smoothing import identity, runner
     from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
 
-    config = C.resolve(config)
+    config = config_lib.resolve(config)
     os.makedirs(workdir, exist_ok=True)
     log_path = os.path.join(workdir, config.log_name)
     if jax.process_index() == 0:
-        C.save_resolved(config, log_path + ".config.json")
+        config_lib.save_resolved(config, log_path + ".config.json")
     identity.check_log(config, log_path)
     num_classes = datasets.num_classes(config.data.dataset)
     dtype = None if config.compute_dtype == "float32" else jax.numpy.bfloat16

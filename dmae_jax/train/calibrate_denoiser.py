@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from dmae_jax import checkpoints, exports, metrics, parallel
-from dmae_jax import config as C
+from dmae_jax import checks as C
 from dmae_jax.train import common, train_denoiser
 
 

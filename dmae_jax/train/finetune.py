@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from dmae_jax import checkpoints, exports, metrics, parallel
-from dmae_jax import config as C
+from dmae_jax import checks as C
 from dmae_jax.train import common
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dmae_jax import checkpoints, exports, metrics, parallel, visualize
-from dmae_jax import config as C
+from dmae_jax import checks as C
 from dmae_jax.train import common
 
 

@@ -25,14 +25,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from dmae_jax import config as C
+from dmae_jax import checks as C
+from dmae_jax import config as config_lib
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the stage configs that can be checked before anything has been trained."""
     from dmae_jax.train import finetune, pretrain
 
-    pretrain.validate(C.resolve(config.pretrain))
+    pretrain.validate(config_lib.resolve(config.pretrain))
     sigmas = C.sigmas(config, "sigmas")
     for sigma in sigmas:
         finetune.validate(_finetune_config(config, sigma, init_from=""))
@@ -52,7 +53,7 @@ def _finetune_config(config, sigma: float, init_from: str) -> ml_collections.Con
     cfg = ml_collections.ConfigDict(config.finetune.to_dict())
     cfg.sigma = sigma
     cfg.init_from = init_from
-    return C.resolve(cfg)
+    return config_lib.resolve(cfg)
 
 
 def _certify_config(config, **updates) -> ml_collections.ConfigDict:
@@ -62,7 +63,7 @@ def _certify_config(config, **updates) -> ml_collections.ConfigDict:
         del cfg.sigma
     for key, value in updates.items():
         cfg[key] = value
-    return C.resolve(cfg)
+    return config_lib.resolve(cfg)
 
 
 class _Stages:
@@ -95,7 +96,7 @@ def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
     if not _finished(export):
         cfg = _finetune_config(config, sigma, init_from)
         finetune.validate(cfg)
-        C.save_resolved(cfg, os.path.join(ft_dir, "config.json"))
+        config_lib.save_resolved(cfg, os.path.join(ft_dir, "config.json"))
         finetune.run(cfg, ft_dir)
     return export
 
@@ -127,8 +128,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pre_dir = os.path.join(workdir, "pretrain")
     stages.start(k)
     if not _finished(os.path.join(pre_dir, "export")):
-        pre_config = C.resolve(config.pretrain)
-        C.save_resolved(pre_config, os.path.join(pre_dir, "config.json"))
+        pre_config = config_lib.resolve(config.pretrain)
+        config_lib.save_resolved(pre_config, os.path.join(pre_dir, "config.json"))
         pretrain.run(pre_config, pre_dir)
     k += 1
 
