@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmae_jax import pipeline
+from dmae_jax import end_to_end
 from dmae_jax.errors import ConfigError
 from dmae_jax.train.pretrain import flat_blocks, masked_patch_errors
 from tests import helpers
@@ -143,7 +143,7 @@ def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
     monkeypatch.setattr(tasks, "run", fake_certify)
     monkeypatch.setattr(tasks, "validate", lambda cfg: None)
     work = str(tmp_path / "digits")
-    pipeline.run(config, work)
+    end_to_end.run(config, work)
 
     finetunes = [c[1:] for c in calls if c[0] == "finetune"]
     pre_export = os.path.join(work, "pretrain", "export")
@@ -171,10 +171,10 @@ def test_random_init_baseline_is_a_switch_not_a_sigma():
     config = ml_collections.ConfigDict(
         {**load_config("configs/digits.py", "runlocal").to_dict(), "random_init_baseline": 0.25})
     with pytest.raises(ConfigError, match="config.random_init_baseline must be True .* got 0.25"):
-        pipeline.validate(config)
+        end_to_end.validate(config)
 
 
 def test_without_baselines_or_evaluations_the_report_says_nothing_of_them(tmp_path):
     rows = {"sigma=0.25": [], "cascade": []}
-    assert pipeline.init_comparison(rows) == ""
-    assert pipeline.reconstruction_summary(str(tmp_path / "missing")) == ""
+    assert end_to_end.init_comparison(rows) == ""
+    assert end_to_end.reconstruction_summary(str(tmp_path / "missing")) == ""
