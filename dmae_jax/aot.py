@@ -14,10 +14,11 @@ allocated. It prints, per chip, what the compiler reports: argument, output, tem
 total memory against the chip's HBM, FLOPs per step and XLA's estimated step time, and from
 them the predicted images/s per chip and the MFU against the chip's bf16 peak.
 
-The step time is XLA's static cost model (a roofline of FLOPs and memory traffic per chip),
-not a measurement: a real step is slower (input pipeline, collectives that do not overlap,
-host overhead). Read images/s and MFU as upper bounds; the memory figures are what the
-compiler allocates and fail the same way on the real slice.
+The step time is XLA's static cost model (each operation's FLOPs and memory traffic per
+chip), not a measurement: it leaves out the input pipeline, host overhead and collectives
+that fail to overlap, and prices memory traffic without the real overlap, so it is an
+estimate, not a bound. The memory figures are what the compiler allocates: a step that does
+not fit here fails the same way on the slice.
 """
 
 from __future__ import annotations
