@@ -33,10 +33,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the stage configs that can be checked before anything has been trained."""
     from dmae_jax.train import finetune, pretrain
 
-    pretrain.validate(config_lib.resolve(config.pretrain))
+    _validate_stage("pretrain", pretrain.validate, config_lib.resolve(config.pretrain))
     sigmas = C.sigmas(config, "sigmas")
     for sigma in sigmas:
-        finetune.validate(_finetune_config(config, sigma, init_from=""))
+        _validate_stage("finetune", finetune.validate,
+                        _finetune_config(config, sigma, init_from=""))
     C.positive(config, "certify.n0")
     C.positive(config, "certify.n")
     C.in_range(config, "certify.alpha", 1e-300, 1.0)
@@ -46,6 +47,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "config.random_init_baseline must be True (a random-init baseline at every sigma "
             f"of config.sigmas) or False, got {config.random_init_baseline!r}"
         )
+
+
+def _validate_stage(name: str, validate_fn, stage_config: ml_collections.ConfigDict) -> None:
+    """Validates one stage's config; errors name the field as the user sets it (config.NAME.x)."""
+    try:
+        validate_fn(stage_config)
+    except C.ConfigError as e:
+        raise C.ConfigError(str(e).replace("config.", f"config.{name}.")) from None
 
 
 def _finetune_config(config, sigma: float, init_from: str) -> ml_collections.ConfigDict:

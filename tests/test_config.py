@@ -205,6 +205,10 @@ _BAD_VALUES = [
     ("configs/calibrate_digits.py", "total_steps", -1,
      "config.total_steps must be an integer >= 1, or 0 to train num_epochs, got -1"),
     ("configs/certify.py", "max", 0, "config.max must be -1 (every image) or >= 1, got 0"),
+    ("configs/digits.py", "pretrain.log_every_steps", 0,
+     "config.pretrain.log_every_steps must be an integer >= 1, got 0"),
+    ("configs/digits.py", "finetune.data.image_size", 20,
+     "config.finetune.data.image_size must be an integer in [1, config.finetune.model.img_size"),
     ("configs/certify.py", "max", -2, "config.max must be -1 (every image) or >= 1, got -2"),
 ] + [
     (path, field, value, f"config.{field} must be an integer >= 1, got {value}")
