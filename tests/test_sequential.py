@@ -12,6 +12,7 @@ from dmae_jax.smoothing import ABSTAIN, sequential
 from dmae_jax.smoothing.cascade import AMBIGUOUS, CASCADE_COLUMNS
 from dmae_jax.smoothing.certify import LOG_COLUMNS, certify_detailed
 from dmae_jax.smoothing.sequential import (
+    aligned_schedule,
     certify_cascade_sequential,
     certify_sequential,
     decide_single,
@@ -47,16 +48,18 @@ def exact_single_sigma(pA, *, sigma, alpha, looks, level):
     not stopped yet, advanced by the Binomial votes of each round. A certificate is wrong
     when it predicts with pA_lower > pA (then sigma Phi^-1(pA_lower) exceeds the true radius).
     """
+    levels = np.broadcast_to(level, (len(looks),))  # one level, or one per look
     alive = np.zeros(looks[-1] + 1)
     alive[0] = 1.0
     wrong, samples, drawn = 0.0, 0.0, 0
-    for n_t in looks:
+    for n_t, level in zip(looks, levels, strict=True):
         step = stats.binom.pmf(np.arange(n_t - drawn + 1), n_t - drawn, pA)
         alive = np.convolve(alive, step)[: looks[-1] + 1]
         drawn = n_t
         for nA in np.flatnonzero(alive > 1e-300):
-            stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=level, radii=RADII,
-                                        n_max=looks[-1])
+            stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=float(level),
+                                        radii=RADII, n_max=looks[-1],
+                                        cap_level=float(levels[-1]))
             if stop:
                 if 0.5 <= lower and lower > pA:
                     wrong += alive[nA]
@@ -79,6 +82,34 @@ def test_single_sigma_wrong_certificates_are_at_most_alpha_exactly(pA):
                                         level=alpha / len(looks))
     assert wrong <= alpha
     assert samples < looks[-1]  # it does stop early on average
+
+
+@pytest.mark.parametrize("pA", [stats.norm.cdf(1.0), stats.norm.cdf(2.0), 0.5])
+def test_uneven_alpha_spending_keeps_wrong_certificates_at_most_alpha_exactly(pA):
+    # Levels growing with n (more alpha for the late looks) and the aligned looks.
+    alpha = 0.05
+    looks, levels = aligned_schedule(8, 400, 1.5, sigma=0.25, radii=RADII, alpha=alpha,
+                                     power=1.0)
+    assert sum(levels) == pytest.approx(alpha) and levels[-1] > levels[0]
+    assert len(set(looks) - set(look_schedule(8, 400, 1.5))) >= 1  # an aligned look
+    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
+                                        level=levels)
+    assert wrong <= alpha
+    assert samples < looks[-1]
+
+
+def test_aligned_schedule_with_power_0_splits_alpha_evenly():
+    looks, levels = aligned_schedule(64, 150_000, 2.0, sigma=0.25, radii=RADII, alpha=0.001)
+    assert levels == (0.001 / len(looks),) * len(looks)
+    # The aligned look of r = 0.75: votes all for c_hat first certify it there, not before.
+    n = min(n for n in looks if n > 4096)
+    assert n not in look_schedule(64, 150_000, 2.0)
+    target = stats.norm.cdf(0.75 / 0.25)
+    assert decide_single(n, n, sigma=0.25, level=levels[0], radii=RADII, n_max=150_000)[1] \
+        >= target > decide_single(n - 1, n - 1, sigma=0.25, level=levels[0], radii=RADII,
+                                  n_max=150_000)[1]
+    with pytest.raises(ValueError, match="power must be a finite number >= 0, got -1"):
+        aligned_schedule(64, 1000, 2.0, sigma=0.25, radii=RADII, alpha=0.001, power=-1)
 
 
 def test_the_exact_check_has_power_a_rule_without_the_union_bound_fails_it():

@@ -13,21 +13,27 @@ whether more samples could still change the answer at the radii the user cares a
 Single sigma (`certify_sequential`), per image:
     c_hat = argmax of n0 selection samples (fresh key, as Cohen: never reused below);
     at look t with n_t estimation samples of which nA_t vote c_hat:
-        L_t = Clopper-Pearson lower bound on pA = P(f(x + noise) = c_hat) at alpha / T;
+        L_t = Clopper-Pearson lower bound on pA = P(f(x + noise) = c_hat) at level alpha_t,
+              where the levels alpha_1 + ... + alpha_T = alpha are fixed with the schedule
+              (`aligned_schedule`: alpha_t proportional to (n_t / N_max)^power);
         U_t = Clopper-Pearson upper bound at `stop_level` (default 0.05; used only to
               decide when to stop);
         stop when the grid level of sigma Phi^-1(L_t) (how many radii of interest it
         certifies) already equals the best level reachable at the cap if pA were U_t,
-        i.e. of sigma Phi^-1(CP lower bound of ceil(U_t N_max) votes in N_max draws);
+        i.e. of sigma Phi^-1(CP lower bound at alpha_T of ceil(U_t N_max) votes in N_max
+        draws);
         this covers "pA <= 1/2: abstain" (the best level is then 0) and the cap (t = T);
     return (c_hat, sigma Phi^-1(L_tau)) if L_tau >= 1/2, else abstain, at the stopping look tau.
 
 Theorem: P(return c_hat with radius R and pA < Phi(R / sigma)) <= alpha, i.e. with
 probability >= 1 - alpha the result is an abstention or a correct Cohen certificate.
 Proof. Given c_hat (independent of the estimation samples), the votes for c_hat are i.i.d.
-Bernoulli(pA), so at each fixed look t, P(L_t > pA) <= alpha / T (Clopper-Pearson is exact).
+Bernoulli(pA), so at each fixed look t, P(L_t > pA) <= alpha_t (Clopper-Pearson is exact).
 By the union bound over the T looks of the fixed schedule, P(there is a look t with
-L_t > pA) <= alpha: the sequence (L_t) is a time-uniform lower confidence sequence. The
+L_t > pA) <= alpha_1 + ... + alpha_T = alpha: the sequence (L_t) is a time-uniform lower
+confidence sequence. This needs only that the looks and their levels are fixed before any
+sample is drawn (they depend on n_first, growth, N_max, sigma, the radii, alpha and power),
+not that the levels are equal. The
 stopping look tau is random, but whatever it is, L_tau > pA implies that event, so
 P(L_tau > pA) <= alpha for ANY stopping rule, including one that looks at U_t, at the
 radii, or at anything else computed from the samples. On the complementary event,
@@ -61,8 +67,8 @@ protocol's; pass finer `radii` when ACR matters (more samples).
 
 Log rows use the same columns as the fixed protocol (`certify.LOG_COLUMNS`,
 `cascade.CASCADE_COLUMNS`): `n` is the number of estimation samples drawn, `n_drawn` /
-`num_samples` all noisy forward passes, `pA_lower` the bound at the stopping look (at level
-alpha / T, so it cannot be recomputed from nA and n at level alpha).
+`num_samples` all noisy forward passes, `pA_lower` the bound at the stopping look (at that
+look's level alpha_t, so it cannot be recomputed from nA and n at level alpha).
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ DEFAULT_N_MAX = 150_000
 # Level of the upper bound that only decides when to stop (no effect on soundness): at 0.05
 # an image gives up on the next radius once it is out of reach with 95% confidence.
 DEFAULT_STOP_LEVEL = 0.05
+DEFAULT_POWER = 0.0
 
 # sampler(logits_fn, images [1, H, W, C], key [1], num) -> counts [K]; the default draws with
 # certify's sampler, tests inject analytic ones.
@@ -120,29 +127,45 @@ def look_schedule(n_first: int, n_max: int, growth: float) -> tuple[int, ...]:
 
 def aligned_schedule(
     n_first: int, n_max: int, growth: float, *, sigma: float, radii: Sequence[float],
-    alpha: float,
-) -> tuple[tuple[int, ...], float]:
-    """(looks, per-look level): the geometric looks plus one look per radius of interest.
+    alpha: float, power: float = 0.0,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(looks, per-look levels alpha_t): the geometric looks plus one look per radius of interest.
 
-    The extra look for radius r is the fewest samples at which votes all for c_hat certify
-    r at the per-look level alpha / T, i.e. ceil(log(alpha / T) / log(Phi(r / sigma))): an
-    image the classifier never gets wrong stops exactly when it can, not at the next
-    geometric look (up to `growth` times later). T counts the extra looks too; the
-    schedule depends only on the arguments, never on the samples, as the union bound needs.
+    The levels spend alpha over the looks: alpha_t = alpha * (n_t / n_max)^power / sum over
+    looks of (n_s / n_max)^power, so sum_t alpha_t = alpha; power = 0 is the even split
+    alpha / T, power > 0 gives the late looks (where an image whose pA sits just above a
+    grid threshold needs its bound tight) more and the early ones less. The extra look for
+    radius r is the fewest samples at which votes all for c_hat certify r at that look's
+    level, i.e. n_r = ceil(log(alpha_t(n_r)) / log(Phi(r / sigma))): an image the classifier
+    never gets wrong stops exactly when it can, not at the next geometric look (up to
+    `growth` times later). Looks and levels depend only on the arguments, never on the
+    samples, as the union bound needs.
     """
-    geometric = look_schedule(n_first, n_max, growth)
-    extra: set[int] = set()
-    for _ in range(3):  # T and the aligned looks depend on each other; this settles
-        level = alpha / len(set(geometric) | extra)
-        extra = set()
+    if not (isinstance(power, int | float) and math.isfinite(power) and power >= 0):
+        raise ValueError(f"power must be a finite number >= 0, got {power!r}")
+    geometric = set(look_schedule(n_first, n_max, growth))
+
+    def weight(n: int) -> float:
+        return (n / n_max) ** power
+
+    extra: dict[float, int] = {}  # radius -> its look
+    for _ in range(5):  # the levels and the aligned looks depend on each other; this settles
         for r in radii:
             target = stats.norm.cdf(r / sigma)
-            if 0.5 < target < 1.0:
-                n_r = math.ceil(math.log(level) / math.log(target))
-                if n_first < n_r < n_max:
-                    extra.add(n_r)
-    looks = tuple(sorted(set(geometric) | extra))
-    return looks, alpha / len(looks)
+            if not 0.5 < target < 1.0:
+                continue
+            others = geometric | {n for q, n in extra.items() if q != r}
+            n_r = n_max
+            for _ in range(20):  # n_r = ceil(log(alpha_t(n_r)) / log(target)), a fixed point
+                level = alpha * weight(n_r) / sum(weight(n) for n in others | {n_r})
+                n_r = max(1, min(n_max, math.ceil(math.log(level) / math.log(target))))
+            if n_first < n_r < n_max:
+                extra[r] = n_r
+            else:
+                extra.pop(r, None)
+    looks = tuple(sorted(geometric | set(extra.values())))
+    total = sum(weight(n) for n in looks)
+    return looks, tuple(alpha * weight(n) / total for n in looks)
 
 
 def _check_radii(radii: Sequence[float]) -> tuple[float, ...]:
@@ -191,18 +214,20 @@ class SequentialResult:
 
 def decide_single(
     nA: int, n: int, *, sigma: float, level: float, radii: Sequence[float], n_max: int,
-    stop_level: float | None = None,
+    stop_level: float | None = None, cap_level: float | None = None,
 ) -> tuple[bool, float]:
     """(stop, pA_lower) after a look with nA of n votes for c_hat (see the module docstring).
 
-    stop_level: level of the upper bound that decides when to stop (default `level`).
+    level: this look's alpha_t (0: the bound is 0, the look can only abstain); stop_level:
+    level of the upper bound that decides when to stop (default `level`); cap_level: the
+    level of the look at the cap (default `level`).
     """
-    lower = _cp_lower(nA, n, level)
+    lower = _cp_lower(nA, n, level) if level > 0 else 0.0
     if n >= n_max:
         return True, lower
     now = grid_level(sigma * _phi_inv(lower), radii) if lower >= 0.5 else 0
     upper = _cp_upper(nA, n, level if stop_level is None else stop_level)
-    best = _best_lower(upper, n_max, level)
+    best = _best_lower(upper, n_max, level if cap_level is None else cap_level)
     reachable = grid_level(sigma * _phi_inv(best), radii) if best >= 0.5 else 0
     return now >= reachable, lower
 
@@ -239,6 +264,7 @@ def certify_sequential(
     n_first: int = DEFAULT_N_FIRST,
     growth: float = DEFAULT_GROWTH,
     stop_level: float = DEFAULT_STOP_LEVEL,
+    power: float = DEFAULT_POWER,
     compute_dtype: Any = None,
     devices: Sequence[jax.Device] | None = None,
     sampler: StageSampler | None = None,
@@ -265,8 +291,8 @@ def certify_sequential(
             return _default_stage_sampler(
                 fn, images, k, num, sigma=sigma, batch_size=batch_size,
                 num_classes=num_classes, compute_dtype=compute_dtype, devices=devices)
-    looks, level = aligned_schedule(n_first, n_max, growth, sigma=sigma, radii=radii,
-                                    alpha=alpha)
+    looks, levels = aligned_schedule(n_first, n_max, growth, sigma=sigma, radii=radii,
+                                     alpha=alpha, power=power)
     k_sel, k_est = jax.random.split(key)
     counts_selection = np.asarray(sampler(logits_fn, image, k_sel, n0), np.int64)
     c_hat = int(np.argmax(counts_selection))  # lowest class index on ties
@@ -276,8 +302,9 @@ def certify_sequential(
         counts += np.asarray(sampler(logits_fn, image, jax.random.fold_in(k_est, t),
                                      n_t - drawn), np.int64)
         drawn = n_t
-        stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=level,
-                                    radii=radii, n_max=n_max, stop_level=stop_level)
+        stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=levels[t],
+                                    radii=radii, n_max=n_max, stop_level=stop_level,
+                                    cap_level=levels[-1])
         if stop:
             break
     if lower >= 0.5:
@@ -304,6 +331,7 @@ def make_certify_one(
     n_first: int = DEFAULT_N_FIRST,
     growth: float = DEFAULT_GROWTH,
     stop_level: float = DEFAULT_STOP_LEVEL,
+    power: float = DEFAULT_POWER,
     compute_dtype: Any = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> Callable[[int, Any, Any], dict[str, Any]]:
@@ -323,7 +351,7 @@ def make_certify_one(
             logits_fn, _check_images("image", image, rank=3), sigma=sigma, n0=n0,
             alpha=alpha, n_max=n_max, batch_size=batch_size, rng=jax.random.fold_in(key, idx),
             num_classes=num_classes, radii=radii, n_first=n_first, growth=growth,
-            stop_level=stop_level, compute_dtype=compute_dtype, devices=devices,
+            stop_level=stop_level, power=power, compute_dtype=compute_dtype, devices=devices,
             check_args=False)
         return {
             "predict": result.prediction,
