@@ -270,7 +270,9 @@ def test_sequential_cascade_rows_are_label_free_but_for_corr_uc():
         n_max=2000, batch_size=1, rng=jax.random.key(0), num_classes=2,
         sampler=lambda *a, **k: table_sampler(7)(*a, **k))
     rows = [certify_one(3, np.zeros((1, 1, 1), np.float32), label) for label in (0, 1)]
-    assert set(rows[0]) == {"predict", "radius", *CASCADE_COLUMNS}
+    assert set(rows[0]) == {"predict", "radius", *CASCADE_COLUMNS,
+                            *sequential.CASCADE_EXTRA_COLUMNS}
+    assert 0.0 <= rows[0]["pA_lower"] <= 1.0
     assert rows[0]["corr_uc"] != rows[1]["corr_uc"]
     assert {k: v for k, v in rows[0].items() if k != "corr_uc"} == \
         {k: v for k, v in rows[1].items() if k != "corr_uc"}

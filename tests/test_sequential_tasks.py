@@ -85,7 +85,7 @@ def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
     (name,) = [f for f in os.listdir(work) if f.endswith(".tsv")]
     path = os.path.join(work, name)
     assert _header(path)[:6] == COHEN
-    assert _header(path)[6:6 + len(CASCADE_COLUMNS)] == CASCADE_COLUMNS
+    assert _header(path)[6:] == (*CASCADE_COLUMNS, "image", "pA_lower")
     rows = logs.read_log(path)
     assert [r["idx"] for r in rows] == [0, 2, 4]
     for r in rows:
@@ -95,5 +95,8 @@ def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
         # Every visited stage drew n0 selection samples and at most n_max estimation ones.
         assert 8 * (stage + 1) < int(r["num_samples"]) <= (8 + 96) * (stage + 1)
         assert int(r["predict"]) in range(-2, 10)
+        assert 0.0 <= float(r["pA_lower"]) <= 1.0
+        if int(r["predict"]) >= 0:  # a prediction's radius comes from that bound
+            assert float(r["pA_lower"]) >= 0.5
     table = report.markdown_table([report.load(path)], ["seq"])
     assert "| seq | 3 |" in table

@@ -105,6 +105,9 @@ DEFAULT_N_MAX = 150_000
 # an image gives up on the next radius once it is out of reach with 95% confidence.
 DEFAULT_STOP_LEVEL = 0.05
 DEFAULT_POWER = 0.0
+# Cascade log columns after cascade.CASCADE_COLUMNS (and the task's "image"): the deciding
+# stage's lower bound on its top class's probability at the stopping look.
+CASCADE_EXTRA_COLUMNS = ("pA_lower",)
 
 # sampler(logits_fn, images [1, H, W, C], key [1], num) -> counts [K]; the default draws with
 # certify's sampler, tests inject analytic ones.
@@ -573,7 +576,10 @@ def make_cascade_certify_one(
     growth: float = DEFAULT_GROWTH,
     sampler: cascade_lib.Sampler | None = None,
 ) -> Callable[[int, Any, Any], dict[str, Any]]:
-    """certify_one(idx, image, label) -> cascade log row (cascade.CASCADE_COLUMNS), label-free.
+    """certify_one(idx, image, label) -> cascade log row, label-free.
+
+    The row holds cascade.CASCADE_COLUMNS and then CASCADE_EXTRA_COLUMNS (pA_lower: the
+    deciding stage's bound at its stopping look, at that stage's per-look level).
 
     The certificate is computed without the label; the label is read afterwards only to
     score the row's corr_uc (int(pred_uc == label), as the runner scores `correct`). pred_uc
@@ -599,6 +605,7 @@ def make_cascade_certify_one(
             "stage": result.stage,
             "sigma": result.sigma,
             "num_samples": result.num_samples,
+            "pA_lower": result.pA_lower,
         }
 
     return certify_one

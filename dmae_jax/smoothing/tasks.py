@@ -186,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         if config.mode == "sequential":
             certify_one = sequential.make_certify_one(logits_fn, sigma=config.sigma,
                                                       compute_dtype=dtype, **seq)
-        columns = LOG_COLUMNS
+        columns, after = LOG_COLUMNS, ()
     else:
         from dmae_jax.smoothing import cascade
 
@@ -202,12 +202,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             certify_one = sequential.make_cascade_certify_one(fns, sigmas=sigmas,
                                                               p0=config.p0, **seq)
         columns = cascade.CASCADE_COLUMNS
+        # sequential rows also carry the deciding stage's bound at its stopping look
+        after = sequential.CASCADE_EXTRA_COLUMNS if config.mode == "sequential" else ()
 
     items, names = _items(config)  # the "image" column names each row's file (ImageNet)
     named_one = lambda idx, image, label: {**certify_one(idx, image, label),  # noqa: E731
                                            "image": names[idx]}
     runner.run_certification(
-        items, named_one, log_path=log_path, extra_columns=(*columns, "image"),
+        items, named_one, log_path=log_path, extra_columns=(*columns, "image", *after),
         process_index=jax.process_index(), process_count=jax.process_count())
     if jax.process_index() == 0 and os.path.exists(log_path):
         rows = report.load(log_path)
