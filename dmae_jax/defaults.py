@@ -251,13 +251,19 @@ def end_to_end() -> ml_collections.ConfigDict:
 
 
 def digits_pretrain() -> ml_collections.ConfigDict:
-    """DMAE pretraining on digits at CPU size (16x16 RGB, patch 4: 16 patches, 4 visible)."""
+    """DMAE pretraining on digits at CPU size (16x16 RGB, patch 4: 16 patches, 8 visible)."""
     cfg = pretrain(dataset="digits", variant="mu")
+    # Pixel targets (no per-patch normalisation): a norm-pix model predicts only each
+    # patch's shape, so its masked patches come back as flat grey blocks in pixel space.
     cfg.model.update(img_size=16, patch_size=4, decoder_width=128, decoder_depth=2,
-                     decoder_heads=4)
-    cfg.data.update(image_size=16, augment="rrc_flip")
+                     decoder_heads=4, norm_pix_loss=False)
+    # No crop or flip: a crop of a 16x16 digit is a stroke, a mirrored digit another symbol.
+    cfg.data.update(image_size=16, augment="none")
+    # 8 of the 16 patches visible: with the paper's 75% (4 visible patches) the masked
+    # patches of a 16x16 digit come back as blurs no better than each patch's flat mean.
+    cfg.mask_ratio = 0.5
     cfg.batch_size = 128
-    cfg.num_epochs = 20
+    cfg.num_epochs = 60
     cfg.optim.update(base_lr=1.5e-3, warmup_epochs=2)
     cfg.update(log_every_steps=50, ckpt_every_steps=200, eval_every_steps=200)
     return cfg
@@ -266,16 +272,19 @@ def digits_pretrain() -> ml_collections.ConfigDict:
 def digits_finetune(sigma: float = 0.25) -> ml_collections.ConfigDict:
     """Fine-tuning on digits at CPU size: the official CIFAR-10 transfer recipe, shorter."""
     cfg = finetune(dataset="digits", variant="mu", sigma=sigma)
-    cfg.model.update(img_size=16, patch_size=4, drop_path_rate=0.1)
+    # 4 blocks trained for 40 epochs: no stochastic depth.
+    cfg.model.update(img_size=16, patch_size=4, drop_path_rate=0.0)
     # Like the official CIFAR-10 fine-tuning (small images): no crop, no Mixup/CutMix, label
     # smoothing 0.1; and no flips either, since a mirrored digit is another symbol.
     cfg.data.update(image_size=16, augment="none")
     cfg.mixup = cfg.cutmix = 0.0
     cfg.batch_size = 64           # x 2 noisy copies
-    cfg.num_epochs = 10
-    cfg.optim.update(base_lr=4e-3, warmup_epochs=1, layer_decay=0.75)
+    cfg.num_epochs = 40
+    # lr = 1e-2 * 64 / 256 = 2.5e-3: at 4e-3 (1e-3) the sigma = 1.0 classifier was still near
+    # chance after 10 epochs and at 0.52 majority-vote accuracy after 20.
+    cfg.optim.update(base_lr=1e-2, warmup_epochs=1, layer_decay=0.75)
     cfg.eval_batch_size = 296 - 296 % 8
-    cfg.update(log_every_steps=50, ckpt_every_steps=100, eval_every_steps=115)  # eval: 5 epochs
+    cfg.update(log_every_steps=50, ckpt_every_steps=230, eval_every_steps=460)  # eval: 20 epochs
     return cfg
 
 
