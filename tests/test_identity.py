@@ -249,6 +249,28 @@ def test_checkpoint_of_another_config_names_the_fields_that_differ(tmp_path):
         "or use another --workdir")
 
 
+def test_training_fingerprint_holds_every_field_that_changes_the_computation():
+    from dmae_jax.train import common
+
+    base = common.fingerprint(defaults.digits_pretrain())
+    assert base["sigma"] == 0.25 and base["mask_ratio"] == 0.5 and "model" in base
+    for field, value in [("sigma", 0.5), ("mask_ratio", 0.75), ("optim.base_lr", 1e-3),
+                         ("seed", 1), ("data.augment", "rrc_flip")]:
+        cfg = defaults.digits_pretrain()
+        *parents, leaf = field.split(".")
+        node = cfg
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+        assert common.fingerprint(cfg) != base, field
+    # A resumed run may train longer, log, save and evaluate at other periods.
+    cfg = defaults.digits_pretrain()
+    cfg.update(num_epochs=99, total_steps=7, log_every_steps=3, ckpt_every_steps=5,
+               eval_every_steps=9, keep_ckpts=1)
+    cfg.data.worker_count = 4
+    assert common.fingerprint(cfg) == base
+
+
 @pytest.mark.parametrize("keep", [0, -1])
 def test_keep_ckpts_below_one_is_rejected(tmp_path, keep):
     from dmae_jax.checkpoints import TrainCheckpointer

@@ -156,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
-                                         fingerprint=_fingerprint(config))
+                                         fingerprint=common.fingerprint(config))
     state, first_step = common.restore_or_init(ckpt, make_state, unet_parts.params, shardings,
                                                data_iter, total_steps)
 
@@ -187,13 +187,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             unet_config, unet_meta.get("preset"), model=config.model.to_dict(),
             calibrated_from=config.denoiser, classifier=config.classifier,
             sigmas=list(sigmas), dataset=config.data.dataset))
-
-
-def _fingerprint(config) -> dict:
-    return {"task": config.task, "model": config.model.to_dict(),
-            "batch_size": config.batch_size, "ema_decay": config.ema_decay,
-            "denoiser": config.denoiser, "classifier": config.classifier,
-            "sigmas": list(C.sigmas(config, "sigmas")), "m": config.num_noise_samples}
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,6 +188,31 @@ def restore_or_init(ckpt, make_state: Callable[[Any], dict], params: Any, shardi
     return state, step
 
 
+# Fields a resumed run may change: how long it trains (a run may be extended), how often it
+# logs, saves, evaluates or profiles, and where its data lives. Every other field changes the
+# computation, so a checkpoint written under another value is refused, naming the field.
+RESUMABLE_FIELDS = frozenset({
+    "total_steps", "num_epochs", "log_every_steps", "ckpt_every_steps", "eval_every_steps",
+    "keep_ckpts", "profile_steps", "eval_batch_size", "eval_noise_draws", "num_grid_images",
+    "data.data_dir", "data.worker_count",
+})
+
+
+def fingerprint(config) -> dict:
+    """The training config a checkpoint records: every field but `RESUMABLE_FIELDS`."""
+
+    def keep(node: Mapping[str, Any], prefix: str) -> dict:
+        out = {}
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in RESUMABLE_FIELDS:
+                continue
+            out[key] = keep(value, f"{name}.") if isinstance(value, Mapping) else value
+        return out
+
+    return keep(config.to_dict(), "")
+
+
 def every(step: int, period: int, total_steps: int) -> bool:
     """True at every `period`-th step and at the last one (`period` 0: only at the last)."""
     return step == total_steps or bool(period) and step % period == 0

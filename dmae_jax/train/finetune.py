@@ -210,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
-                                         fingerprint=_fingerprint(config))
+                                         fingerprint=common.fingerprint(config))
     state, first_step = common.restore_or_init(ckpt, make_state, parts.params, shardings,
                                                data_iter, total_steps)
 
@@ -236,11 +236,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 evaluate(step, state)
         path = exports.save_final(workdir, export_params(state["params"]), export_meta)
     logging.info("exported classifier parameters to %s", path)
-
-
-def _fingerprint(config) -> dict:
-    return {"task": config.task, "model": config.model.to_dict(), "sigma": config.sigma,
-            "batch_size": config.batch_size, "linear_probe": config.linear_probe}
 
 
 def make_evaluator(config, parts, mesh, num_classes: int, writer, best=None):

@@ -130,7 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
-                                         fingerprint=_fingerprint(config))
+                                         fingerprint=common.fingerprint(config))
     state, first_step = common.restore_or_init(ckpt, make_state, params, shardings, data_iter,
                                                total_steps)
 
@@ -159,10 +159,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         path = exports.save_final(workdir, state["params"],
                                   {"kind": "dmae", "model": config.model.to_dict()})
     logging.info("exported dmae parameters to %s", path)
-
-
-def _fingerprint(config) -> dict:
-    return {"task": config.task, "model": config.model.to_dict(), "batch_size": config.batch_size}
 
 
 def flat_blocks(model, noisy: jax.Array, mask: jax.Array, sigma: float) -> jax.Array:

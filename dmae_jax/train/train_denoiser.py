@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
-                                         fingerprint=_fingerprint(config))
+                                         fingerprint=common.fingerprint(config))
     state, first_step = common.restore_or_init(ckpt, make_state, parts.params, shardings,
                                                data_iter, total_steps)
 
@@ -152,11 +152,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         exports.save_final(workdir, exported(state), unet_lib.export_meta(
             unet_config, config.model.preset, model=config.model.to_dict(),
             ema_decay=config.ema_decay, dataset=config.data.dataset))
-
-
-def _fingerprint(config) -> dict:
-    return {"task": config.task, "model": config.model.to_dict(),
-            "batch_size": config.batch_size, "ema_decay": config.ema_decay}
 
 
 # ---------------------------------------------------------------------------------------
