@@ -204,9 +204,10 @@ def main(argv=None) -> int:
     print(f"Date {datetime.date.today()}; command: python -m benchmarks.certify_compute "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"{len(images)} digits test images; fixed: N0={N0}, N={N:,}, alpha={ALPHA}; "
-          f"sequential: N0={N0}, alpha={ALPHA}, n_max={args.n_max:,}, radii of interest "
-          f"{radii[0]:g}..{radii[-1]:g} step 0.25; pA from {args.n_estimate} real samples; "
-          f"simulated rows averaged over {SEEDS} seeds.\n")
+          f"sequential: N0={N0}, alpha={ALPHA}, n_max={args.n_max:,}, looks x"
+          f"{sequential.DEFAULT_GROWTH:g}, alpha_t ~ n_t^{sequential.DEFAULT_POWER:g}, radii of "
+          f"interest {radii[0]:g}..{radii[-1]:g} step 0.25; pA from {args.n_estimate} real "
+          f"samples; simulated rows averaged over {SEEDS} seeds.\n")
     summary = []
     for sigma in sigmas:
         fn, num_classes = load_classifier(
