@@ -663,7 +663,7 @@ def predict_cascade(
     cascade_prediction = ABSTAIN
     for stage, i in enumerate(order):
         common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
-        counts = cascade._sample(sampler, logits_fns[i], x, n, stage_keys[stage], common)
+        counts = cascade.sample_stage(sampler, logits_fns[i], x, n, stage_keys[stage], common)
         c_hat = int(np.argmax(counts))
         if counts[c_hat] >= p0 * n:
             cascade_prediction, accepted_counts = c_hat, counts

@@ -271,7 +271,7 @@ def certify_cascade(
     check_args=False skips the argument checks (for callers that made them once already).
     """
     if check_args:
-        _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+        check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
         _check_alpha_split(alpha_split)
     sampler = sample_counts if sampler is None else sampler
     order = processing_order(sigmas)
@@ -282,8 +282,8 @@ def certify_cascade(
         for stage, i in enumerate(order):
             key_select, key_estimate = jax.random.split(stage_keys[stage])
             common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
-            counts_select = _sample(sampler, logits_fns[i], x, n0, key_select, common)
-            counts_estimate = _sample(sampler, logits_fns[i], x, n, key_estimate, common)
+            counts_select = sample_stage(sampler, logits_fns[i], x, n0, key_select, common)
+            counts_estimate = sample_stage(sampler, logits_fns[i], x, n, key_estimate, common)
             visited.append(counts_estimate)
             yield int(np.argmax(counts_select)), counts_estimate
 
@@ -328,7 +328,7 @@ def make_certify_one(
     is jax.random.fold_in(rng, idx), so a resumed run certifies each image exactly as an
     uninterrupted run does. The arguments are checked here, once, not per image.
     """
-    _check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
+    check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
     _check_alpha_split(alpha_split)
 
     def certify_one(idx: int, image: Any, label: int) -> dict[str, Any]:
@@ -371,7 +371,7 @@ def expected_num_stages(continue_rates: Sequence[float]) -> float:
     return expected
 
 
-def _sample(
+def sample_stage(
     sampler: Sampler, logits_fn: LogitsFn, x: Any, num: int, key: jax.Array, common: dict
 ) -> np.ndarray:
     """Draw `num` noisy counts [K] and check the sampler kept its contract."""
@@ -415,7 +415,7 @@ def _check_positive_ints(**values: int) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
 
 
-def _check_cascade_args(
+def check_cascade_args(
     logits_fns: Sequence[LogitsFn],
     sigmas: Sequence[float],
     n0: int,

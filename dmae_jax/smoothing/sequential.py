@@ -507,7 +507,7 @@ def certify_cascade_sequential(
     look t. `sampler` is a cascade.Sampler (default certify.sample_counts).
     """
     if check_args:
-        cascade_lib._check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
+        cascade_lib.check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
                                         num_classes)
         radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size,
                                        num_classes, radii)
@@ -525,7 +525,7 @@ def certify_cascade_sequential(
         sigma = float(sigmas[i])
         key_select, key_estimate = jax.random.split(stage_keys[stage])
         common = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes)
-        c_hat = int(np.argmax(cascade_lib._sample(sampler, logits_fns[i], x, n0, key_select,
+        c_hat = int(np.argmax(cascade_lib.sample_stage(sampler, logits_fns[i], x, n0, key_select,
                                                   common)))
         r_neg = cascade_lib.R_NEG_NONE
         if abstained:
@@ -533,7 +533,7 @@ def certify_cascade_sequential(
                         for s_j, u_j in abstained)
 
         def draw(t, num, i=i, key_estimate=key_estimate, common=common):
-            return cascade_lib._sample(sampler, logits_fns[i], x, num,
+            return cascade_lib.sample_stage(sampler, logits_fns[i], x, num,
                                        jax.random.fold_in(key_estimate, t), common)
 
         outcome = run_stage(draw, c_hat, sigma=sigma, stage=stage, num_stages=len(order),
@@ -589,7 +589,7 @@ def make_cascade_certify_one(
     score the row's corr_uc (int(pred_uc == label), as the runner scores `correct`). pred_uc
     is the prediction itself (no clean-classifier fallback).
     """
-    cascade_lib._check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
+    cascade_lib.check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
                                     num_classes)
     radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes,
                                    radii)
