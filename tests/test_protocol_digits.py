@@ -178,3 +178,18 @@ def test_without_baselines_or_evaluations_the_report_says_nothing_of_them(tmp_pa
     rows = {"sigma=0.25": [], "cascade": []}
     assert end_to_end.init_comparison(rows) == ""
     assert end_to_end.reconstruction_summary(str(tmp_path / "missing")) == ""
+
+
+def test_pipeline_eta_counts_only_stages_that_did_work(monkeypatch, capsys):
+    from dmae_jax import end_to_end
+
+    clock = iter([0.0, 0.0, 0.5, 0.6, 40.6, 60.6])
+    monkeypatch.setattr(end_to_end.time, "time", lambda: next(clock))
+    stages = end_to_end._Stages(["a", "b", "c", "d", "e"], [2, 2, 4, 1, 1])
+    for i in range(5):
+        stages.start(i)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("===")]
+    # a and b finished in an earlier invocation (under a second each): no estimate yet;
+    # after c (weight 4) 40.6 s have passed, so d and e (weight 2) are ~20 s away; after d
+    # 60.6 s for weight 5, so e (weight 1) ~12 s.
+    assert [line.rsplit("ETA ", 1)[1] for line in lines] == ["?)", "?)", "?)", "20s)", "12s)"]
