@@ -80,3 +80,27 @@ def set_params(module, params) -> None:
     checked = match_tree(state.to_pure_dict(), dict(params), where="params")
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), checked))
     nnx.update(module, state)
+
+
+def tiny_digits_classifiers(root, sigmas):
+    """Randomly initialised 16x16 digits classifier exports, one "fine-tuned" at each sigma.
+
+    Prepares the digits test split under `root/tfds`; returns (data_dir, {sigma: export}).
+    """
+    from flax import nnx
+
+    from dmae_jax import defaults, exports
+    from dmae_jax.data import datasets
+    from dmae_jax.models import create_classifier
+
+    data_dir = str(root / "tfds")
+    datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
+    model_cfg = defaults.model("mu", img_size=16, patch_size=4)
+    paths = {}
+    for seed, sigma in enumerate(sigmas):
+        model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(seed))
+        paths[sigma] = str(root / f"ft_{sigma}" / "export")
+        exports.save(paths[sigma], nnx.state(model, nnx.Param).to_pure_dict(),
+                     {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10,
+                      "sigma": sigma})
+    return data_dir, paths

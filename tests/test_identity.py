@@ -14,6 +14,7 @@ from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from dmae_jax.errors import IdentityError
 from dmae_jax.smoothing import identity, logs, runner
+from tests import helpers
 
 
 def _fake_export(path, sigma: float, content: bytes = b"weights") -> str:
@@ -300,24 +301,7 @@ def test_report_shows_each_logs_identity(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_classifiers(tmp_path_factory):
     """Two randomly initialised 16x16 digits classifiers, exported "at" sigma 0.25 and 1.0."""
-    from flax import nnx
-
-    from dmae_jax import exports
-    from dmae_jax.data import datasets
-    from dmae_jax.models import create_classifier
-
-    root = tmp_path_factory.mktemp("identity_e2e")
-    data_dir = str(root / "tfds")
-    datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
-    model_cfg = defaults.model("mu", img_size=16, patch_size=4)
-    paths = {}
-    for seed, sigma in enumerate((0.25, 1.0)):
-        model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(seed))
-        paths[sigma] = str(root / f"ft_{sigma}" / "export")
-        exports.save(paths[sigma], nnx.state(model, nnx.Param).to_pure_dict(),
-                     {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10,
-                      "sigma": sigma})
-    return data_dir, paths
+    return helpers.tiny_digits_classifiers(tmp_path_factory.mktemp("identity_e2e"), (0.25, 1.0))
 
 
 def test_certify_resume_under_another_identity_is_refused(tmp_path, tiny_classifiers):

@@ -10,6 +10,7 @@ from dmae_jax import defaults, report
 from dmae_jax.smoothing import logs
 from dmae_jax.smoothing.cascade import CASCADE_COLUMNS
 from dmae_jax.smoothing.certify import LOG_COLUMNS
+from tests import helpers
 
 COHEN = ("idx", "label", "predict", "radius", "correct", "time")
 
@@ -17,24 +18,7 @@ COHEN = ("idx", "label", "predict", "radius", "correct", "time")
 @pytest.fixture(scope="module")
 def tiny_classifiers(tmp_path_factory):
     """Two randomly initialised 16x16 digits classifiers, exported "at" sigma 0.25 and 0.5."""
-    from flax import nnx
-
-    from dmae_jax import exports
-    from dmae_jax.data import datasets
-    from dmae_jax.models import create_classifier
-
-    root = tmp_path_factory.mktemp("sequential_e2e")
-    data_dir = str(root / "tfds")
-    datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
-    model_cfg = defaults.model("mu", img_size=16, patch_size=4)
-    paths = {}
-    for seed, sigma in enumerate((0.25, 0.5)):
-        model = create_classifier(model_cfg, 10, rngs=nnx.Rngs(seed))
-        paths[sigma] = str(root / f"ft_{sigma}" / "export")
-        exports.save(paths[sigma], nnx.state(model, nnx.Param).to_pure_dict(),
-                     {"kind": "classifier", "model": model_cfg.to_dict(), "num_classes": 10,
-                      "sigma": sigma})
-    return data_dir, paths
+    return helpers.tiny_digits_classifiers(tmp_path_factory.mktemp("sequential_e2e"), (0.25, 0.5))
 
 
 def _header(path):
