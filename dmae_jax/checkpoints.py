@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dmae_jax import config as config_lib
 from dmae_jax.errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class TrainCheckpointer:
         recorded = extra.get("fingerprint") or {}
         if recorded == self.fingerprint:
             return
-        old, new = _flatten(recorded), _flatten(self.fingerprint)
+        old, new = config_lib.flatten(recorded), config_lib.flatten(self.fingerprint)
         differences = [f"{k} = {old.get(k, '<absent>')!r} there, {new.get(k, '<absent>')!r} here"
                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         raise CheckpointError(
@@ -155,12 +156,3 @@ def _reason(error: Exception) -> str:
     text = str(error).split("\n")[0].split(" [tensorstore_spec=")[0]
     return f"{type(error).__name__}: {text[:200]}"
 
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -165,3 +166,14 @@ def save_resolved(config: ml_collections.ConfigDict, path: str | os.PathLike) ->
         f.write(text)
     os.replace(temporary, path)
     return path
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"a.b.c": value}, the dotted names `--config.a.b.c` takes."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

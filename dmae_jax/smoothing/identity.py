@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from dmae_jax import config as config_lib
 from dmae_jax.smoothing import logs
 
 # Config fields that never change a log's rows, or that are compared otherwise.
@@ -45,21 +46,12 @@ def fingerprint(directory: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()[:32]}"
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
 
 def certification_identity(
     config: ml_collections.ConfigDict,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """(identity, hints): the log's identity and, per export field, how to pass the old one."""
-    flat = _flatten(config.to_dict())
+    flat = config_lib.flatten(config.to_dict())
     identity = {k: v for k, v in flat.items() if k not in NOT_IDENTITY + EXPORT_FIELDS}
     paths: dict[str, str] = {}
     for field in EXPORT_FIELDS:
