@@ -17,9 +17,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from dmae_jax import config as config_lib
+from dmae_jax import storage
 from dmae_jax.errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ class TrainCheckpointer:
             raise ConfigError(
                 f"config.keep_ckpts must be an integer >= 1 (checkpoints kept to resume "
                 f"from), got {max_to_keep!r}")
-        self.directory = epath.Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.absolute(workdir) / "checkpoints"
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True))
         self.manager = ocp.CheckpointManager(
             self.directory,

@@ -133,10 +133,13 @@ def mask_keeps_patches(config) -> None:
 
 
 def workdir_usable(workdir: str) -> None:
-    """The workdir is (or is created as) a directory this process can write (local paths)."""
+    """The workdir is (or is created as) a directory, or a gs:// bucket, this process can write."""
     if not workdir:
         raise ConfigError("--workdir must name a directory, got ''")
     if "://" in workdir:
+        from dmae_jax import storage
+
+        storage.check_writable(workdir, "--workdir")
         return
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):

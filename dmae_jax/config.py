@@ -149,22 +149,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def save_resolved(config: ml_collections.ConfigDict, path: str | os.PathLike) -> str:
-    """Writes the run's resolved config as JSON to `path` (process 0 only; atomic if local)."""
+    """Writes the run's resolved config as JSON to `path`, atomically (process 0 only)."""
     import jax
-    from etils import epath
+
+    from dmae_jax import storage
 
     path = os.fspath(path)
     if jax.process_index() != 0:
         return path
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
-    if "://" in path:
-        epath.Path(path).write_text(text)
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
+    storage.write_atomic(path, json.dumps(config.to_dict(), indent=2, sort_keys=True,
+                                          default=str) + "\n")
     return path
 
 

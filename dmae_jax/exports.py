@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dmae_jax import storage
 from dmae_jax.errors import CheckpointError, ConfigError
 
 KINDS = ("dmae", "classifier", "unet")
@@ -35,7 +36,7 @@ class ParamTreeError(CheckpointError, ValueError):
 
 def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any]):
     """Writes `params` (a pure nested dict of host arrays) and JSON `meta` to `directory`."""
-    path = epath.Path(directory).absolute()
+    path = storage.absolute(directory)
     if (path / "params").exists():
         raise CheckpointError(f"{path} already holds a parameter export; choose another --out")
     path.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,9 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[
         ckptr.save(path / "params", params)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
-        (path / "meta.json").write_text(json.dumps(dict(meta), indent=2, sort_keys=True))
+        # Written last and whole: its presence is what says the export is complete.
+        storage.write_atomic(os.fspath(path / "meta.json"),
+                             json.dumps(dict(meta), indent=2, sort_keys=True))
 
 
 def gather(tree: Any) -> Any:
@@ -69,7 +72,7 @@ def save_final(workdir: str, params: Any, meta: Mapping[str, Any]) -> str:
 
     A previous export there (a rerun of a finished run) is replaced. Returns the path.
     """
-    path = epath.Path(workdir).absolute() / "export"
+    path = storage.absolute(workdir) / "export"
     host = to_host(params)
     if path.exists() and jax.process_index() == 0:
         path.rmtree()
@@ -79,7 +82,7 @@ def save_final(workdir: str, params: Any, meta: Mapping[str, Any]) -> str:
 
 def load(directory: str | os.PathLike) -> tuple[dict, dict]:
     """Reads an export: returns (params as a nested dict of numpy arrays, meta)."""
-    path = epath.Path(directory).absolute()
+    path = storage.absolute(directory)
     if not (path / "params").exists() or not (path / "meta.json").exists():
         raise CheckpointError(
             f"{path} is not a dmae_jax parameter export (expected params/ and meta.json); "

@@ -73,9 +73,9 @@ def main(argv) -> None:
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info("task %s, workdir %s\n%s", task, _WORKDIR.value, config)
-    if task in _TRAINERS:
+    if task in _TRAINERS or task == "end_to_end":
         # One training run per workdir: a second one stops here, before it writes anything.
-        from dmae_jax.train.common import WorkdirLock
+        from dmae_jax.storage import WorkdirLock
 
         with WorkdirLock(_WORKDIR.value):
             config_lib.save_resolved(config, os.path.join(_WORKDIR.value, "config.json"))

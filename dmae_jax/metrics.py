@@ -14,9 +14,10 @@ by a kill is truncated, and the first event written after reopening is preceded 
 `SessionLog.START` at its step, so TensorBoard discards the steps the killed attempt logged
 after its last checkpoint instead of showing them twice. Only process 0 writes; other
 processes get a writer that does nothing, and so does a run without the `tensorboard`
-package (with a warning). A workdir on an object store (`gs://...`, through `etils.epath`,
-as Orbax) cannot be appended to: there the stream is kept in memory and the object
-rewritten at most once a minute and at the end.
+package (with a warning). A workdir on object storage (`gs://...`) cannot be appended to:
+there the stream is kept in memory and the object rewritten whole (one atomic upload, so
+TensorBoard reads whole records only) at most once a minute and at the end
+(`dmae_jax.storage`'s DESIGN).
 """
 
 from __future__ import annotations
@@ -129,20 +130,19 @@ class _RewrittenObject:
     is kept in memory and the object rewritten on flush, at most every `interval_s`."""
 
     def __init__(self, path: str, interval_s: float = 60.0):
-        from etils import epath
-
-        self.path, self._target, self._interval = path, epath.Path(path), interval_s
-        self._target.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self._interval = path, interval_s
         self._data = bytearray(self.existing(path))
         self._uploaded = time.monotonic()
         self._dirty = False
 
     @staticmethod
     def existing(path: str) -> bytes:
-        from etils import epath
+        from dmae_jax import storage
 
-        target = epath.Path(path)
-        return target.read_bytes() if target.exists() else b""
+        try:
+            return storage.read_bytes(path)
+        except FileNotFoundError:
+            return b""
 
     def truncate(self, size: int) -> None:
         del self._data[size:]
@@ -154,8 +154,10 @@ class _RewrittenObject:
 
     def flush(self, force: bool = False) -> None:
         if self._dirty and (force or time.monotonic() - self._uploaded >= self._interval):
+            from dmae_jax import storage
+
             try:
-                self._target.write_bytes(bytes(self._data))
+                storage.write_atomic(self.path, bytes(self._data))
             except Exception as e:  # a storage hiccup must not stop training; retried later
                 logging.warning("could not write %s (%s); retrying at the next flush",
                                 self.path, e)
@@ -310,14 +312,7 @@ def create_writer(workdir: str) -> SummaryWriter | NullWriter:
         logging.warning("tensorboard is not installed (pip install tensorboard): this run "
                         "writes no TensorBoard events")
         return NullWriter()
-    if "://" not in os.fspath(workdir):
-        return SummaryWriter(os.fspath(workdir))
-    try:
-        return SummaryWriter(os.fspath(workdir))
-    except Exception as e:  # e.g. no file system for gs:// (etils needs gcsfs or TensorFlow)
-        logging.warning("TensorBoard events cannot be written to %s (%s): this run writes "
-                        "none", workdir, e)
-        return NullWriter()
+    return SummaryWriter(os.fspath(workdir))
 
 
 CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100

@@ -98,6 +98,12 @@ def prepare(
                 "download them from https://image-net.org/ (TFDS cannot download ImageNet)")
     _check_tensorflow(name)
     _import_tensorflow_quietly()
+    from dmae_jax import storage
+
+    if storage.is_gcs(data_dir):  # ArrayRecord cannot write gs://: prepared here, uploaded
+        with storage.staged_upload(data_dir, last=storage.TFDS_COMMIT_FILES) as local:
+            prepare(name, data_dir=local, manual_dir=manual_dir, progress=progress)
+        return tfds.builder(name, data_dir=data_dir)
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(

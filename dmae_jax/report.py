@@ -18,6 +18,7 @@ classifiers (e.g. sigmas), not the certificate of any single one. Reads every lo
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from dmae_jax import storage
 from dmae_jax.smoothing import logs
 from dmae_jax.smoothing.logs import read_log
 
@@ -210,8 +212,10 @@ def plot_certified_accuracy(
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(os.fspath(path), dpi=150)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150)
     plt.close(figure)
+    storage.write_atomic(path, buffer.getvalue())
 
 
 def _parse_radii(text: str) -> list[float]:
@@ -250,13 +254,14 @@ def write_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Non
     import csv
 
     radii = records[0]["radii"] if records else []
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["log", "images", "abstain", *(f"r={r:g}" for r in radii), "ACR"])
-        for record in records:
-            accuracy = record["certified_accuracy"] or [""] * len(radii)
-            writer.writerow([record["name"], record["images"], record["abstain"],
-                             *accuracy, record["acr"]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["log", "images", "abstain", *(f"r={r:g}" for r in radii), "ACR"])
+    for record in records:
+        accuracy = record["certified_accuracy"] or [""] * len(radii)
+        writer.writerow([record["name"], record["images"], record["abstain"],
+                         *accuracy, record["acr"]])
+    storage.write_atomic(path, text.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {stages}")
     records = summary(rows_per_log, names, args.logs, args.radii)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"logs": records}, f, indent=2)
+        storage.write_atomic(args.json, json.dumps({"logs": records}, indent=2))
         print(f"wrote {args.json}")
     if args.csv:
         write_csv(args.csv, records)

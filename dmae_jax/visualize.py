@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,11 +51,10 @@ def _label_rows(grid: np.ndarray, labels: Sequence[str], *, row_height: int,
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, 3] image, creating the directory."""
-    from PIL import Image
+    """Writes a uint8 [H, W, 3] image (a local path or gs://), atomically."""
+    from dmae_jax import storage
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(image).save(path)
+    storage.write_atomic(path, storage.png_bytes(image))
 
 
 def masked_view(noisy: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:

@@ -110,8 +110,18 @@ def builder(image_size: int = 32, data_dir: str | None = None) -> Digits:
 
 
 def prepare(image_size: int = 32, data_dir: str | None = None) -> Digits:
-    """Builder for `image_size`, prepared as ArrayRecord in `data_dir` if not already there."""
+    """Builder for `image_size`, prepared as ArrayRecord in `data_dir` if not already there.
+
+    A gs:// `data_dir` is prepared in a local directory and uploaded (ArrayRecord reads
+    gs:// but cannot write it; `storage.staged_upload`).
+    """
+    from dmae_jax import storage
+
     b = builder(image_size, data_dir)
+    if not b.is_prepared() and storage.is_gcs(data_dir):
+        with storage.staged_upload(data_dir, last=storage.TFDS_COMMIT_FILES) as local:
+            prepare(image_size, local)
+        b = builder(image_size, data_dir)
     if not b.is_prepared():
         tfds.disable_progress_bar()  # a few seconds of work: the bars would be escape codes
         try:

@@ -12,6 +12,12 @@ run killed at any moment, or stopped by a full disk, leaves at most one torn las
 reopening the log truncates it away and the run resumes after the last complete row. An
 index is never written twice.
 
+On object storage (`gs://`), where nothing can be appended to, the log is a local file
+written exactly as above and uploaded whole as one object at most every
+`storage.SYNC_INTERVAL_S` seconds and at close (`storage.SyncedObject`): the log in the
+bucket always holds complete rows only, and a kill loses at most the rows of the last
+interval, which the resumed run certifies again.
+
 Next to each log, `<log>.identity.json` records what produced its rows (task, sigmas,
 models by content fingerprint, N0, N, alpha, data set, subset, seed, ...): a run resumes a
 log only under the same identity (`check_identity`).
@@ -35,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from dmae_jax import storage
 from dmae_jax.errors import DiskError, IdentityError, LockError, LogFormatError
 
 BASE_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
@@ -132,16 +139,21 @@ class CertifyLog:
         if len(set(self.columns)) != len(self.columns):
             raise ValueError(f"log columns must be unique, got {list(self.columns)}")
         self._header = "\t".join(self.columns)
-        created = not os.path.exists(self.path)
-        self._file = open(self.path, "a+b")
+        # On gs://, the local file written here is the object's copy (module docstring).
+        self._remote = storage.SyncedObject(self.path) if storage.is_gcs(self.path) else None
+        local = self._remote.local_path if self._remote else self.path
+        created = not os.path.exists(local)
+        self._file = open(local, "a+b")  # noqa: SIM115 (closed in close())
         try:
             self._lock()
             self._done = self._recover()
+            if self._remote:
+                self._remote.sync(force=True)  # the header (or a cut torn line) in the bucket
         except BaseException:
-            self._file.close()
+            self.close()
             raise
-        if created:
-            _fsync_dir(self.path)
+        if created and not self._remote:
+            storage.fsync_dir(self.path)
 
     def _lock(self) -> None:
         # Two runs appending to the same log would duplicate rows; part files avoid that for
@@ -228,25 +240,20 @@ class CertifyLog:
         values["radius"] = float(values["radius"])
         self._write("\t".join(format_value(values[c]) for c in self.columns) + "\n")
         self._done.add(idx)
+        if self._remote:
+            self._remote.sync()
 
     def close(self) -> None:
-        """Releases the lock and closes the file."""
+        """Releases the lock and closes the file (on gs://, after uploading the last rows)."""
         self._file.close()
+        if self._remote:
+            self._remote.close()
 
     def __enter__(self) -> CertifyLog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _fsync_dir(path: str) -> None:
-    """Makes a file's creation or rename durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_int(text: str, path: str, number: int, column: str) -> int:
@@ -266,13 +273,12 @@ def identity_path(log_path: str | os.PathLike) -> str:
 def read_identity_record(log_path: str | os.PathLike) -> dict[str, Any] | None:
     """The whole identity record of a log ({"identity": ..., "notes": ...}), or None."""
     path = identity_path(log_path)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise LogFormatError(f"{path} is not valid JSON ({e}): delete it to re-record") from e
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise LogFormatError(f"{path} is not valid JSON ({e}): delete it to re-record") from e
 
 
 def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
@@ -294,14 +300,8 @@ def write_identity(log_path: str | os.PathLike, identity: dict[str, Any],
     """Records `identity` next to the log (atomically); `notes` are kept but never compared."""
     path = identity_path(log_path)
     record = {"identity": identity, "notes": notes or {}}
-    temporary = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        storage.write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     except OSError as error:
         raise DiskError(error.errno, f"could not write {path}: {error.strerror}") from error
     return path
@@ -351,8 +351,7 @@ def read_header_and_lines(
     keep_final_line=True keeps a last line without a trailing newline when it has as many
     fields as the header (a log written by another tool, read as Cohen's analyze.py does).
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     lines, end = _split_complete_lines(data)
     tail = data[end:].decode("utf-8", errors="replace")
     lines = [line for line in lines if line.strip()]

@@ -12,12 +12,13 @@ several, process i appends to `<log_path>.part-<i>-of-<n>`, and `merge_logs` (ru
 process 0 once all are done, when they form one JAX distributed job) writes the rows of
 the log and every part file, sorted by idx, into `log_path`. Indices already in the log or
 in any part file are skipped, so a run may resume with a different number of processes.
+Logs and part files may be `gs://` objects (`storage`): each process's part is its own
+object, and the merged log replaces `log_path` in one upload.
 """
 
 from __future__ import annotations
 
 import datetime
-import glob
 import math
 import os
 import re
@@ -27,11 +28,11 @@ from typing import Any
 
 import jax
 
+from dmae_jax import storage
 from dmae_jax.errors import IdentityError, LogFormatError
 from dmae_jax.smoothing.logs import (
     BASE_COLUMNS,
     CertifyLog,
-    _fsync_dir,
     parse_int,
     read_header_and_lines,
     read_log,
@@ -49,11 +50,15 @@ def part_path(log_path: str | os.PathLike, process_index: int, process_count: in
 
 
 def _existing_parts(log_path: str) -> list[str]:
-    return sorted(p for p in glob.glob(glob.escape(log_path) + ".part-*-of-*") if _PART.search(p))
+    return [p for p in storage.with_prefix(log_path + ".part-") if _PART.search(p)]
 
 
 def _logged_indices(path: str) -> set[int]:
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return set()
+    if not data:
         return set()
     _, lines = read_header_and_lines(path)
     return {parse_int(line.split("\t", 1)[0], path, number, "idx")
@@ -220,7 +225,7 @@ def merge_logs(
         missing = [p for p in expected if p not in parts]
         if missing:
             raise ValueError(f"cannot merge {log_path}: part files missing: {missing}")
-    sources = ([log_path] if os.path.exists(log_path) else []) + parts
+    sources = ([log_path] if storage.exists(log_path) else []) + parts
     if not sources:
         raise ValueError(f"nothing to merge: neither {log_path} nor its part files exist")
     header: list[str] | None = None
@@ -238,15 +243,9 @@ def merge_logs(
             rows[idx] = line
     if header is None or list(header[: len(BASE_COLUMNS)]) != list(BASE_COLUMNS):
         raise ValueError(f"{sources[0]} header must start with {list(BASE_COLUMNS)}, got {header}")
-    temporary = log_path + ".merging"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write("\t".join(header) + "\n")
-        f.writelines(rows[idx] + "\n" for idx in sorted(rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, log_path)
-    _fsync_dir(log_path)
+    storage.write_atomic(log_path, "\t".join(header) + "\n"
+                         + "".join(rows[idx] + "\n" for idx in sorted(rows)))
     if remove_parts:
         for part in parts:
-            os.remove(part)
+            storage.remove(part)
     return len(rows)

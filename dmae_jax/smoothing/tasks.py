@@ -156,13 +156,13 @@ def _labels(source, indices) -> list[tuple[int, int]]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Certifies the configured subset; writes `workdir/<log_name>` and prints the report."""
-    from dmae_jax import report
+    from dmae_jax import report, storage
     from dmae_jax.data import datasets
     from dmae_jax.smoothing import identity, runner
     from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
 
     config = config_lib.resolve(config)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     log_path = os.path.join(workdir, config.log_name)
     if jax.process_index() == 0:
         config_lib.save_resolved(config, log_path + ".config.json")
@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     runner.run_certification(
         items, named_one, log_path=log_path, extra_columns=(*columns, "image", *after),
         process_index=jax.process_index(), process_count=jax.process_count())
-    if jax.process_index() == 0 and os.path.exists(log_path):
+    if jax.process_index() == 0 and storage.exists(log_path):
         rows = report.load(log_path)
         table = report.markdown_table([rows], [config.log_name])
         logging.info("certification report:\n%s", table)

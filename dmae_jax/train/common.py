@@ -1,9 +1,10 @@
-"""The helpers every trainer calls: state, step, restore, stop signals, progress, profiler, lock.
+"""The helpers every trainer calls: state, step, restore, stop signals, progress, profiler.
 
 Each trainer (`pretrain.py`, `finetune.py`, `train_denoiser.py`, `calibrate_denoiser.py`) is
-one `run(config, workdir)` that reads top to bottom like big_vision's train.py: workdir lock,
-mesh, data, model, optimizer, step, checkpoint restore, then the `for step ...` loop in plain
-sight. Nothing here calls back into a trainer.
+one `run(config, workdir)` that reads top to bottom like big_vision's train.py: mesh, data,
+model, optimizer, step, checkpoint restore, then the `for step ...` loop in plain sight
+(the workdir's lock is taken by the run path, `dmae_jax.main`, with `storage.WorkdirLock`).
+Nothing here calls back into a trainer.
 
 State is one pytree: `{"params", "opt_state", "step", "rng"}`, plus `"ema"` (an exponential
 moving average of the params) for the denoisers. Params are the pure nested dict of
@@ -14,11 +15,9 @@ moving average of the params) for the denoisers. Params are the pure nested dict
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,7 +32,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dmae_jax import parallel
-from dmae_jax.errors import ConfigError, LockError
+from dmae_jax.errors import ConfigError
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
@@ -222,85 +221,6 @@ def _say(line: str) -> None:
     logging.info(line)
     if jax.process_index() == 0:
         print(line, flush=True)
-
-
-# ---------------------------------------------------------------------------------------
-# The workdir lock.
-# ---------------------------------------------------------------------------------------
-
-
-LOCK_FILE = "train.lock"
-# Workdirs this process holds, with how many WorkdirLocks hold each (nested ones are free).
-_HELD: dict[str, int] = {}
-
-
-class WorkdirLock:
-    """One training run per workdir: process 0 holds an exclusive lock until the run ends.
-
-    A kernel lock (`flock`) on `<workdir>/train.lock`, so a run that died, however it died,
-    holds nothing: its stale lock file is taken over by the next run. A second live writer is
-    refused at once with `LockError`, before it loads data or compiles. The file names the
-    holder (pid, host, start time) for that message. Within one process the lock nests
-    (`main` takes it before writing the run's config; the trainer takes it again). Other
-    processes of a multi-host job share process 0's run and take no lock. A workdir on a
-    remote file system (`gs://...`) cannot be locked this way; it is used unlocked, with a
-    warning.
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self._file = None
-        self._key = None
-        if jax.process_index() != 0:
-            return
-        if "://" in workdir:
-            logging.warning("%s is not a local directory: it is used without a lock; do not "
-                            "start a second run on it", workdir)
-            return
-        self._key = os.path.realpath(workdir)
-        if self._key in _HELD:
-            _HELD[self._key] += 1
-            return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, LOCK_FILE)
-        self._file = open(path, "a+")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            self._file = self._key = None
-            raise LockError(
-                f"workdir {workdir} is in use by another training run ({holder}); wait for it "
-                "to finish or stop it, or use another --workdir") from None
-        self._file.seek(0)
-        previous = self._file.read().strip()
-        if previous:
-            logging.info("took over the lock of a run that is gone (%s)", previous)
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self._file.flush()
-        _HELD[self._key] = 1
-
-    def release(self) -> None:
-        """Lets the next run have the workdir (also happens when this process exits)."""
-        if self._key is None:
-            return
-        _HELD[self._key] -= 1
-        if not _HELD[self._key]:
-            del _HELD[self._key]
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-        self._file = self._key = None
-
-    def __enter__(self) -> WorkdirLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # ---------------------------------------------------------------------------------------

@@ -147,9 +147,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     from dmae_jax.models import classifier as classifier_lib
     from dmae_jax.train import optim, selection
 
-    # ------------------------------------------------------------------ Workdir.
-    lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
-
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
@@ -217,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # ------------------------------------------------------------------ Loop.
     progress = common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
                                global_batch_size=config.batch_size)
-    with (lock, common.StopSignals() as stop, contextlib.closing(ckpt),
+    with (common.StopSignals() as stop, contextlib.closing(ckpt),
           contextlib.closing(writer),
           common.Profiler(config.get("profile_steps"), workdir) as profiler):
         for step in range(first_step + 1, total_steps + 1):

@@ -1,7 +1,7 @@
 """DMAE pretraining: noise (sigma = 0.25) + 75% masking, reconstruct the clean image.
 
-Reads top to bottom like big_vision's train.py: workdir lock, mesh, data, model, optimizer,
-step, checkpoint restore, then the loop.
+Reads top to bottom like big_vision's train.py: mesh, data, model, optimizer, step,
+checkpoint restore, then the loop (the run path has taken the workdir's lock).
 `python -m dmae_jax.main --config=configs/vit_large.py --workdir=gs://bucket/dmae_l`.
 """
 
@@ -15,7 +15,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from dmae_jax import checkpoints, exports, metrics, parallel, visualize
+from dmae_jax import checkpoints, exports, metrics, parallel, storage, visualize
 from dmae_jax import checks as C
 from dmae_jax.train import common
 
@@ -89,9 +89,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
     from dmae_jax.models import ModelParts, create_dmae
 
-    # ------------------------------------------------------------------ Workdir.
-    lock = common.WorkdirLock(workdir)  # a second run on this workdir stops here
-
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
@@ -139,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     evaluate = _reconstruction_writer(config, workdir, parts, writer)
     progress = common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
                                global_batch_size=config.batch_size)
-    with (lock, common.StopSignals() as stop, contextlib.closing(ckpt),
+    with (common.StopSignals() as stop, contextlib.closing(ckpt),
           contextlib.closing(writer),
           common.Profiler(config.get("profile_steps"), workdir) as profiler):
         for step in range(first_step + 1, total_steps + 1):
@@ -261,10 +258,10 @@ def _reconstruction_writer(config, workdir, parts, writer):
             )
             path = f"{workdir}/reconstructions/step_{step:06d}.png"
             visualize.save_png(path, grid)
-            with open(f"{workdir}/reconstructions/step_{step:06d}.json", "w") as f:
-                json.dump({"step": step, "images": num_eval, "masked_mse": float(mse),
-                           "flat_block_mse": float(flat_mse),
-                           "norm_pix_loss": bool(config.model.norm_pix_loss)}, f)
+            storage.write_atomic(f"{workdir}/reconstructions/step_{step:06d}.json", json.dumps(
+                {"step": step, "images": num_eval, "masked_mse": float(mse),
+                 "flat_block_mse": float(flat_mse),
+                 "norm_pix_loss": bool(config.model.norm_pix_loss)}))
             writer.write_images(step, {"reconstructions": grid})
             logging.info("eval_loss=%.4f, masked-patch MSE %.4f (flat blocks %.4f), "
                          "reconstruction grid %s", loss, mse, flat_mse, path)
