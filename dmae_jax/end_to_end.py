@@ -18,7 +18,6 @@ restarts from its last checkpoint, a killed certification from its last logged i
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import jax
@@ -27,6 +26,7 @@ from absl import logging
 
 from dmae_jax import checks as C
 from dmae_jax import config as config_lib
+from dmae_jax import storage
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -107,7 +107,7 @@ class _Stages:
 
 
 def _finished(export_dir: str) -> bool:
-    return os.path.exists(os.path.join(export_dir, "meta.json"))
+    return storage.exists(os.path.join(export_dir, "meta.json"))
 
 
 def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # a fine-tuning ~85 s, a certification ~16 s, a baseline ~100 s).
     stages = _Stages(names, [4] + [5] * len(sigmas) + [1] * len(sigmas) + [1]
                      + [6] * len(baselines) + [0.2])
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     k = 0
 
     pre_dir = os.path.join(workdir, "pretrain")
@@ -204,11 +204,11 @@ def write_report(workdir: str, logs: dict[str, str], pre_dir: str, config,
     radii = list(config.report_radii)
     plot = os.path.join(workdir, "certified_accuracy.png")
     report.plot_certified_accuracy(plot, rows, names, max_radius=max(radii))
-    grids = sorted(f for f in os.listdir(os.path.join(pre_dir, "reconstructions"))
-                   if f.endswith(".png"))
+    grids = [f for f in storage.listdir(os.path.join(pre_dir, "reconstructions"))
+             if f.endswith(".png")]
     if grids:
-        shutil.copy(os.path.join(pre_dir, "reconstructions", grids[-1]),
-                    os.path.join(workdir, "reconstructions.png"))
+        storage.copy(os.path.join(pre_dir, "reconstructions", grids[-1]),
+                     os.path.join(workdir, "reconstructions.png"))
     table = report.markdown_table(rows, names, radii=radii)
     comparison = init_comparison(dict(zip(names, rows, strict=True)))
     text = (
@@ -227,8 +227,7 @@ def write_report(workdir: str, logs: dict[str, str], pre_dir: str, config,
         f"Wall time of this invocation: {seconds:.0f} s on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s).\n"
     )
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(text)
+    storage.write_atomic(os.path.join(workdir, "report.md"), text)
     print(text, flush=True)
 
 
@@ -262,12 +261,10 @@ def reconstruction_summary(recon_dir: str) -> str:
     step_<step>.json pretraining writes next to its grid); "" when there is none."""
     import json
 
-    found = sorted(f for f in os.listdir(recon_dir) if f.endswith(".json")) \
-        if os.path.isdir(recon_dir) else []
+    found = [f for f in storage.listdir(recon_dir) if f.endswith(".json")]
     if not found:
         return ""
-    with open(os.path.join(recon_dir, found[-1])) as f:
-        m = json.load(f)
+    m = json.loads(storage.read_text(os.path.join(recon_dir, found[-1])))
     flat = ("each masked patch at its own noisy mean, which is what this norm-pix model shows "
             "when it predicts nothing" if m["norm_pix_loss"] else
             "each masked patch at the mean colour of the image's visible noisy patches")

@@ -184,25 +184,26 @@ def test_accumulated_micro_batches_make_the_same_step_as_the_whole_batch():
 
 
 def test_a_second_writer_on_a_workdir_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    from dmae_jax.train import common
+    from dmae_jax import storage
+    from dmae_jax.errors import LockError
 
     work = str(tmp_path / "w")
     os.makedirs(work)
     # A lock file left by a process that is gone (no kernel lock held on it).
-    with open(os.path.join(work, common.LOCK_FILE), "w") as f:
+    with open(os.path.join(work, storage.LOCK_FILE), "w") as f:
         f.write("pid 999999 on elsewhere since 2020-01-01 00:00:00\n")
-    with common.WorkdirLock(work):
-        with open(os.path.join(work, common.LOCK_FILE)) as f:
+    with storage.WorkdirLock(work):
+        with open(os.path.join(work, storage.LOCK_FILE)) as f:
             assert f.read().startswith(f"pid {os.getpid()} ")
-        with common.WorkdirLock(work):
-            pass  # nested in this process (main takes it, then the trainer): allowed
+        with pytest.raises(LockError, match="in use"), storage.WorkdirLock(work):
+            pass  # taken once per run: not even this process takes it twice
         before = os.listdir(work)
         proc = helpers.run(helpers.main_command(CONFIG, work), check=False, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert f"workdir {work} is in use by another training run (pid {os.getpid()} " \
             in proc.stderr and "Traceback" not in proc.stderr
         assert os.listdir(work) == before, "the refused run wrote into the workdir"
-    with common.WorkdirLock(work):
+    with storage.WorkdirLock(work):
         pass  # released: the next run gets it
 
 
