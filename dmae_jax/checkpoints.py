@@ -131,7 +131,7 @@ class TrainCheckpointer:
                 while dest.exists():
                     suffix += 1
                     dest = aside / f"{step}.{suffix}"
-                where.rename(dest)
+                storage.move_tree(where, dest)  # gs:// has no rename
                 print(f"warning: checkpoint step {step} at {where} is unreadable "
                       f"({_reason(error)}); moved to {dest}. Resuming from step {resumed_from}, "
                       "the newest intact checkpoint", file=sys.stderr, flush=True)

@@ -293,6 +293,27 @@ def copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
 TFDS_COMMIT_FILES = ("features.json", "dataset_info.json")
 
 
+def move_tree(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Moves a directory. Locally one rename; on GCS (no rename) a copy of every object,
+    then deletes, Orbax's `commit_success.txt` markers first, so that a move cut short
+    leaves no step that Orbax would take for complete at `source`."""
+    source, target = os.fspath(source).rstrip("/"), os.fspath(target).rstrip("/")
+    if not is_gcs(source):
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        os.rename(source, target)
+        return
+    bucket, prefix = _split(source)
+    blobs = list(_client().list_blobs(bucket, prefix=prefix + "/"))
+    to_bucket, to_prefix = _split(target)
+    for blob in blobs:
+        _client().bucket(bucket).copy_blob(
+            blob, _client().bucket(to_bucket), to_prefix + blob.name[len(prefix):],
+            retry=_retry())
+    blobs.sort(key=lambda b: not b.name.endswith("commit_success.txt"))
+    for blob in blobs:
+        blob.delete(retry=_retry())
+
+
 @contextlib.contextmanager
 def staged_upload(remote_dir: str, *, last: Sequence[str] = (),
                   exclude: Sequence[str] = ("downloads",)) -> Iterator[str]:

@@ -296,3 +296,15 @@ def test_a_log_on_gcs_holds_whole_rows_and_detects_a_second_writer(gcs):  # noqa
             log._remote.sync(force=True)
         log._remote.sync = lambda force=False: None  # leave the other writer's object be
     assert [r["idx"] for r in logs.read_log(path)] == [0, 7]
+
+
+def test_an_unreadable_checkpoint_can_be_set_aside_on_gcs(gcs):  # noqa: F811
+    # What TrainCheckpointer does with a step it cannot read: GCS has no rename (and etils'
+    # rename refuses a destination "folder" that does not exist, as none do on GCS).
+    step = f"{gcs.root}/aside/checkpoints/3"
+    for name in ("state/manifest.ocdbt", "state/commit_success.txt", "commit_success.txt"):
+        storage.write_atomic(f"{step}/{name}", name)
+    storage.move_tree(step, f"{gcs.root}/aside/checkpoints_unreadable/3")
+    assert storage.listdir(f"{gcs.root}/aside/checkpoints") == []
+    assert storage.read_text(f"{gcs.root}/aside/checkpoints_unreadable/3/state/manifest.ocdbt") \
+        == "state/manifest.ocdbt"
