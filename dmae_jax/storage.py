@@ -53,10 +53,11 @@ name takes at most about one update per second. So:
 
 Clients: google-cloud-storage here (generations and preconditions), gcsfs for everything
 that goes through `etils.epath` (Orbax's metadata, TFDS, exports), TensorStore for Orbax's
-arrays, google-cloud-cpp inside ArrayRecord for reading data. Two defaults are set so that
-the clients that run are the ones tested against the emulator (tests/gcs_emulator.py):
-`EPATH_USE_TF=false` (with TensorFlow installed, etils would otherwise route gs:// through
-`tf.io.gfile`, whose GCS client cannot be pointed at an emulator) and
+arrays, google-cloud-cpp inside ArrayRecord for reading data. Two defaults, set when the
+package is imported (`dmae_jax/__init__.py`), make the clients that run the ones tested
+against the emulator (tests/gcs_emulator.py): `EPATH_USE_TF=false` (with TensorFlow
+installed, etils would otherwise route gs:// through `tf.io.gfile`, whose GCS client
+cannot be pointed at an emulator) and
 `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` (gcsfs's experimental layer asks the Storage
 Control API for each bucket's layout first; we use no zonal or hierarchical-namespace
 bucket features). Both can be overridden in the environment.
@@ -84,9 +85,6 @@ from typing import Any
 
 from dmae_jax.errors import ConfigError, LockError
 
-os.environ.setdefault("EPATH_USE_TF", "false")
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
 LOCK_FILE = "train.lock"
 LEASE_S = 120.0  # a dead holder elsewhere blocks its workdir at most this long
 SYNC_INTERVAL_S = 2.0  # GCS takes about one update per second of one object name
@@ -104,8 +102,14 @@ def _split(path: str) -> tuple[str, str]:
     return bucket, name
 
 
-@functools.cache
 def _client():
+    # One client per endpoint: a test that starts another emulator gets a client for it.
+    return _client_for(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.cache
+def _client_for(endpoint: str | None):
+    del endpoint  # the cache key; the client reads the variable itself
     from google.cloud import storage
 
     return storage.Client()
