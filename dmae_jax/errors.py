@@ -34,3 +34,7 @@ class DiskError(UserError, OSError):
 
 class LogFormatError(UserError, ValueError):
     """A certification log line cannot be parsed; the message names the file and line."""
+
+
+class LaunchError(UserError, RuntimeError):
+    """The processes of a job cannot start together as the environment describes it."""
