@@ -366,6 +366,8 @@ ssh_all "$(printf '%s && ' "${SETUP[@]}")true"
 # same RUN, resumes from the newest checkpoint in $WORKDIR.
 say "# 4. $RUN on every worker of $TPU, detached; log ~/dmae_runs/$RUN.log"
 QUOTED=$(printf ' %q' "${ARGS[@]}")
-ssh_all "cd ~/dmae_jax && nohup setsid $PY -m dmae_jax.main$QUOTED \
+# (The subshell takes the log as its output before it runs python, so no process holds ssh's
+# output open: the ssh returns at once, and $! is python's pid.)
+ssh_all "(cd ~/dmae_jax && exec nohup setsid $PY -m dmae_jax.main$QUOTED) \
 >> ~/dmae_runs/$RUN.log 2>&1 < /dev/null & echo \$! > ~/dmae_runs/$RUN.pid; echo started pid \$! on \$(hostname)"
 say "started $RUN on $TPU; follow it with: TPU=$TPU ZONE=$ZONE bash launch/tpu_pod.sh --logs $RUN"

@@ -255,7 +255,7 @@ def test_dry_run_checks_the_config_here_and_shows_the_state_checks(tmp_path):
     assert "(shown: wheelhouse)" in out
     compile_ = next(c for c in commands if c[:3] == ["uv", "pip", "compile"])
     assert compile_[compile_.index("--python-platform") + 1] == "x86_64-manylinux_2_35"
-    download = next(c for c in commands if c[3:5] == ["pip", "download"])
+    download = next(c for c in commands if c[1:4] == ["-m", "pip", "download"])
     assert "manylinux2014_x86_64" in download and "manylinux_2_35_x86_64" in download
     assert download[download.index("--python-version") + 1] == "3.11"
     ssh = [c for c in commands if c[3:5] == ["tpu-vm", "ssh"]]
@@ -263,8 +263,9 @@ def test_dry_run_checks_the_config_here_and_shows_the_state_checks(tmp_path):
     assert "--no-index --find-links ~/dmae_wheelhouse/wheels" in _remote(ssh[1])
     # The run: detached, logged, every argument as typed here.
     run = _remote(ssh[-1])
-    assert "nohup setsid ~/dmae_venv/bin/python -m dmae_jax.main" in run
-    argv = shlex.split(run.split("dmae_jax.main", 1)[1].split(">>", 1)[0])
+    assert "exec nohup setsid ~/dmae_venv/bin/python -m dmae_jax.main" in run
+    assert ") >> ~/dmae_runs/run1.log 2>&1 < /dev/null &" in run
+    argv = shlex.split(run.split("dmae_jax.main", 1)[1].split(") >>", 1)[0])
     assert argv == ["--config=configs/pretrain_digits.py", "--workdir=gs://b/runs/run1",
                     "--config.data.data_dir=gs://b/tfds", OVERRIDE, "--config.total_steps=100"]
     assert os.listdir(tmp_path) == []  # its temporary directory is gone
