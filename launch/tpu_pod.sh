@@ -344,6 +344,7 @@ case "$INSTALL" in
       fi
       run cp "$TMP/requirements.txt" "$WH/"
       run tar -cf "$TMP/wheelhouse.tar" -C "$TMP" wheelhouse
+      if [[ "$BUCKET" != gs://* ]]; then run mkdir -p "$(dirname "$WHEELHOUSE")"; fi
       run "${PUT[@]}" "$TMP/wheelhouse.tar" "$WHEELHOUSE"
     else
       say "  # $WHEELHOUSE is in the bucket already"
