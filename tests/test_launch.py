@@ -363,18 +363,16 @@ def _fake_gcloud_bin(tmp_path) -> str:
 class _Cloud:
     """A fake Cloud TPU project and a bucket; launches tpu_pod.sh against them."""
 
-    def __init__(self, tmp_path, worker_python: str, **env):
+    def __init__(self, tmp_path, worker_python: str, bucket: str | None = None,
+                 bucket_env: dict | None = None, **env):
         self.state = str(tmp_path / "gcloud")
-        # Switching to object storage: BUCKET=gs://... on the GCS emulator (the workers
-        # inherit its address through FAKE_GCLOUD_WORKER_ENV).
-        self.bucket = str(tmp_path / "bucket")
-        os.makedirs(self.bucket)
+        self.bucket = bucket or str(tmp_path / "bucket")
         worker_env = dict(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1",
-                          TF_CPP_MIN_LOG_LEVEL="3")
+                          TF_CPP_MIN_LOG_LEVEL="3", **(bucket_env or {}))
         self.env = dict(
             os.environ, PATH=f"{_fake_gcloud_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}",
             ZONE="us-central2-b", TPU="dmae-test", BUCKET=self.bucket, TYPE="v4-8", SPOT="1",
-            WORKER_PYTHON=worker_python, POLL_SECONDS="0",
+            WORKER_PYTHON=worker_python, POLL_SECONDS="0", **(bucket_env or {}),
             **{fake_gcloud.STATE_ENV: self.state,
                fake_gcloud.WORKER_ENV: json.dumps(worker_env)})
         self.env.update(env)
@@ -462,20 +460,41 @@ def test_a_queued_resource_is_waited_for_and_requested_again_when_suspended_or_f
     assert cloud.node_state() == "READY"
 
 
+def _put_tree(source: str, target: str) -> None:
+    """Copies a local directory to a path of the bucket (local or gs://)."""
+    from etils import epath
+
+    for folder, _, files in os.walk(source):
+        for name in files:
+            copy = epath.Path(target, os.path.relpath(os.path.join(folder, name), source))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(epath.Path(folder, name).read_bytes())
+
+
+def _bucket_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps under a workdir of the bucket (local or gs://)."""
+    from etils import epath
+
+    path = epath.Path(workdir, "checkpoints")
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) \
+        if path.exists() else []
+
+
 def test_a_preempted_run_launched_again_with_the_same_command_resumes_from_the_bucket(
         tmp_path, digits_dir, cleanup_workers):
+    # On object storage: bucket=gcs.root, bucket_env=gcs.env (tests/gcs_emulator.py's fixture).
     cloud = _Cloud(tmp_path, sys.executable)
-    shutil.copytree(digits_dir, os.path.join(cloud.bucket, "tfds"))
+    _put_tree(digits_dir, f"{cloud.bucket}/tfds")
     command = ["configs/pretrain_digits.py", "digits", *TINY]
-    work = os.path.join(cloud.bucket, "runs", "digits")
+    work = f"{cloud.bucket}/runs/digits"
     out = cloud.launch(*command)
     assert "started digits on dmae-test" in out
     log = os.path.join(cloud.worker(0), "dmae_runs", "digits.log")
-    helpers.wait_for(lambda: helpers.checkpoint_steps(work), 300, "a checkpoint in the bucket")
+    helpers.wait_for(lambda: _bucket_steps(work), 300, "a checkpoint in the bucket")
     fake_gcloud.preempt(cloud.state, "dmae-test")  # SIGTERM: the run saves and exits
     with open(log) as f:
         first = f.read()
-    saved = helpers.checkpoint_steps(work)[-1]
+    saved = _bucket_steps(work)[-1]
     assert 3 <= saved < 40 and max(helpers.losses(first)) == saved, first[-2000:]
 
     out = cloud.launch(*command)  # the same command
@@ -490,7 +509,7 @@ def test_a_preempted_run_launched_again_with_the_same_command_resumes_from_the_b
     assert min(helpers.losses(second)) == saved + 1
     helpers.wait_for(lambda: not fake_gcloud._processes_under(cloud.worker(0)), 120,
                      "the run to exit")
-    assert helpers.checkpoint_steps(work)[-1] == 40
+    assert _bucket_steps(work)[-1] == 40
 
 
 def test_gpu_script_needs_a_gpu_build_and_installs_nothing(tmp_path):
