@@ -233,9 +233,22 @@ def _remote(command: list[str]) -> str:
 OVERRIDE = "--config.profile_steps=(10, 15)"
 
 
-def test_dry_run_checks_the_config_here_and_shows_the_state_checks(tmp_path):
-    proc = _dry_run(OVERRIDE, "--config.total_steps=100", QUEUED="1", SPOT="1",
-                    INTERNAL_IPS="1", TYPE="v5p-128", TMPDIR=str(tmp_path))
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict:
+    """The two dry runs the tests read: a queued spot slice without external IPs, and a
+    direct spot node; each with its own TMPDIR, to see that it leaves nothing there."""
+    runs = {}
+    for name, overrides, env in [
+            ("queued", (OVERRIDE, "--config.total_steps=100"),
+             dict(QUEUED="1", SPOT="1", INTERNAL_IPS="1", TYPE="v5p-128")),
+            ("direct", (), dict(SPOT="1"))]:
+        tmp = tmp_path_factory.mktemp(f"dry_{name}")
+        runs[name] = (_dry_run(*overrides, TMPDIR=str(tmp), **env), str(tmp))
+    return runs
+
+
+def test_dry_run_checks_the_config_here_and_shows_the_state_checks(dry_runs):
+    proc, tmp = dry_runs["queued"]
     assert proc.returncode == 0, proc.stderr
     out, commands = proc.stdout, _commands(proc.stdout)
     assert "config ok: task pretrain" in out
@@ -268,11 +281,11 @@ def test_dry_run_checks_the_config_here_and_shows_the_state_checks(tmp_path):
     argv = shlex.split(run.split("dmae_jax.main", 1)[1].split(") >>", 1)[0])
     assert argv == ["--config=configs/pretrain_digits.py", "--workdir=gs://b/runs/run1",
                     "--config.data.data_dir=gs://b/tfds", OVERRIDE, "--config.total_steps=100"]
-    assert os.listdir(tmp_path) == []  # its temporary directory is gone
+    assert os.listdir(tmp) == []  # its temporary directory is gone
 
 
-def test_dry_run_of_a_direct_node_shows_its_states_and_installs_from_pypi(tmp_path):
-    proc = _dry_run(TMPDIR=str(tmp_path))
+def test_dry_run_of_a_direct_node_shows_its_states_and_installs_from_pypi(dry_runs):
+    proc, tmp = dry_runs["direct"]
     assert proc.returncode == 0, proc.stderr
     for state, action in [("NOT_FOUND", "create"), ("READY", "use"), ("CREATING", "wait"),
                           ("PREEMPTED", "delete, create again"),
@@ -280,14 +293,14 @@ def test_dry_run_of_a_direct_node_shows_its_states_and_installs_from_pypi(tmp_pa
         assert re.search(rf"#\s+{state}\s+-> {action}$", proc.stdout, re.M), state
     commands = _commands(proc.stdout)
     create = next(c for c in commands if c[3:5] == ["tpu-vm", "create"])
-    assert "--spot" not in create and "--internal-ips" not in create
+    assert "--spot" in create and "--internal-ips" not in create
     assert create[create.index("--version") + 1] == "tpu-ubuntu2204-base"
     assert "(shown: online)" in proc.stdout
     setup = _remote([c for c in commands if c[3:5] == ["tpu-vm", "ssh"]][1])
     assert "uv pip install -q --python ~/dmae_venv/bin/python -r ~/requirements.txt" in setup
     compile_ = next(c for c in commands if c[:3] == ["uv", "pip", "compile"])
     pins = compile_[-1]
-    assert pins.endswith("pins.in") and os.listdir(tmp_path) == []
+    assert pins.endswith("pins.in") and os.listdir(tmp) == []
 
 
 def test_a_mistyped_field_stops_the_launch_on_this_machine_before_any_cloud_call(tmp_path):
@@ -316,15 +329,15 @@ def test_the_default_jax_pin_is_the_version_the_tests_run_with():
     assert pin == jax.__version__
 
 
-def test_every_gcloud_command_the_script_prints_is_one_the_real_gcloud_accepts(tmp_path):
+def test_every_gcloud_command_the_script_prints_is_one_the_real_gcloud_accepts(tmp_path,
+                                                                             dry_runs):
     """Google Cloud SDK parses each command (flags, values, resource names) and stops only at
     the missing account; the control with an unknown flag is refused by the parser."""
     gcloud = shutil.which("gcloud")
     if gcloud is None:
         pytest.skip("the Google Cloud SDK is not installed here (it is on the CI machine)")
     commands = {}
-    for env in (dict(QUEUED="1", SPOT="1", INTERNAL_IPS="1"), dict(SPOT="1")):
-        proc = _dry_run(TMPDIR=str(tmp_path), **env)
+    for proc, _ in dry_runs.values():
         for c in _commands(proc.stdout):
             if c[0] == "gcloud":
                 commands.setdefault(tuple(c[:5]), c)
