@@ -127,8 +127,7 @@ ARGS=(--config="$CONFIG" --workdir="$WORKDIR" --config.data.data_dir="$BUCKET/tf
 # From the checkout's root, as on the workers: CONFIG is a path relative to it.
 if ! (cd "$HERE" && always env PYTHONPATH="$HERE" JAX_PLATFORMS=cpu python3 launch/check_config.py \
     --config="$CONFIG" --config.data.data_dir="$BUCKET/tfds" "${OVERRIDES[@]}"); then
-  say "stopped before any cloud call: the config above does not pass its checks" >&2
-  exit 2
+  exit 2  # its one `error:` line said why; nothing was asked of the cloud
 fi
 if [ -n "$(git -C "$HERE" status --porcelain --untracked-files=no)" ]; then
   say "warning: uncommitted changes in $HERE are NOT copied (only HEAD is)" >&2
