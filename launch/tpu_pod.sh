@@ -37,7 +37,8 @@
 #                      image): install nothing
 #   PYTHON=3.11        the workers' Python (the TPU VM images ship 3.10; uv provides it)
 #   JAX_VERSION        jax[tpu] on the workers; default the tested version (below)
-#   EXTRAS             setup.py extras the workers install, comma-separated
+#   EXTRAS=gcs         setup.py extras the workers install, comma-separated (gcs: the
+#                      gs:// clients; EXTRAS= for none)
 #   GLIBC=2.35         the workers' glibc (the TPU VM images are Ubuntu 22.04): wheel platform
 #   POLL_SECONDS=60    how often a state on its way (CREATING, WAITING_FOR_RESOURCES, ...) is
 #                      read again
@@ -91,7 +92,7 @@ JAX_VERSION=${JAX_VERSION:-$TESTED_JAX_VERSION}
 GLIBC=${GLIBC:-2.35}
 POLL_SECONDS=${POLL_SECONDS:-60}
 INSTALL=${INSTALL:-auto}
-EXTRAS=${EXTRAS:-}
+EXTRAS=${EXTRAS-gcs}
 if [ -n "${WORKER_PYTHON:-}" ]; then INSTALL=none; fi
 case "$INSTALL" in
   auto|online|wheelhouse|none) ;;

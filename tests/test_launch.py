@@ -24,6 +24,7 @@ import pytest
 from dmae_jax import parallel
 from dmae_jax.errors import LaunchError
 from tests import fake_gcloud, helpers
+from tests.gcs_emulator import gcs  # noqa: F401 (the module's GCS emulator fixture)
 
 ROOT = helpers.REPO
 SCRIPT = "launch/tpu_pod.sh"
@@ -268,6 +269,7 @@ def test_dry_run_checks_the_config_here_and_shows_the_state_checks(dry_runs):
     assert "(shown: wheelhouse)" in out
     compile_ = next(c for c in commands if c[:3] == ["uv", "pip", "compile"])
     assert compile_[compile_.index("--python-platform") + 1] == "x86_64-manylinux_2_35"
+    assert compile_[compile_.index("--extra") + 1] == "gcs"  # the workers' gs:// clients
     download = next(c for c in commands if c[1:4] == ["-m", "pip", "download"])
     assert "manylinux2014_x86_64" in download and "manylinux_2_35_x86_64" in download
     assert download[download.index("--python-version") + 1] == "3.11"
@@ -473,41 +475,31 @@ def test_a_queued_resource_is_waited_for_and_requested_again_when_suspended_or_f
     assert cloud.node_state() == "READY"
 
 
-def _put_tree(source: str, target: str) -> None:
-    """Copies a local directory to a path of the bucket (local or gs://)."""
-    from etils import epath
+def _committed_steps(workdir: str) -> list[int]:
+    """Checkpoint steps Orbax has finished under a workdir of the bucket (local or gs://)."""
+    from dmae_jax import storage
 
-    for folder, _, files in os.walk(source):
-        for name in files:
-            copy = epath.Path(target, os.path.relpath(os.path.join(folder, name), source))
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            copy.write_bytes(epath.Path(folder, name).read_bytes())
-
-
-def _bucket_steps(workdir: str) -> list[int]:
-    """Finished checkpoint steps under a workdir of the bucket (local or gs://)."""
-    from etils import epath
-
-    path = epath.Path(workdir, "checkpoints")
-    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) \
-        if path.exists() else []
+    directory = f"{workdir}/checkpoints"
+    return [int(d) for d in storage.listdir(directory)
+            if d.isdigit() and storage.exists(f"{directory}/{d}/commit_success.txt")]
 
 
 def test_a_preempted_run_launched_again_with_the_same_command_resumes_from_the_bucket(
-        tmp_path, digits_dir, cleanup_workers):
-    # On object storage: bucket=gcs.root, bucket_env=gcs.env (tests/gcs_emulator.py's fixture).
-    cloud = _Cloud(tmp_path, sys.executable)
-    _put_tree(digits_dir, f"{cloud.bucket}/tfds")
+        tmp_path, gcs, cleanup_workers):  # noqa: F811
+    from dmae_jax.data import datasets
+
+    cloud = _Cloud(tmp_path, sys.executable, bucket=f"{gcs.root}/launch", bucket_env=gcs.env)
+    datasets.load_source("digits", "train", data_dir=f"{cloud.bucket}/tfds", image_size=16)
     command = ["configs/pretrain_digits.py", "digits", *TINY]
     work = f"{cloud.bucket}/runs/digits"
     out = cloud.launch(*command)
     assert "started digits on dmae-test" in out
     log = os.path.join(cloud.worker(0), "dmae_runs", "digits.log")
-    helpers.wait_for(lambda: _bucket_steps(work), 300, "a checkpoint in the bucket")
+    helpers.wait_for(lambda: _committed_steps(work), 300, "a checkpoint in the bucket")
     fake_gcloud.preempt(cloud.state, "dmae-test")  # SIGTERM: the run saves and exits
     with open(log) as f:
         first = f.read()
-    saved = _bucket_steps(work)[-1]
+    saved = _committed_steps(work)[-1]
     assert 3 <= saved < 40 and max(helpers.losses(first)) == saved, first[-2000:]
 
     out = cloud.launch(*command)  # the same command
@@ -522,7 +514,7 @@ def test_a_preempted_run_launched_again_with_the_same_command_resumes_from_the_b
     assert min(helpers.losses(second)) == saved + 1
     helpers.wait_for(lambda: not fake_gcloud._processes_under(cloud.worker(0)), 120,
                      "the run to exit")
-    assert _bucket_steps(work)[-1] == 40
+    assert _committed_steps(work)[-1] == 40
 
 
 def test_gpu_script_needs_a_gpu_build_and_installs_nothing(tmp_path):
