@@ -222,7 +222,7 @@ def certify_rates(check: Check, dtype: str, device: str) -> dict[str, float]:
 
     from dmae_jax import defaults
     from dmae_jax.models import ModelParts, create_classifier, resolve_model_config
-    from dmae_jax.smoothing.certify import place_replicated, sample_counts
+    from dmae_jax.smoothing import place_replicated, sample_counts
     from tests.torch_dmae import TorchViTClassifier
 
     model_cfg = defaults.model(check.model["variant"], img_size=check.model["img_size"],

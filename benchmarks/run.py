@@ -240,7 +240,7 @@ def _jax_classifier(case: dict, dtype: str):
     from flax import nnx
 
     from dmae_jax.models import ModelParts, create_classifier
-    from dmae_jax.smoothing.certify import place_replicated
+    from dmae_jax.smoothing import place_replicated
 
     model = create_classifier(_model_cfg(case, dtype), case["num_classes"], rngs=nnx.Rngs(0))
     parts = ModelParts.split(model)
@@ -258,7 +258,7 @@ def bench_certify(name: str, case: dict, dtype: str, reps: int) -> dict[str, Any
     """Noisy forward passes/s: sample_counts vs Cohen's loop; plus our sampler's overhead."""
     import torch
 
-    from dmae_jax.smoothing.certify import sample_counts
+    from dmae_jax.smoothing import sample_counts
     from tests.torch_dmae import TorchViTClassifier
 
     cfg = _model_cfg(case)

@@ -8,7 +8,7 @@ With `libtpu` installed (`pip install -e ".[tpu-compile]"`), JAX compiles a prog
 named TPU topology on a machine without TPUs. This module builds the real training step of
 a `pretrain` or `finetune` config (`train.common.make_train_step` with the trainer's loss and
 optimizer, the config's ("data", "fsdp") mesh, remat, gradient accumulation and dtype) or the
-real certification step of a `certify`/`cascade` config (`smoothing.certify`'s sampling step
+real certification step of a `certify`/`cascade` config (`smoothing.sampling`'s step
 on one host's chips), from abstract shapes only: no data is read and no parameter is
 allocated. It prints, per chip, what the compiler reports: argument, output, temporary and
 total memory against the chip's HBM, FLOPs per step and XLA's estimated step time, and from
@@ -24,7 +24,6 @@ not fit here fails the same way on the slice.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import os
 import re
@@ -534,16 +533,12 @@ def compile_certify(config, topology: Topology, variant: str,
     """
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from dmae_jax import defaults
     from dmae_jax.models import create_classifier, resolve_model_config
+    from dmae_jax.smoothing import Settings, sampling
 
-    # The module (the package re-exports a function of the same name).
-    certify = importlib.import_module("dmae_jax.smoothing.certify")
     devices = topology_devices(topology) if devices is None else list(devices)
     host = [d for d in devices if d.process_index == devices[0].process_index]
     batch = config.batch_size
@@ -560,26 +555,13 @@ def compile_certify(config, topology: Topology, variant: str,
     def apply(params, images):
         return parts.bind(params)(images)
 
-    logits_fn = jax.tree_util.Partial(apply, parts.params)
-    leaves, treedef = jax.tree_util.tree_flatten(logits_fn)
-    is_array = [isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
-    static_fn = certify._StaticPart(
-        treedef, tuple(None if a else x for x, a in zip(leaves, is_array, strict=True)))
-    mesh = Mesh(np.asarray(host), (certify._MESH_AXIS,))
-    rep = NamedSharding(mesh, P())
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-
-    arrays = [spec(x.shape, x.dtype) for x, a in zip(leaves, is_array, strict=True) if a]
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
-    dtype = None if config.compute_dtype == "float32" else jnp.bfloat16
-    lowered = certify._count_step_jit.lower(
-        spec((1, num_classes), jnp.int32), spec((1,), jnp.int32), arrays,
-        spec((1, size, size, 3), jnp.float32), spec(keys.shape, keys.dtype),
-        spec((), jnp.int32), spec((), jnp.int32), spec((), jnp.float32),
-        static_fn=static_fn, num_classes=num_classes, batch_size=batch, compute_dtype=dtype,
-        mesh=mesh)
+    certification = Settings(
+        sigma=config.sigma if config.task == "certify" else tuple(config.sigmas),
+        n0=config.n0, n=config.n, alpha=config.alpha, batch_size=batch,
+        num_classes=num_classes, devices=tuple(host), noise=config.noise,
+        compute_dtype=None if config.compute_dtype == "float32" else jnp.bfloat16)
+    lowered = sampling.lower_count_step(
+        certification, jax.tree_util.Partial(apply, parts.params), (size, size, 3))
     settings = {"batch": batch, "dtype": config.compute_dtype}
     what = (f"certify ViT {name}/{model_cfg.patch_size} classifier at {size}, {batch} noisy "
             f"samples per step, {config.compute_dtype}")

@@ -160,6 +160,7 @@ def certify(dataset: str = "imagenet2012", sigma: float = 0.25,
     cfg.alpha = 0.001
     cfg.batch_size = batch_size   # noisy samples per step, split over the local devices
     cfg.compute_dtype = "float32"  # or bfloat16
+    cfg.noise = "float"           # float (Cohen et al.) | sound (exact noise, sound in float32)
     cfg.early_abstain = False     # DMAE's shortcut: abstain when the n0 guess is not the label
     cfg.mode = "fixed"            # fixed (Cohen: n0 + n samples) | sequential (stop when settled)
     cfg.n_max = 0                 # sequential: cap on estimation samples; 0 = 1.5 * n

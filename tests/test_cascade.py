@@ -19,20 +19,18 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from dmae_jax.smoothing import cascade
+from dmae_jax.smoothing import Settings, cascade, sampling
 from dmae_jax.smoothing.cascade import (
     ABSTAIN,
     AMBIGUOUS,
     CASCADE_COLUMNS,
     R_NEG_NONE,
-    certify_cascade,
     certify_from_counts,
     expected_num_stages,
-    make_certify_one,
     off_class_upper_bound,
     processing_order,
 )
-from dmae_jax.smoothing.certify import lower_confidence_bound, radius_from_bound, sample_counts
+from dmae_jax.smoothing.certify import lower_confidence_bound, radius_from_bound
 from dmae_jax.smoothing.logs import BASE_COLUMNS, CertifyLog, read_log
 from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, reduce_counts
 
@@ -69,11 +67,27 @@ class TableSampler:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, logits_fn, x, *, sigma, num, batch_size, rng, num_classes):
-        self.calls.append((sigma, num, logits_fn, tuple(np.asarray(jax.random.key_data(rng)))))
+    def __call__(self, logits_fn, x, key, num, sigma):
+        self.calls.append((sigma, num, logits_fn, tuple(np.asarray(jax.random.key_data(key)))))
         if isinstance(logits_fn, FixedCounts):
             return logits_fn.counts.copy()
-        return numpy_generator(rng).multinomial(num, logits_fn.probs)
+        return numpy_generator(key).multinomial(num, logits_fn.probs)
+
+
+def certify_cascade(logits_fns, x, *, rng, sigmas, p0=0.5, alpha_split="sound",
+                    clean_logits_fn=None, sampler=None, **settings):
+    """cascade.certify_cascade with its Settings written as keywords (sigmas = its sigma)."""
+    return cascade.certify_cascade(
+        logits_fns, x, Settings(sigma=tuple(sigmas), **settings), rng=rng, p0=p0,
+        alpha_split=alpha_split, clean_logits_fn=clean_logits_fn, sampler=sampler)
+
+
+def make_certify_one(logits_fns, *, rng, sigmas, p0=0.5, alpha_split="sound",
+                     clean_logits_fn=None, sampler=None, **settings):
+    """cascade.make_certify_one with its Settings written as keywords."""
+    return cascade.make_certify_one(
+        logits_fns, Settings(sigma=tuple(sigmas), **settings), rng=rng, p0=p0,
+        alpha_split=alpha_split, clean_logits_fn=clean_logits_fn, sampler=sampler)
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,26 +323,29 @@ def test_every_stage_draws_selection_and_estimation_samples_from_fresh_keys():
 
 
 BAD_INPUTS = [
-    (dict(sigmas=[]), "sigmas must hold at least one"),
-    (dict(sigmas=[0.5, 0.0]), r"sigmas\[1\] must be > 0"),
-    (dict(sigmas=[-0.25, 0.5]), r"sigmas\[0\] must be > 0"),
-    (dict(sigmas=[float("nan"), 0.5]), r"sigmas\[0\] must be > 0 and finite"),
-    (dict(sigmas=[0.5, 0.5]), "sigmas must be distinct"),
+    (dict(sigmas=[]), "sigma must hold at least one noise level"),
+    (dict(sigmas=[0.5, 0.0]), r"sigma\[1\] must be a finite number > 0"),
+    (dict(sigmas=[-0.25, 0.5]), r"sigma\[0\] must be a finite number > 0"),
+    (dict(sigmas=[float("nan"), 0.5]), r"sigma\[0\] must be a finite number > 0, got nan"),
+    (dict(sigmas=[0.5, 0.5]), "sigma must hold distinct noise levels"),
     (dict(p0=0.0), r"p0 must be in \[0.5, 1\)"),
     (dict(p0=1.0), r"p0 must be in \[0.5, 1\)"),
     (dict(p0=1.5), r"p0 must be in \[0.5, 1\)"),
     (dict(p0=0.4), "below 0.5 the certificate is unsound"),
-    (dict(alpha=0.0), r"alpha must be in \(0, 0.5\)"),
-    (dict(n0=0), "n0 must be an integer >= 1"),
-    (dict(n=2.5), "n must be an integer >= 1"),
-    (dict(batch_size=0), "batch_size must be an integer >= 1"),
-    (dict(num_classes=1), "num_classes must be >= 2"),
+    (dict(alpha=0.0), r"alpha must be in \(0, 1\)"),
+    (dict(alpha=0.5), r"alpha must be in \(0, 0.5\)"),
+    (dict(n0=0), "n0 must be a positive integer, got 0"),
+    (dict(n=2.5), "n must be a positive integer, got 2.5"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(batch_size=10), r"batch_size must be a multiple of the number of devices \(4\)"),
+    (dict(num_classes=1), "num_classes must be an integer >= 2, got 1"),
+    (dict(alpha_split="loose"), "alpha_split must be one of"),
 ]
 
 
 @pytest.mark.parametrize("bad, message", BAD_INPUTS)
 def test_bad_cascade_arguments_are_clear_value_errors(bad, message):
-    kwargs = dict(sigmas=[1.0, 0.5], n0=10, n=100, alpha=1e-3, p0=0.5, batch_size=10,
+    kwargs = dict(sigmas=[1.0, 0.5], n0=10, n=100, alpha=1e-3, p0=0.5, batch_size=12,
                   num_classes=2)  # fmt: skip
     kwargs.update(bad)
     fns = [ProbTable([1.0, 0.0])] * max(len(kwargs["sigmas"]), 1)
@@ -342,7 +359,7 @@ def test_mismatched_classifiers_and_sigmas_are_a_clear_value_error():
     with pytest.raises(ValueError, match=r"one entry per sigma \(3\), got 2"):
         certify_cascade(
             [ProbTable([1.0, 0.0])] * 2, X, sigmas=[1.0, 0.5, 0.25], n0=10, n=100,
-            alpha=1e-3, batch_size=10, rng=jax.random.key(0), num_classes=2,
+            alpha=1e-3, batch_size=12, rng=jax.random.key(0), num_classes=2,
         )  # fmt: skip
     with pytest.raises(ValueError, match="strictly decreasing"):
         certify_from_counts([], sigmas=[0.5, 1.0], alpha=1e-3)
@@ -352,7 +369,7 @@ def test_a_sampler_breaking_its_contract_is_reported():
     with pytest.raises(ValueError, match="sampler must return 100 non-negative counts"):
         certify_cascade(
             [FixedCounts([60, 30])], X, sigmas=[0.5], n0=90, n=100, alpha=1e-3,
-            batch_size=10, rng=jax.random.key(0), num_classes=2, sampler=TableSampler(),
+            batch_size=12, rng=jax.random.key(0), num_classes=2, sampler=TableSampler(),
         )  # fmt: skip
 
 
@@ -492,10 +509,10 @@ def linear_logits(images):
     return np.eye(3)[np.digitize(t, [A, C])]
 
 
-def gaussian_sampler(logits_fn, x, *, sigma, num, batch_size, rng, num_classes):
-    """Votes of logits_fn on num copies of x + N(0, sigma^2 I) (NumPy noise)."""
-    noisy = x[None] + sigma * numpy_generator(rng).standard_normal((num, *np.shape(x)))
-    return np.bincount(np.argmax(logits_fn(noisy), -1), minlength=num_classes)
+def gaussian_sampler(logits_fn, x, key, num, sigma):
+    """Votes of logits_fn on num copies of x + N(0, sigma^2 I) (NumPy noise), 3 classes."""
+    noisy = x[None] + sigma * numpy_generator(key).standard_normal((num, *np.shape(x)))
+    return np.bincount(np.argmax(logits_fn(noisy), -1), minlength=3)
 
 
 def image_at(t):
@@ -641,8 +658,8 @@ def predict_cascade(
     abstains, the output is the clean classifier's argmax. Stage j uses key
     jax.random.split(rng, len(sigmas))[j].
     """
-    cascade._check_sigmas(sigmas)
-    cascade._check_positive_ints(n=n, batch_size=batch_size)
+    settings = Settings(sigma=tuple(sigmas), n=n, batch_size=batch_size,
+                        num_classes=num_classes)
     if len(logits_fns) != len(sigmas):
         raise ValueError(
             f"logits_fns must have one entry per sigma ({len(sigmas)}), got {len(logits_fns)}"
@@ -651,9 +668,7 @@ def predict_cascade(
         raise ValueError(f"p0 must be in (0, 1), got {p0}")
     if not 0.0 <= unif_w <= 1.0:
         raise ValueError(f"unif_w must be in [0, 1], got {unif_w}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    sampler = sample_counts if sampler is None else sampler
+    sampler = sampling.sampler_for(settings) if sampler is None else sampler
     clean_logits = np.asarray(clean_logits_fn(x[None]), dtype=np.float64)[0]
     clean_probs = np.exp(clean_logits - clean_logits.max())
     clean_max_prob = float(clean_probs.max() / clean_probs.sum())
@@ -662,8 +677,8 @@ def predict_cascade(
     accepted_counts = None
     cascade_prediction = ABSTAIN
     for stage, i in enumerate(order):
-        common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
-        counts = cascade.sample_stage(sampler, logits_fns[i], x, n, stage_keys[stage], common)
+        counts = cascade.sample_stage(sampler, settings, logits_fns[i], x, n, stage_keys[stage],
+                                      sigmas[i])
         c_hat = int(np.argmax(counts))
         if counts[c_hat] >= p0 * n:
             cascade_prediction, accepted_counts = c_hat, counts
@@ -687,7 +702,7 @@ def test_empirical_mode_accepts_the_first_scale_with_top_count_at_least_p0_n():
     fns = [FixedCounts([99, 101, 0]), FixedCounts([0, 99, 101]), FixedCounts([100, 0, 100])]
     got = predict_cascade(
         fns, clean_logits([0.0, 0.0, 0.0]), X, sigmas=[1.0, 0.5, 0.25], n=200,
-        batch_size=50, rng=jax.random.key(0), num_classes=3, sampler=sampler,
+        batch_size=52, rng=jax.random.key(0), num_classes=3, sampler=sampler,
     )  # fmt: skip
     # 101 >= 0.5 * 200 at sigma 1.0: accepted at once, the tie-free top class is 1.
     assert (got.cascade_prediction, got.stage, got.sigma, got.num_samples) == (1, 0, 1.0, 200)
@@ -695,7 +710,7 @@ def test_empirical_mode_accepts_the_first_scale_with_top_count_at_least_p0_n():
     fns = [FixedCounts([200, 0, 0]), FixedCounts([99, 99, 2]), FixedCounts([0, 100, 100])]
     got = predict_cascade(
         fns, clean_logits([0.0, 0.0, 0.0]), X, sigmas=[0.25, 1.0, 0.5], n=200,
-        batch_size=50, rng=jax.random.key(0), num_classes=3, sampler=TableSampler(),
+        batch_size=52, rng=jax.random.key(0), num_classes=3, sampler=TableSampler(),
     )  # fmt: skip
     # sigma 1.0 abstains (99 < 100); sigma 0.5 accepts 100 = p0 n, its first top class.
     assert (got.cascade_prediction, got.stage, got.sigma) == (1, 1, 0.5)
@@ -704,7 +719,7 @@ def test_empirical_mode_accepts_the_first_scale_with_top_count_at_least_p0_n():
 def test_empirical_mode_adds_the_log_vote_prior_to_the_clean_logits():
     counts = np.array([20, 180, 0])
     logits = np.array([2.0, 0.5, -1.0])
-    kwargs = dict(sigmas=[0.5], n=200, batch_size=50, rng=jax.random.key(0), num_classes=3,
+    kwargs = dict(sigmas=[0.5], n=200, batch_size=52, rng=jax.random.key(0), num_classes=3,
                   sampler=TableSampler())  # fmt: skip
     for unif_w in (0.0, 0.1, 1.0):
         got = predict_cascade(
@@ -721,7 +736,7 @@ def test_empirical_mode_adds_the_log_vote_prior_to_the_clean_logits():
 def test_empirical_mode_falls_back_to_the_clean_classifier_when_every_scale_abstains():
     fns = [FixedCounts([90, 60, 50]), FixedCounts([80, 80, 40])]
     got = predict_cascade(
-        fns, clean_logits([0.0, 0.0, 3.0]), X, sigmas=[1.0, 0.5], n=200, batch_size=50,
+        fns, clean_logits([0.0, 0.0, 3.0]), X, sigmas=[1.0, 0.5], n=200, batch_size=52,
         rng=jax.random.key(0), num_classes=3, sampler=TableSampler(),
     )  # fmt: skip
     assert (got.prediction, got.cascade_prediction, got.stage, got.sigma) == (2, ABSTAIN, 1, 0.5)
@@ -731,15 +746,15 @@ def test_empirical_mode_falls_back_to_the_clean_classifier_when_every_scale_abst
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(sigmas=[]), "sigmas must hold at least one"),
+        (dict(sigmas=[]), "sigma must hold at least one"),
         (dict(p0=1.0), r"p0 must be in \(0, 1\)"),
         (dict(unif_w=-0.1), r"unif_w must be in \[0, 1\]"),
-        (dict(n=0), "n must be an integer >= 1"),
+        (dict(n=0), "n must be a positive integer, got 0"),
         (dict(sigmas=[1.0, 0.5, 0.25]), r"one entry per sigma \(3\), got 2"),
     ],
 )
 def test_bad_empirical_mode_arguments_are_clear_value_errors(bad, message):
-    kwargs = dict(sigmas=[1.0, 0.5], n=200, batch_size=50, rng=jax.random.key(0),
+    kwargs = dict(sigmas=[1.0, 0.5], n=200, batch_size=52, rng=jax.random.key(0),
                   num_classes=2, sampler=TableSampler())  # fmt: skip
     kwargs.update(bad)
     fns = [FixedCounts([200, 0])] * 2

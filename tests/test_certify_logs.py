@@ -216,9 +216,8 @@ def test_same_rng_gives_the_same_log(tmp_path):
     items = [(idx, np.linspace(0.1, 0.4, 4, dtype=np.float32).reshape(2, 2, 1), 3)
              for idx in (0, 1, 2)]
     certify_one = smoothing.make_certify_one(
-        logits, sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200, rng=jax.random.key(0),
-        num_classes=4,
-    )
+        logits, smoothing.Settings(sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200,
+                                   num_classes=4), rng=jax.random.key(0))
     logs = []
     for name in ("a.tsv", "b.tsv"):
         path = str(tmp_path / name)
@@ -251,9 +250,8 @@ def test_count_fields_round_trip_dense_and_sparse():
 def test_early_abstain_rows_record_it(tmp_path):
     constant = lambda images: jax.numpy.tile(jax.numpy.array([0.0, 1.0]), (images.shape[0], 1))
     certify_one = smoothing.make_certify_one(
-        constant, sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200, rng=jax.random.key(0),
-        num_classes=2, early_abstain=True,
-    )
+        constant, smoothing.Settings(sigma=0.25, n0=16, n=200, alpha=0.001, batch_size=200,
+                                     num_classes=2), rng=jax.random.key(0), early_abstain=True)
     path = str(tmp_path / "log.tsv")
     image = np.zeros((2, 2, 1), np.float32)
     smoothing.run_certification([(0, image, 0), (1, image, 1)], certify_one, log_path=path,

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dmae_jax.smoothing import ABSTAIN, sequential
+from dmae_jax.smoothing import ABSTAIN, Settings, sequential
 from dmae_jax.smoothing.cascade import AMBIGUOUS, CASCADE_COLUMNS
 from dmae_jax.smoothing.certify import LOG_COLUMNS, certify_detailed
 from dmae_jax.smoothing.sequential import (
+    Schedule,
     aligned_schedule,
     certify_cascade_sequential,
     certify_sequential,
@@ -136,8 +137,8 @@ def test_real_sampler_wrong_certificate_rate_at_a_threshold_pA_is_at_most_alpha(
     x = np.full((1, 1, 1), 0.5, np.float32)
     fn = threshold_classifier(0.5 - sigma)
     certify_one = sequential.make_certify_one(
-        fn, sigma=sigma, n0=16, alpha=alpha, n_max=600, batch_size=128,
-        rng=jax.random.key(0), num_classes=2, n_first=16)
+        fn, Settings(sigma=sigma, n0=16, alpha=alpha, n=600, batch_size=128, num_classes=2),
+        rng=jax.random.key(0), schedule=Schedule(n_first=16))
     rows = [certify_one(i, x, 0) for i in range(images)]
     true_radius = sigma * stats.norm.ppf(stats.norm.cdf(1.0))
     wrong = sum(r["predict"] == 0 and r["radius"] > true_radius + 1e-9 for r in rows)
@@ -152,8 +153,9 @@ def test_real_sampler_wrong_certificate_rate_at_a_threshold_pA_is_at_most_alpha(
 def test_an_easy_image_stops_early_and_matches_the_fixed_protocol():
     x = np.full((1, 1, 1), 0.9, np.float32)
     fn = threshold_classifier(-10.0)  # always class 0
-    got = certify_sequential(fn, x, sigma=0.25, n0=100, alpha=0.001, n_max=100_000,
-                             batch_size=4096, rng=jax.random.key(1), num_classes=2)
+    got = certify_sequential(fn, x, Settings(sigma=0.25, n0=100, alpha=0.001, n=100_000,
+                                             batch_size=4096, num_classes=2),
+                             rng=jax.random.key(1))
     # Fixed N = 100,000: every vote for class 0, radius 0.25 Phi^-1(alpha^(1/N)) = 0.953.
     fixed = certify_detailed(fn, x, sigma=0.25, n0=100, n=100, alpha=0.001 ** (100 / 100_000),
                              batch_size=128, rng=jax.random.key(1), num_classes=2)
@@ -167,12 +169,13 @@ def test_an_easy_image_stops_early_and_matches_the_fixed_protocol():
 def test_an_abstaining_image_stops_after_a_few_hundred_samples():
     rng = np.random.default_rng(0)
 
-    def sampler(fn, images, key, num):
+    def sampler(fn, image, key, num, sigma):
         return rng.multinomial(num, [0.3, 0.3, 0.4])
 
-    got = certify_sequential(None, np.zeros((1, 1, 1), np.float32), sigma=0.5, n0=100,
-                             alpha=0.001, n_max=100_000, batch_size=1, rng=jax.random.key(0),
-                             num_classes=3, sampler=sampler)
+    got = certify_sequential(None, np.zeros((1, 1, 1), np.float32),
+                             Settings(sigma=0.5, n0=100, alpha=0.001, n=100_000, batch_size=4,
+                                      num_classes=3),
+                             rng=jax.random.key(0), sampler=sampler)
     assert got.prediction == ABSTAIN and got.n < 1000
 
 
@@ -194,12 +197,14 @@ class Poison:
 def test_the_label_never_reaches_the_sequential_path():
     x = np.full((1, 1, 1), 0.7, np.float32)
     certify_one = sequential.make_certify_one(
-        threshold_classifier(0.5), sigma=0.25, n0=32, alpha=0.01, n_max=1000, batch_size=128,
-        rng=jax.random.key(3), num_classes=2)
+        threshold_classifier(0.5),
+        Settings(sigma=0.25, n0=32, alpha=0.01, n=1000, batch_size=128, num_classes=2),
+        rng=jax.random.key(3))
     rows = [certify_one(5, x, label) for label in (0, 1, Poison())]
     assert rows[0] == rows[1] == rows[2]
-    assert "label" not in certify_sequential.__code__.co_varnames
-    assert "label" not in certify_cascade_sequential.__code__.co_varnames
+    for fn in (certify_sequential, certify_cascade_sequential, sequential.sequential_image,
+               sequential.cascade_sequential_image, sequential.run_stage):
+        assert "label" not in fn.__code__.co_varnames
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,16 +220,18 @@ class Probs:
 
 
 def table_sampler(seed):
+    """Multinomial votes from Probs.probs, from one NumPy stream (the keys are ignored)."""
     rng = np.random.default_rng(seed)
 
-    def sampler(fn, x, *, sigma, num, batch_size, rng_key=None, num_classes, **kwargs):
+    def sampler(fn, image, key, num, sigma):
         return rng.multinomial(num, fn.probs)
 
-    def wrapped(fn, x, *, sigma, num, batch_size, rng, num_classes):
-        return sampler(fn, x, sigma=sigma, num=num, batch_size=batch_size,
-                       num_classes=num_classes)
+    return sampler
 
-    return wrapped
+
+def cascade_settings(sigmas, n0, alpha, n_max, num_classes):
+    return Settings(sigma=tuple(sigmas), n0=n0, alpha=alpha, n=n_max, batch_size=4,
+                    num_classes=num_classes)
 
 
 def test_sequential_cascade_on_the_official_boundary_case_stays_below_alpha():
@@ -235,8 +242,8 @@ def test_sequential_cascade_on_the_official_boundary_case_stays_below_alpha():
     runs, alpha, wrong = 200, 0.1, 0
     for i in range(runs):
         result = certify_cascade_sequential(
-            fns, np.zeros((1, 1, 1), np.float32), sigmas=[1.0, 0.5], n0=20, alpha=alpha,
-            n_max=400, batch_size=1, rng=jax.random.key(i), num_classes=2, n_first=20,
+            fns, np.zeros((1, 1, 1), np.float32), cascade_settings([1.0, 0.5], 20, alpha, 400, 2),
+            rng=jax.random.key(i), schedule=Schedule(n_first=20, growth=2.0, power=0.0),
             sampler=sampler)
         wrong += result.prediction == 1  # b is never the cascade's class at x
     assert wrong <= stats.binom.ppf(0.999, runs, alpha)
@@ -244,31 +251,30 @@ def test_sequential_cascade_on_the_official_boundary_case_stays_below_alpha():
 
 def test_sequential_cascade_decides_like_the_fixed_one_on_clear_cases():
     x = np.zeros((1, 1, 1), np.float32)
-    common = dict(sigmas=[1.0, 0.5], n0=50, alpha=0.001, n_max=20_000, batch_size=1,
-                  num_classes=3, sampler=table_sampler(1))
+    settings = cascade_settings([1.0, 0.5], 50, 0.001, 20_000, 3)
+    common = dict(rng=jax.random.key(0), sampler=table_sampler(1))
     # Stage 0 certain of class 2: predicts at stage 0 with sigma 1's radius, early.
-    got = certify_cascade_sequential([Probs([0, 0, 1]), Probs([1, 0, 0])], x,
-                                     rng=jax.random.key(0), **common)
+    got = certify_cascade_sequential([Probs([0, 0, 1]), Probs([1, 0, 0])], x, settings,
+                                     **common)
     assert (got.prediction, got.stage) == (2, 0) and got.radius > 2.5
     assert got.num_samples < 10_000
     # Stage 0 spread out (abstains), stage 1 certain of class 0: predicts 0 at stage 1,
     # radius limited by stage 0's off-class term sigma_0 (Phi^-1(1/2) - Phi^-1(U)) > 0.
     got = certify_cascade_sequential([Probs([0.2, 0.35, 0.45]), Probs([1, 0, 0])], x,
-                                     rng=jax.random.key(0), **common)
+                                     settings, **common)
     assert (got.prediction, got.stage) == (0, 1)
     assert 0 < got.radius <= -stats.norm.ppf(0.45) + 1e-9
     assert got.radius <= -got.r_neg
     # Stage 0 straddles p0: ambiguous without visiting stage 1.
-    got = certify_cascade_sequential([Probs([0.5, 0.5, 0]), Probs([1, 0, 0])], x,
-                                     rng=jax.random.key(0), **common)
+    got = certify_cascade_sequential([Probs([0.5, 0.5, 0]), Probs([1, 0, 0])], x, settings,
+                                     **common)
     assert (got.prediction, got.stage) == (AMBIGUOUS, 0)
 
 
 def test_sequential_cascade_rows_are_label_free_but_for_corr_uc():
     certify_one = sequential.make_cascade_certify_one(
-        [Probs([0.1, 0.9]), Probs([0.9, 0.1])], sigmas=[1.0, 0.5], n0=20, alpha=0.01,
-        n_max=2000, batch_size=1, rng=jax.random.key(0), num_classes=2,
-        sampler=lambda *a, **k: table_sampler(7)(*a, **k))
+        [Probs([0.1, 0.9]), Probs([0.9, 0.1])], cascade_settings([1.0, 0.5], 20, 0.01, 2000, 2),
+        rng=jax.random.key(0), sampler=lambda *a: table_sampler(7)(*a))
     rows = [certify_one(3, np.zeros((1, 1, 1), np.float32), label) for label in (0, 1)]
     assert set(rows[0]) == {"predict", "radius", *CASCADE_COLUMNS,
                             *sequential.CASCADE_EXTRA_COLUMNS}

@@ -1,4 +1,5 @@
-"""Randomized smoothing: Monte Carlo PREDICT/CERTIFY, resumable certification logs and runs."""
+"""Randomized smoothing: one sampling engine (`sampling`, `Settings`) under CERTIFY/PREDICT,
+the multi-scale cascade and the sequential engine; resumable certification logs and runs."""
 
 from dmae_jax.smoothing.certify import (
     ABSTAIN,
@@ -8,11 +9,8 @@ from dmae_jax.smoothing.certify import (
     certify_detailed,
     lower_confidence_bound,
     make_certify_one,
-    place_replicated,
     predict,
     radius_from_bound,
-    sample_counts,
-    sample_counts_many,
 )
 from dmae_jax.smoothing.logs import (
     BASE_COLUMNS,
@@ -22,6 +20,8 @@ from dmae_jax.smoothing.logs import (
     read_log,
 )
 from dmae_jax.smoothing.runner import merge_logs, part_path, remaining_indices, run_certification
+from dmae_jax.smoothing.sampling import place_replicated, sample_counts, sample_counts_many
+from dmae_jax.smoothing.settings import NOISES, Settings
 
 __all__ = [
     "ABSTAIN",
@@ -29,6 +29,8 @@ __all__ = [
     "CertifyLog",
     "CertifyResult",
     "LOG_COLUMNS",
+    "NOISES",
+    "Settings",
     "certify",
     "certify_detailed",
     "format_sparse_counts",

@@ -73,8 +73,18 @@ import jax
 import numpy as np
 from scipy import stats
 
-from dmae_jax.smoothing.certify import ABSTAIN, sample_counts
+from dmae_jax.smoothing import sound
+from dmae_jax.smoothing.certify import ABSTAIN, margin_for
 from dmae_jax.smoothing.multinomial import clopper_pearson, goodman_intervals, reduce_counts
+from dmae_jax.smoothing.sampling import (
+    LogitsFn,
+    Sampler,
+    check_images,
+    key_array,
+    sampler_for,
+    single_key,
+)
+from dmae_jax.smoothing.settings import Settings
 
 # The interval for the stage's top class contains p0: the cascade stops without deciding.
 AMBIGUOUS = -2
@@ -87,10 +97,6 @@ ALPHA_SPLITS = ("sound", "official")
 
 # Log columns after the contract's `idx label predict radius correct time`.
 CASCADE_COLUMNS = ("r_neg", "pred_uc", "corr_uc", "stage", "sigma", "num_samples")
-
-LogitsFn = Callable[[Any], Any]
-# sample_counts(logits_fn, x, *, sigma, num, batch_size, rng, num_classes) -> int64 [K].
-Sampler = Callable[..., np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +120,7 @@ class CascadeResult:
     stage: int
     sigma: float
     r_neg: float
-    pred_uc: int  # prediction if >= 0, else the clean classifier's class (see certify_cascade)
+    pred_uc: int  # prediction if >= 0, else the clean classifier's class (certify_cascade)
     pA_lower: float
     counts: tuple[np.ndarray, ...]  # estimation counts [K] of every visited stage, in order
     num_samples: int  # noisy forward passes used: (stage + 1) * (n0 + n)
@@ -182,6 +188,7 @@ def certify_from_counts(
     alpha: float,
     p0: float = 0.5,
     alpha_split: str = "sound",
+    margins: Sequence[sound.Margin] | None = None,
 ) -> Certificate:
     """Run the cascade's tests on (c_hat, estimation counts [K]) per stage, largest sigma first.
 
@@ -189,13 +196,16 @@ def certify_from_counts(
     a generator that samples on demand gives the cascade's early stopping. `sigmas` must be
     strictly decreasing (the processing order). alpha_split "sound" (default) spends alpha / K
     per stage with bounds valid for every class at once (total error <= alpha, see the module
-    docstring); "official" tests stage j at alpha / (j + 1) as the official code.
+    docstring); "official" tests stage j at alpha / (j + 1) as the official code. margins[j]
+    moves stage j's bounds and the radius in their safe directions (sound noise; default: not
+    at all).
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     if any(later >= earlier for earlier, later in zip(sigmas, sigmas[1:], strict=False)):
         raise ValueError(f"sigmas must be strictly decreasing (processing order), got {sigmas}")
-    _check_level(alpha, p0)
-    _check_alpha_split(alpha_split)
+    check_level(alpha, p0)
+    check_alpha_split(alpha_split)
+    margins = [sound.EXACT] * len(sigmas) if margins is None else list(margins)
     z0 = stats.norm.ppf(p0)
     num_stages = len(sigmas)
     # (sigma_j, pB_upper_j as a function of the predicted class y) of every abstaining stage.
@@ -203,24 +213,26 @@ def certify_from_counts(
     stage, sigma, pA_lower = -1, float("nan"), float("nan")
     for stage, (sigma, (c_hat, counts)) in enumerate(zip(sigmas, stages, strict=True)):
         counts = np.asarray(counts, dtype=np.int64)
+        margin = margins[stage]
         nA, total = int(counts[c_hat]), int(counts.sum())
         off_class: Callable[[int, float], float] | None = None
         if alpha_split == "official":
             alpha_stage = alpha / (stage + 1)
             pA_lower, pA_upper = clopper_pearson(nA, total, alpha_stage)
 
-            def off_class(y, level, counts=counts):
-                return off_class_upper_bound(counts, y, level)
+            def off_class(y, level, counts=counts, margin=margin):
+                return margin.upper(off_class_upper_bound(counts, y, level))
         else:
             alpha_stage = float("nan")  # the sound bounds carry their own levels
             level_lower, level_family = sound_levels(stage, num_stages, alpha)
             pA_lower, pA_upper = clopper_pearson(nA, total, level_lower)
             if level_family > 0.0:
-                uppers = class_upper_bounds(counts, level_family)
+                uppers = margin.uppers(class_upper_bounds(counts, level_family))
                 pA_upper = float(uppers[c_hat])
 
                 def off_class(y, level, uppers=uppers):
                     return float(np.delete(uppers, y).max())
+        pA_lower, pA_upper = margin.lower(pA_lower), margin.upper(pA_upper)
         if pA_lower >= p0:
             radius = sigma * (stats.norm.ppf(pA_lower) - z0)
             r_neg = R_NEG_NONE
@@ -230,6 +242,7 @@ def certify_from_counts(
                     for sigma_j, bound_j in abstained
                 )
                 radius = min(radius, -r_neg)
+            radius = margin.radius(radius)
             if radius < 0.0:
                 return Certificate(ABSTAIN, 0.0, stage, sigma, float(r_neg), pA_lower)
             return Certificate(int(c_hat), float(radius), stage, sigma, float(r_neg), pA_lower)
@@ -243,57 +256,52 @@ def certify_from_counts(
 def certify_cascade(
     logits_fns: Sequence[LogitsFn],
     x: Any,
+    settings: Settings,
     *,
-    sigmas: Sequence[float],
-    n0: int,
-    n: int,
-    alpha: float,
-    p0: float = 0.5,
-    batch_size: int,
     rng: jax.Array,
-    num_classes: int,
+    p0: float = 0.5,
+    alpha_split: str = "sound",
     clean_logits_fn: LogitsFn | None = None,
     sampler: Sampler | None = None,
-    alpha_split: str = "sound",
-    check_args: bool = True,
 ) -> CascadeResult:
     """Certify one image [H, W, C] in [0, 1] with the multi-scale cascade (official CERTIFY).
 
     logits_fns[i] is the base classifier ([B, H, W, C] -> logits [B, K]) smoothed at
-    sigmas[i]: one per sigma (per-sigma fine-tuned classifiers) or the same denoise-and-
-    classify function built for each sigma. Stages run from the largest sigma down whatever
-    the order given; stage j uses jax.random.split(rng, len(sigmas))[j], split again into
-    its selection and estimation keys. pred_uc is the official fallback: the prediction if
-    it is a class, else argmax clean_logits_fn(x[None]) (the classifier on the clean image,
-    no noise), or the prediction itself (-1/-2) when clean_logits_fn is None. `sampler`
-    defaults to certify.sample_counts; pass functools.partial(sample_counts, devices=...,
-    compute_dtype=...) for its other options. alpha_split: see `certify_from_counts`.
-    check_args=False skips the argument checks (for callers that made them once already).
+    settings.sigma[i]: one per sigma (per-sigma fine-tuned classifiers) or the same
+    denoise-and-classify function built for each sigma. Stages run from the largest sigma
+    down whatever the order given; stage j uses jax.random.split(rng, K)[j], split again
+    into its selection and estimation keys. pred_uc is the official fallback: the
+    prediction if it is a class, else argmax clean_logits_fn(x[None]) (the classifier on
+    the clean image, no noise), or the prediction itself (-1/-2) when clean_logits_fn is
+    None. `sampler` (logits_fn, image, key, num, sigma) -> votes [K] defaults to the
+    engine's. alpha_split: see `certify_from_counts`.
     """
-    if check_args:
-        check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
-        _check_alpha_split(alpha_split)
-    sampler = sample_counts if sampler is None else sampler
+    check_cascade(settings, logits_fns, p0, alpha_split)
+    image = check_images("x", x, rank=3)
+    sigmas = settings.sigmas
+    sampler = sampler_for(settings) if sampler is None else sampler
     order = processing_order(sigmas)
-    stage_keys = jax.random.split(rng, len(order))
+    stage_keys = jax.random.split(single_key(rng), len(order))
     visited: list[np.ndarray] = []
 
     def sample_stages() -> Iterator[tuple[int, np.ndarray]]:
         for stage, i in enumerate(order):
             key_select, key_estimate = jax.random.split(stage_keys[stage])
-            common = dict(sigma=sigmas[i], batch_size=batch_size, num_classes=num_classes)
-            counts_select = sample_stage(sampler, logits_fns[i], x, n0, key_select, common)
-            counts_estimate = sample_stage(sampler, logits_fns[i], x, n, key_estimate, common)
+            counts_select = sample_stage(sampler, settings, logits_fns[i], image, settings.n0,
+                                         key_select, sigmas[i])
+            counts_estimate = sample_stage(sampler, settings, logits_fns[i], image, settings.n,
+                                           key_estimate, sigmas[i])
             visited.append(counts_estimate)
             yield int(np.argmax(counts_select)), counts_estimate
 
     certificate = certify_from_counts(
-        sample_stages(), sigmas=[float(sigmas[i]) for i in order], alpha=alpha, p0=p0,
+        sample_stages(), sigmas=[sigmas[i] for i in order], alpha=settings.alpha, p0=p0,
         alpha_split=alpha_split,
+        margins=[margin_for(settings, sigmas[i], image) for i in order],
     )
     pred_uc = certificate.prediction
     if pred_uc < 0 and clean_logits_fn is not None:
-        pred_uc = int(np.argmax(np.asarray(clean_logits_fn(x[None]))[0]))
+        pred_uc = int(np.argmax(np.asarray(clean_logits_fn(image[None]))[0]))
     return CascadeResult(
         prediction=certificate.prediction,
         radius=certificate.radius,
@@ -303,41 +311,33 @@ def certify_cascade(
         pred_uc=pred_uc,
         pA_lower=certificate.pA_lower,
         counts=tuple(visited),
-        num_samples=len(visited) * (n0 + n),
+        num_samples=len(visited) * (settings.n0 + settings.n),
     )
 
 
 def make_certify_one(
     logits_fns: Sequence[LogitsFn],
+    settings: Settings,
     *,
-    sigmas: Sequence[float],
-    n0: int,
-    n: int,
-    alpha: float,
-    p0: float = 0.5,
-    batch_size: int,
     rng: jax.Array,
-    num_classes: int,
+    p0: float = 0.5,
+    alpha_split: str = "sound",
     clean_logits_fn: LogitsFn | None = None,
     sampler: Sampler | None = None,
-    alpha_split: str = "sound",
 ) -> Callable[[int, Any, int], dict[str, Any]]:
     """certify_one(idx, image, label) -> log row for run_certification (columns CASCADE_COLUMNS).
 
     The row has every column but `time`, which run_certification measures. The image's key
     is jax.random.fold_in(rng, idx), so a resumed run certifies each image exactly as an
-    uninterrupted run does. The arguments are checked here, once, not per image.
+    uninterrupted run does. A bad argument fails here, before the first image.
     """
-    check_cascade_args(logits_fns, sigmas, n0, n, alpha, p0, batch_size, num_classes)
-    _check_alpha_split(alpha_split)
+    check_cascade(settings, logits_fns, p0, alpha_split)
+    key = key_array(rng)
 
     def certify_one(idx: int, image: Any, label: int) -> dict[str, Any]:
         result = certify_cascade(
-            logits_fns, image, sigmas=sigmas, n0=n0, n=n, alpha=alpha, p0=p0,
-            batch_size=batch_size, rng=jax.random.fold_in(rng, idx), num_classes=num_classes,
-            clean_logits_fn=clean_logits_fn, sampler=sampler, alpha_split=alpha_split,
-            check_args=False,
-        )  # fmt: skip
+            logits_fns, image, settings, rng=jax.random.fold_in(key, idx), p0=p0,
+            alpha_split=alpha_split, clean_logits_fn=clean_logits_fn, sampler=sampler)
         label = int(label)
         return {
             "idx": int(idx),
@@ -371,20 +371,19 @@ def expected_num_stages(continue_rates: Sequence[float]) -> float:
     return expected
 
 
-def sample_stage(
-    sampler: Sampler, logits_fn: LogitsFn, x: Any, num: int, key: jax.Array, common: dict
-) -> np.ndarray:
+def sample_stage(sampler: Sampler, settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
+                 num: int, key: jax.Array, sigma: float) -> np.ndarray:
     """Draw `num` noisy counts [K] and check the sampler kept its contract."""
-    counts = np.asarray(sampler(logits_fn, x, num=num, rng=key, **common), dtype=np.int64)
-    if counts.shape != (common["num_classes"],) or counts.sum() != num or (counts < 0).any():
+    counts = np.asarray(sampler(logits_fn, image, key, num, sigma), dtype=np.int64)
+    if counts.shape != (settings.num_classes,) or counts.sum() != num or (counts < 0).any():
         raise ValueError(
-            f"sampler must return {num} non-negative counts of shape ({common['num_classes']},), "
+            f"sampler must return {num} non-negative counts of shape ({settings.num_classes},), "
             f"got shape {counts.shape} summing to {counts.sum()}"
         )
     return counts
 
 
-def _check_sigmas(sigmas: Sequence[float]) -> None:
+def check_sigmas(sigmas: Sequence[float]) -> None:
     """Non-empty, finite, positive, distinct noise levels."""
     if len(sigmas) == 0:
         raise ValueError("sigmas must hold at least one noise level, got []")
@@ -395,7 +394,7 @@ def _check_sigmas(sigmas: Sequence[float]) -> None:
         raise ValueError(f"sigmas must be distinct, got {list(sigmas)}")
 
 
-def _check_level(alpha: float, p0: float) -> None:
+def check_level(alpha: float, p0: float) -> None:
     """alpha in (0, 1/2); p0 in [1/2, 1), below which two classes could both exceed p0."""
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
@@ -403,35 +402,18 @@ def _check_level(alpha: float, p0: float) -> None:
         raise ValueError(f"p0 must be in [0.5, 1) (below 0.5 the certificate is unsound), got {p0}")
 
 
-def _check_alpha_split(alpha_split: str) -> None:
+def check_alpha_split(alpha_split: str) -> None:
+    """One of ALPHA_SPLITS."""
     if alpha_split not in ALPHA_SPLITS:
         raise ValueError(f"alpha_split must be one of {ALPHA_SPLITS}, got {alpha_split!r}")
 
 
-def _check_positive_ints(**values: int) -> None:
-    """Each named value is an int >= 1."""
-    for name, value in values.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value}")
-
-
-def check_cascade_args(
-    logits_fns: Sequence[LogitsFn],
-    sigmas: Sequence[float],
-    n0: int,
-    n: int,
-    alpha: float,
-    p0: float,
-    batch_size: int,
-    num_classes: int,
-) -> None:
-    """Fail early and clearly on a bad cascade configuration."""
-    _check_sigmas(sigmas)
-    if len(logits_fns) != len(sigmas):
+def check_cascade(settings: Settings, logits_fns: Sequence[LogitsFn], p0: float,
+                  alpha_split: str = "sound") -> None:
+    """What a cascade needs beyond valid settings: one classifier per sigma, alpha < 1/2, p0."""
+    if len(logits_fns) != len(settings.sigmas):
         raise ValueError(
-            f"logits_fns must have one entry per sigma ({len(sigmas)}), got {len(logits_fns)}"
-        )
-    _check_positive_ints(n0=n0, n=n, batch_size=batch_size)
-    _check_level(alpha, p0)
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            f"logits_fns must have one entry per sigma ({len(settings.sigmas)}), got "
+            f"{len(logits_fns)}")
+    check_level(settings.alpha, p0)
+    check_alpha_split(alpha_split)

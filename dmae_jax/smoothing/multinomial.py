@@ -17,6 +17,20 @@ from scipy import stats
 MIN_CELL_COUNT = 5
 
 
+def cp_lower(count: int, nobs: int, level: float) -> float:
+    """One-sided Clopper-Pearson lower bound on p from count of nobs; fails w.p. <= level.
+
+    beta.ppf(level, 0, nobs + 1) is NaN; the bound is 0 there (a NaN bound would pass every
+    `< threshold` test as False and certify).
+    """
+    return 0.0 if count <= 0 else float(stats.beta.ppf(level, count, nobs - count + 1))
+
+
+def cp_upper(count: int, nobs: int, level: float) -> float:
+    """One-sided Clopper-Pearson upper bound on p from count of nobs; fails w.p. <= level."""
+    return 1.0 if count >= nobs else float(stats.beta.isf(level, count + 1, nobs - count))
+
+
 def clopper_pearson(count: int, nobs: int, alpha: float) -> tuple[float, float]:
     """Exact binomial (lower, upper) bounds on count/nobs, each side failing w.p. <= alpha."""
     if nobs < 1:
@@ -25,9 +39,7 @@ def clopper_pearson(count: int, nobs: int, alpha: float) -> tuple[float, float]:
         raise ValueError(f"count must be in [0, nobs={nobs}], got {count}")
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
-    lower = 0.0 if count == 0 else float(stats.beta.ppf(alpha, count, nobs - count + 1))
-    upper = 1.0 if count == nobs else float(stats.beta.isf(alpha, count + 1, nobs - count))
-    return lower, upper
+    return cp_lower(count, nobs, alpha), cp_upper(count, nobs, alpha)
 
 
 def goodman_intervals(counts: Sequence[int] | np.ndarray, alpha: float) -> np.ndarray:

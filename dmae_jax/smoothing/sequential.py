@@ -83,18 +83,19 @@ import numpy as np
 from scipy import stats
 
 from dmae_jax.smoothing import cascade as cascade_lib
-from dmae_jax.smoothing.certify import (
-    ABSTAIN,
-    LogitsFn,
-    _as_key_array,
-    _check_alpha,
-    _check_images,
-    _check_num_classes,
-    _check_positive_int,
-    _check_sigma,
-    _sample,
-)
+from dmae_jax.smoothing import sound
+from dmae_jax.smoothing.certify import ABSTAIN, margin_for
 from dmae_jax.smoothing.logs import format_sparse_counts
+from dmae_jax.smoothing.multinomial import cp_lower, cp_upper
+from dmae_jax.smoothing.sampling import (
+    LogitsFn,
+    Sampler,
+    check_images,
+    key_array,
+    sampler_for,
+    single_key,
+)
+from dmae_jax.smoothing.settings import Settings, check_alpha, check_positive_int
 
 # The report's grid: 0, 0.25, ..., 3.0.
 DEFAULT_RADII = tuple(0.25 * i for i in range(13))
@@ -104,7 +105,6 @@ DEFAULT_N_FIRST = 64
 # even split, at the same certified accuracy. The cascade keeps x2 and the even split.
 DEFAULT_GROWTH = 1.25
 DEFAULT_CASCADE_GROWTH = 2.0
-DEFAULT_N_MAX = 150_000
 # Level of the upper bound that only decides when to stop (no effect on soundness): at 0.05
 # an image gives up on the next radius once it is out of reach with 95% confidence.
 DEFAULT_STOP_LEVEL = 0.05
@@ -113,15 +113,11 @@ DEFAULT_POWER = 0.5
 # stage's lower bound on its top class's probability at the stopping look.
 CASCADE_EXTRA_COLUMNS = ("pA_lower",)
 
-# sampler(logits_fn, images [1, H, W, C], key [1], num) -> counts [K]; the default draws with
-# certify's sampler, tests inject analytic ones.
-StageSampler = Callable[[Any, np.ndarray, jax.Array, int], np.ndarray]
-
 
 def look_schedule(n_first: int, n_max: int, growth: float) -> tuple[int, ...]:
     """Cumulative sample counts at which to look: n_first, x growth (rounded up), ..., n_max."""
-    _check_positive_int("n_first", n_first)
-    _check_positive_int("n_max", n_max)
+    check_positive_int("n_first", n_first)
+    check_positive_int("n_max", n_max)
     if n_first > n_max:
         raise ValueError(f"n_first must be <= n_max={n_max}, got {n_first}")
     if not (isinstance(growth, int | float) and math.isfinite(growth) and growth > 1.0):
@@ -130,6 +126,38 @@ def look_schedule(n_first: int, n_max: int, growth: float) -> tuple[int, ...]:
     while looks[-1] < n_max:
         looks.append(min(n_max, max(looks[-1] + 1, math.ceil(looks[-1] * growth))))
     return tuple(looks)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """When the sequential engine looks and how it spends alpha; checked when built.
+
+    radii: the radii of interest (it stops once more samples cannot certify another one);
+    n_first: estimation samples at the first look; growth: the ratio between looks;
+    stop_level: level of the upper bound that only decides when to stop; power: alpha_t
+    proportional to n_t^power (0: an even split over the looks).
+    """
+
+    radii: tuple[float, ...] = DEFAULT_RADII
+    n_first: int = DEFAULT_N_FIRST
+    growth: float = DEFAULT_GROWTH
+    stop_level: float = DEFAULT_STOP_LEVEL
+    power: float = DEFAULT_POWER
+
+    def __post_init__(self) -> None:
+        radii = tuple(float(r) for r in self.radii)
+        if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
+            raise ValueError(f"radii must be finite numbers >= 0, got {list(radii)}")
+        object.__setattr__(self, "radii", tuple(sorted(set(radii))))
+        check_positive_int("n_first", self.n_first)
+        look_schedule(self.n_first, self.n_first, self.growth)
+        check_alpha(self.stop_level, "stop_level")
+        if not (isinstance(self.power, int | float) and math.isfinite(self.power)
+                and self.power >= 0):
+            raise ValueError(f"power must be a finite number >= 0, got {self.power!r}")
+
+
+CASCADE_SCHEDULE = Schedule(growth=DEFAULT_CASCADE_GROWTH, power=0.0)
 
 
 def aligned_schedule(
@@ -175,29 +203,14 @@ def aligned_schedule(
     return looks, tuple(alpha * weight(n) / total for n in looks)
 
 
-def _check_radii(radii: Sequence[float]) -> tuple[float, ...]:
-    radii = tuple(float(r) for r in radii)
-    if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
-        raise ValueError(f"radii must be finite numbers >= 0, got {list(radii)}")
-    return tuple(sorted(set(radii)))
-
-
 def grid_level(radius: float, radii: Sequence[float]) -> int:
     """How many of the (sorted) radii of interest `radius` certifies (radius >= r); 0 if none."""
     return int(np.searchsorted(np.asarray(radii), radius, side="right"))
 
 
-def _cp_lower(count: int, n: int, level: float) -> float:
-    return 0.0 if count <= 0 else float(stats.beta.ppf(level, count, n - count + 1))
-
-
-def _cp_upper(count: int, n: int, level: float) -> float:
-    return 1.0 if count >= n else float(stats.beta.isf(level, count + 1, n - count))
-
-
 def _best_lower(upper: float, n_max: int, level: float) -> float:
     """The lower bound the cap would give if the probability were `upper` (optimistic)."""
-    return _cp_lower(min(n_max, math.ceil(upper * n_max)), n_max, level)
+    return cp_lower(min(n_max, math.ceil(upper * n_max)), n_max, level)
 
 
 def _phi_inv(p: float) -> float:
@@ -222,144 +235,99 @@ class SequentialResult:
 def decide_single(
     nA: int, n: int, *, sigma: float, level: float, radii: Sequence[float], n_max: int,
     stop_level: float | None = None, cap_level: float | None = None,
+    margin: sound.Margin = sound.EXACT,
 ) -> tuple[bool, float]:
     """(stop, pA_lower) after a look with nA of n votes for c_hat (see the module docstring).
 
     level: this look's alpha_t (0: the bound is 0, the look can only abstain); stop_level:
     level of the upper bound that decides when to stop (default `level`); cap_level: the
-    level of the look at the cap (default `level`).
+    level of the look at the cap (default `level`); margin: moves the bound in its safe
+    direction (sound noise).
     """
-    lower = _cp_lower(nA, n, level) if level > 0 else 0.0
+    lower = margin.lower(cp_lower(nA, n, level) if level > 0 else 0.0)
     if n >= n_max:
         return True, lower
-    now = grid_level(sigma * _phi_inv(lower), radii) if lower >= 0.5 else 0
-    upper = _cp_upper(nA, n, level if stop_level is None else stop_level)
-    best = _best_lower(upper, n_max, level if cap_level is None else cap_level)
-    reachable = grid_level(sigma * _phi_inv(best), radii) if best >= 0.5 else 0
+    now = grid_level(margin.radius(sigma * _phi_inv(lower)), radii) if lower >= 0.5 else 0
+    upper = cp_upper(nA, n, level if stop_level is None else stop_level)
+    best = margin.lower(_best_lower(upper, n_max, level if cap_level is None else cap_level))
+    reachable = grid_level(margin.radius(sigma * _phi_inv(best)), radii) if best >= 0.5 else 0
     return now >= reachable, lower
 
 
-def _default_stage_sampler(
-    logits_fn: Any, image: np.ndarray, key: jax.Array, num: int, *, sigma: float,
-    batch_size: int, num_classes: int, compute_dtype: Any, devices: Any,
-) -> np.ndarray:
-    return _sample(logits_fn, image, key[None], sigma=sigma, num=num, batch_size=batch_size,
-                   num_classes=num_classes, compute_dtype=compute_dtype, devices=devices)[0]
-
-
-def _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes, radii):
-    _check_alpha(alpha)
-    _check_positive_int("n0", n0)
-    _check_positive_int("batch_size", batch_size)
-    _check_num_classes(num_classes)
-    look_schedule(n_first, n_max, growth)
-    return _check_radii(radii)
-
-
-def certify_sequential(
-    logits_fn: LogitsFn,
-    x: Any,
-    *,
-    sigma: float,
-    n0: int,
-    alpha: float,
-    n_max: int,
-    batch_size: int,
-    rng: jax.Array,
-    num_classes: int,
-    radii: Sequence[float] = DEFAULT_RADII,
-    n_first: int = DEFAULT_N_FIRST,
-    growth: float = DEFAULT_GROWTH,
-    stop_level: float = DEFAULT_STOP_LEVEL,
-    power: float = DEFAULT_POWER,
-    compute_dtype: Any = None,
-    devices: Sequence[jax.Device] | None = None,
-    sampler: StageSampler | None = None,
-    check_args: bool = True,
-) -> SequentialResult:
-    """Sequential CERTIFY of one image x [H, W, C] in [0, 1]: (class, radius) with error <= alpha.
-
-    Selection on n0 samples drawn with jax.random.split(rng)[0]; look t draws its new
-    estimation samples with fold_in(split(rng)[1], t). `radii` are the radii of interest (the
-    engine stops once more samples cannot certify another of them); n_max caps the
-    estimation samples. `sampler(logits_fn, images [1, H, W, C], key, num) -> counts [K]`
-    replaces the JAX sampler (tests). See the module docstring for the proof.
-    """
-    if check_args:
-        _check_sigma(sigma)
-        radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size,
-                                       num_classes, radii)
-        image = _check_images("x", x, rank=3)[None]
-    else:
-        image = np.asarray(x, np.float32)[None]
-    key = _as_key_array(rng)
-    if sampler is None:
-        def sampler(fn, images, k, num):
-            return _default_stage_sampler(
-                fn, images, k, num, sigma=sigma, batch_size=batch_size,
-                num_classes=num_classes, compute_dtype=compute_dtype, devices=devices)
-    looks, levels = aligned_schedule(n_first, n_max, growth, sigma=sigma, radii=radii,
-                                     alpha=alpha, power=power)
+def sequential_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
+                     key: jax.Array, schedule: Schedule,
+                     sampler: Sampler | None = None) -> SequentialResult:
+    """Sequential CERTIFY of a checked image [H, W, C] with one key (see certify_sequential)."""
+    sigma = settings.one_sigma("certify_sequential")
+    n_max = settings.n
+    sampler = sampler_for(settings) if sampler is None else sampler
+    margin = margin_for(settings, sigma, image)
+    looks, levels = aligned_schedule(schedule.n_first, n_max, schedule.growth, sigma=sigma,
+                                     radii=schedule.radii, alpha=settings.alpha,
+                                     power=schedule.power)
     k_sel, k_est = jax.random.split(key)
-    counts_selection = np.asarray(sampler(logits_fn, image, k_sel, n0), np.int64)
+    counts_selection = np.asarray(sampler(logits_fn, image, k_sel, settings.n0, sigma),
+                                  np.int64)
     c_hat = int(np.argmax(counts_selection))  # lowest class index on ties
-    counts = np.zeros(num_classes, np.int64)
+    counts = np.zeros(settings.num_classes, np.int64)
     drawn = 0
     for t, n_t in enumerate(looks):
         counts += np.asarray(sampler(logits_fn, image, jax.random.fold_in(k_est, t),
-                                     n_t - drawn), np.int64)
+                                     n_t - drawn, sigma), np.int64)
         drawn = n_t
         stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=levels[t],
-                                    radii=radii, n_max=n_max, stop_level=stop_level,
-                                    cap_level=levels[-1])
+                                    radii=schedule.radii, n_max=n_max,
+                                    stop_level=schedule.stop_level, cap_level=levels[-1],
+                                    margin=margin)
         if stop:
             break
-    if lower >= 0.5:
-        prediction, radius = c_hat, float(sigma * _phi_inv(lower))
+    radius = margin.radius(float(sigma * _phi_inv(lower))) if lower >= 0.5 else -1.0
+    if radius >= 0.0:
+        prediction = c_hat
     else:
         prediction, radius = ABSTAIN, 0.0
     return SequentialResult(
         prediction=prediction, radius=radius, pA_lower=lower, c_hat=c_hat,
         counts_selection=counts_selection, counts_estimation=counts, n=drawn,
-        n_drawn=n0 + drawn, looks=t + 1)
+        n_drawn=settings.n0 + drawn, looks=t + 1)
 
 
-def make_certify_one(
-    logits_fn: LogitsFn,
-    *,
-    sigma: float,
-    n0: int,
-    alpha: float,
-    n_max: int,
-    batch_size: int,
-    rng: jax.Array,
-    num_classes: int,
-    radii: Sequence[float] = DEFAULT_RADII,
-    n_first: int = DEFAULT_N_FIRST,
-    growth: float = DEFAULT_GROWTH,
-    stop_level: float = DEFAULT_STOP_LEVEL,
-    power: float = DEFAULT_POWER,
-    compute_dtype: Any = None,
-    devices: Sequence[jax.Device] | None = None,
-) -> Callable[[int, Any, Any], dict[str, Any]]:
+def _check_sequential(settings: Settings, schedule: Schedule) -> None:
+    if schedule.n_first > settings.n:
+        raise ValueError(f"schedule.n_first must be <= the cap n={settings.n}, got "
+                         f"{schedule.n_first}")
+
+
+def certify_sequential(logits_fn: LogitsFn, x: Any, settings: Settings, *, rng: jax.Array,
+                       schedule: Schedule = Schedule(),
+                       sampler: Sampler | None = None) -> SequentialResult:
+    """Sequential CERTIFY of one image x [H, W, C] in [0, 1]: (class, radius) with error <= alpha.
+
+    settings.n caps the estimation samples. Selection on n0 samples drawn with
+    jax.random.split(rng)[0]; look t draws its new estimation samples with
+    fold_in(split(rng)[1], t). `sampler` (logits_fn, image, key, num, sigma) -> votes [K]
+    replaces the engine's (tests). See the module docstring for the proof.
+    """
+    _check_sequential(settings, schedule)
+    return sequential_image(settings, logits_fn, check_images("x", x, rank=3),
+                            single_key(rng), schedule, sampler)
+
+
+def make_certify_one(logits_fn: LogitsFn, settings: Settings, *, rng: jax.Array,
+                     schedule: Schedule = Schedule()) -> Callable[[int, Any, Any], dict[str, Any]]:
     """certify_one(idx, image, label) -> log row (certify.LOG_COLUMNS) for the runner.
 
     The label is accepted for the runner's interface and never read. Image idx uses the key
     fold_in(rng, idx). Arguments are checked here once, not per image.
     """
-    _check_sigma(sigma)
-    radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes,
-                                   radii)
-    key = _as_key_array(rng)
+    _check_sequential(settings, schedule)
+    sigma = settings.one_sigma("certify_sequential")
+    key = key_array(rng)
 
     def certify_one(idx: int, image: Any, label: Any) -> dict[str, Any]:
         del label  # label-free: the prediction and the stopping time never depend on it
-        result = certify_sequential(
-            logits_fn, _check_images("image", image, rank=3), sigma=sigma, n0=n0,
-            alpha=alpha, n_max=n_max, batch_size=batch_size, rng=jax.random.fold_in(key, idx),
-            num_classes=num_classes, radii=radii, n_first=n_first, growth=growth,
-            stop_level=stop_level, power=power, compute_dtype=compute_dtype, devices=devices,
-            check_args=False)
+        result = sequential_image(settings, logits_fn, check_images("image", image, rank=3),
+                                  jax.random.fold_in(key, idx), schedule)
         return {
             "predict": result.prediction,
             "radius": result.radius,
@@ -417,6 +385,7 @@ def run_stage(
     looks: Sequence[int],
     num_classes: int,
     stop_level: float = DEFAULT_STOP_LEVEL,
+    margin: sound.Margin = sound.EXACT,
 ) -> StageOutcome:
     """Sample one cascade stage look by look until its outcome is settled.
 
@@ -436,19 +405,20 @@ def run_stage(
     def predicted_level(lower: float) -> int:
         if lower < p0:
             return 0
-        radius = min(sigma * (_phi_inv(lower) - z0), cap)
+        radius = margin.radius(min(sigma * (_phi_inv(lower) - z0), cap))
         return grid_level(radius, radii) if radius >= 0 else 0
 
     for t, n_t in enumerate(looks):
         counts += np.asarray(draw(t, n_t - drawn), np.int64)
         drawn = n_t
         nA = int(counts[c_hat])
-        lower = _cp_lower(nA, drawn, level_lower)
-        uppers = None if last else cascade_lib.class_upper_bounds(counts, level_family)
-        upper = _cp_upper(nA, drawn, level_lower) if last else float(uppers[c_hat])
+        lower = margin.lower(cp_lower(nA, drawn, level_lower))
+        uppers = None if last else margin.uppers(
+            cascade_lib.class_upper_bounds(counts, level_family))
+        upper = margin.upper(cp_upper(nA, drawn, level_lower)) if last else float(uppers[c_hat])
         at_cap = drawn >= n_max
-        best_predict = predicted_level(
-            _best_lower(_cp_upper(nA, drawn, stop_level), n_max, level_lower))
+        best_predict = predicted_level(margin.lower(
+            _best_lower(cp_upper(nA, drawn, stop_level), n_max, level_lower)))
         if lower >= p0:
             if at_cap or predicted_level(lower) >= best_predict:
                 return StageOutcome("predict", c_hat, lower, uppers, counts.copy(), drawn)
@@ -456,7 +426,7 @@ def run_stage(
         if last:
             if upper < p0:
                 return StageOutcome("abstain", c_hat, lower, uppers, counts.copy(), drawn)
-            if at_cap or (best_predict == 0 and _cp_upper(
+            if at_cap or (best_predict == 0 and cp_upper(
                     math.floor(lower * n_max), n_max, level_lower) >= p0):
                 return StageOutcome("ambiguous", c_hat, lower, uppers, counts.copy(), drawn)
             continue
@@ -464,9 +434,9 @@ def run_stage(
         if top < p0:
             # Every class is below p0: the stage abstains. Keep sampling while a later
             # prediction's off-class term could still reach another radius of interest.
-            lowers = [_cp_lower(int(c), drawn, level_family / num_classes) for c in counts]
-            optimistic = _cp_upper(min(n_max, math.floor(max(lowers) * n_max)), n_max,
-                                   level_family / num_classes)
+            lowers = [cp_lower(int(c), drawn, level_family / num_classes) for c in counts]
+            optimistic = cp_upper(min(n_max, math.floor(max(lowers) * n_max)), n_max,
+                                  level_family / num_classes)
             now = grid_level(_offclass_radius(sigma, z0, top), radii)
             reachable = grid_level(_offclass_radius(sigma, z0, optimistic), radii)
             if at_cap or now >= reachable:
@@ -475,76 +445,53 @@ def run_stage(
         if at_cap:
             decision = "ambiguous" if upper >= p0 else "continue"
             return StageOutcome(decision, c_hat, lower, uppers, counts.copy(), drawn)
-        optimistic_top = _cp_upper(min(n_max, math.floor(lower * n_max)), n_max,
-                                   level_family / num_classes)
+        optimistic_top = cp_upper(min(n_max, math.floor(lower * n_max)), n_max,
+                                  level_family / num_classes)
         if best_predict == 0 and optimistic_top >= p0:
             return StageOutcome("ambiguous", c_hat, lower, uppers, counts.copy(), drawn)
     raise AssertionError("unreachable: the last look is at the cap")
 
 
-def certify_cascade_sequential(
-    logits_fns: Sequence[LogitsFn],
-    x: Any,
-    *,
-    sigmas: Sequence[float],
-    n0: int,
-    alpha: float,
-    n_max: int,
-    p0: float = 0.5,
-    batch_size: int,
-    rng: jax.Array,
-    num_classes: int,
-    radii: Sequence[float] = DEFAULT_RADII,
-    n_first: int = DEFAULT_N_FIRST,
-    growth: float = DEFAULT_CASCADE_GROWTH,
-    sampler: cascade_lib.Sampler | None = None,
-    check_args: bool = True,
-) -> cascade_lib.CascadeResult:
-    """The sound multi-scale cascade with every stage sequential (module docstring: proof).
-
-    Stages run from the largest sigma down; stage j draws with jax.random.split(rng, K)[j],
-    split again into its selection key and the estimation key whose fold_in(., t) feeds
-    look t. `sampler` is a cascade.Sampler (default certify.sample_counts).
-    """
-    if check_args:
-        cascade_lib.check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
-                                        num_classes)
-        radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size,
-                                       num_classes, radii)
-    if sampler is None:
-        from dmae_jax.smoothing.certify import sample_counts as sampler
-    looks = look_schedule(n_first, n_max, growth)
+def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
+                             image: np.ndarray, key: jax.Array, *, p0: float,
+                             schedule: Schedule,
+                             sampler: Sampler | None = None) -> cascade_lib.CascadeResult:
+    """The sequential cascade on a checked image with one key (see certify_cascade_sequential)."""
+    sampler = sampler_for(settings) if sampler is None else sampler
+    sigmas = settings.sigmas
+    looks = look_schedule(schedule.n_first, settings.n, schedule.growth)
     order = cascade_lib.processing_order(sigmas)
-    stage_keys = jax.random.split(rng, len(order))
+    stage_keys = jax.random.split(key, len(order))
     z0 = _phi_inv(p0)
     abstained: list[tuple[float, np.ndarray]] = []  # (sigma_j, uppers_j)
     visited: list[np.ndarray] = []
     drawn = 0
-    outcome = None
     for stage, i in enumerate(order):
-        sigma = float(sigmas[i])
+        sigma = sigmas[i]
+        margin = margin_for(settings, sigma, image)
         key_select, key_estimate = jax.random.split(stage_keys[stage])
-        common = dict(sigma=sigma, batch_size=batch_size, num_classes=num_classes)
-        c_hat = int(np.argmax(cascade_lib.sample_stage(sampler, logits_fns[i], x, n0, key_select,
-                                                  common)))
+        c_hat = int(np.argmax(cascade_lib.sample_stage(sampler, settings, logits_fns[i], image,
+                                                       settings.n0, key_select, sigma)))
         r_neg = cascade_lib.R_NEG_NONE
         if abstained:
             r_neg = max(s_j * (_phi_inv(float(np.delete(u_j, c_hat).max())) - z0)
                         for s_j, u_j in abstained)
 
-        def draw(t, num, i=i, key_estimate=key_estimate, common=common):
-            return cascade_lib.sample_stage(sampler, logits_fns[i], x, num,
-                                       jax.random.fold_in(key_estimate, t), common)
+        def draw(t, num, i=i, key_estimate=key_estimate, sigma=sigma):
+            return cascade_lib.sample_stage(sampler, settings, logits_fns[i], image, num,
+                                            jax.random.fold_in(key_estimate, t), sigma)
 
         outcome = run_stage(draw, c_hat, sigma=sigma, stage=stage, num_stages=len(order),
-                            alpha=alpha, p0=p0, r_neg=r_neg, radii=radii, looks=looks,
-                            num_classes=num_classes)
+                            alpha=settings.alpha, p0=p0, r_neg=r_neg, radii=schedule.radii,
+                            looks=looks, num_classes=settings.num_classes,
+                            stop_level=schedule.stop_level, margin=margin)
         visited.append(outcome.counts)
-        drawn += n0 + outcome.n
+        drawn += settings.n0 + outcome.n
         if outcome.decision == "predict":
             radius = sigma * (_phi_inv(outcome.pA_lower) - z0)
             if abstained:
                 radius = min(radius, -r_neg)
+            radius = margin.radius(radius)
             prediction = c_hat if radius >= 0.0 else ABSTAIN
             radius = max(radius, 0.0) if prediction >= 0 else 0.0
             return _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited,
@@ -564,21 +511,29 @@ def _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited, d
         counts=tuple(visited), num_samples=drawn)
 
 
+def _check_cascade_sequential(settings, logits_fns, p0, schedule) -> None:
+    cascade_lib.check_cascade(settings, logits_fns, p0)
+    _check_sequential(settings, schedule)
+
+
+def certify_cascade_sequential(
+    logits_fns: Sequence[LogitsFn], x: Any, settings: Settings, *, rng: jax.Array,
+    p0: float = 0.5, schedule: Schedule = CASCADE_SCHEDULE, sampler: Sampler | None = None,
+) -> cascade_lib.CascadeResult:
+    """The sound multi-scale cascade with every stage sequential (module docstring: proof).
+
+    Stages run from the largest sigma down; stage j draws with jax.random.split(rng, K)[j],
+    split again into its selection key and the estimation key whose fold_in(., t) feeds
+    look t. settings.n caps each stage's estimation samples.
+    """
+    _check_cascade_sequential(settings, logits_fns, p0, schedule)
+    return cascade_sequential_image(settings, logits_fns, check_images("x", x, rank=3),
+                                    single_key(rng), p0=p0, schedule=schedule, sampler=sampler)
+
+
 def make_cascade_certify_one(
-    logits_fns: Sequence[LogitsFn],
-    *,
-    sigmas: Sequence[float],
-    n0: int,
-    alpha: float,
-    n_max: int,
-    p0: float = 0.5,
-    batch_size: int,
-    rng: jax.Array,
-    num_classes: int,
-    radii: Sequence[float] = DEFAULT_RADII,
-    n_first: int = DEFAULT_N_FIRST,
-    growth: float = DEFAULT_CASCADE_GROWTH,
-    sampler: cascade_lib.Sampler | None = None,
+    logits_fns: Sequence[LogitsFn], settings: Settings, *, rng: jax.Array, p0: float = 0.5,
+    schedule: Schedule = CASCADE_SCHEDULE, sampler: Sampler | None = None,
 ) -> Callable[[int, Any, Any], dict[str, Any]]:
     """certify_one(idx, image, label) -> cascade log row, label-free.
 
@@ -589,17 +544,13 @@ def make_cascade_certify_one(
     score the row's corr_uc (int(pred_uc == label), as the runner scores `correct`). pred_uc
     is the prediction itself (no clean-classifier fallback).
     """
-    cascade_lib.check_cascade_args(logits_fns, sigmas, n0, n_max, alpha, p0, batch_size,
-                                    num_classes)
-    radii = _check_sequential_args(alpha, n0, n_max, n_first, growth, batch_size, num_classes,
-                                   radii)
+    _check_cascade_sequential(settings, logits_fns, p0, schedule)
+    key = key_array(rng)
 
     def certify_one(idx: int, image: Any, label: Any) -> dict[str, Any]:
-        result = certify_cascade_sequential(
-            logits_fns, _check_images("image", image, rank=3), sigmas=sigmas, n0=n0,
-            alpha=alpha, n_max=n_max, p0=p0, batch_size=batch_size,
-            rng=jax.random.fold_in(rng, idx), num_classes=num_classes, radii=radii,
-            n_first=n_first, growth=growth, sampler=sampler, check_args=False)
+        result = cascade_sequential_image(
+            settings, logits_fns, check_images("image", image, rank=3),
+            jax.random.fold_in(key, idx), p0=p0, schedule=schedule, sampler=sampler)
         return {
             "predict": result.prediction,
             "radius": result.radius,

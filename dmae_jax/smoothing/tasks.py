@@ -12,6 +12,7 @@ every sigma (`config.checkpoint` + `config.denoiser`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -39,6 +40,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             config.max == -1 or config.max >= 1):
         raise C.ConfigError(f"config.max must be -1 (every image) or >= 1, got {config.max!r}")
     C.one_of(config, "compute_dtype", DTYPES)
+    C.one_of(config, "noise", ("float", "sound"))
     C.one_of(config, "mode", ("fixed", "sequential"))
     if config.mode == "sequential":
         if config.n_max != 0:
@@ -112,7 +114,7 @@ def place_once(fns: list) -> list:
     The cascade's logits_fns share the denoiser's (and possibly a classifier's) arrays, so
     the devices hold one copy of each model, however many sigmas use it.
     """
-    from dmae_jax.smoothing.certify import place_replicated
+    from dmae_jax.smoothing.sampling import place_replicated
 
     placed: dict[int, jax.Array] = {}
 
@@ -171,36 +173,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     dtype = None if config.compute_dtype == "float32" else jax.numpy.bfloat16
     rng = jax.random.key(config.seed)
     from dmae_jax.smoothing import sequential
+    from dmae_jax.smoothing.settings import Settings
 
-    seq = dict(n_max=config.n_max or int(1.5 * config.n), n0=config.n0, alpha=config.alpha,
-               radii=tuple(config.radii) or sequential.DEFAULT_RADII,
-               batch_size=config.batch_size, rng=rng, num_classes=num_classes)
+    sigmas = config.sigma if config.task == "certify" else C.sigmas(config, "sigmas")
+    settings = Settings(sigma=sigmas, n0=config.n0, n=config.n, alpha=config.alpha,
+                        batch_size=config.batch_size, num_classes=num_classes,
+                        compute_dtype=dtype, noise=config.noise)
+    seq_settings = dataclasses.replace(settings, n=config.n_max or int(1.5 * config.n))
+    schedule = sequential.Schedule(radii=tuple(config.radii) or sequential.DEFAULT_RADII)
 
     if config.task == "certify":
         classifier_fn, _ = load_classifier(config.checkpoint, dtype=config.compute_dtype)
         logits_fn = place_once(_logits_fns_for(config, [classifier_fn], [config.sigma]))[0]
-        certify_one = make_certify_one(
-            logits_fn, sigma=config.sigma, n0=config.n0, n=config.n, alpha=config.alpha,
-            batch_size=config.batch_size, rng=rng, num_classes=num_classes,
-            early_abstain=config.early_abstain, compute_dtype=dtype)
+        certify_one = make_certify_one(logits_fn, settings, rng=rng,
+                                       early_abstain=config.early_abstain)
         if config.mode == "sequential":
-            certify_one = sequential.make_certify_one(logits_fn, sigma=config.sigma,
-                                                      compute_dtype=dtype, **seq)
+            certify_one = sequential.make_certify_one(logits_fn, seq_settings, rng=rng,
+                                                      schedule=schedule)
         columns, after = LOG_COLUMNS, ()
     else:
         from dmae_jax.smoothing import cascade
 
-        sigmas = C.sigmas(config, "sigmas")
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
         loaded = {p: load_classifier(p, dtype=config.compute_dtype)[0] for p in set(paths)}
         fns = place_once(_logits_fns_for(config, [loaded[p] for p in paths], sigmas))
-        certify_one = cascade.make_certify_one(
-            fns, sigmas=sigmas, n0=config.n0, n=config.n, alpha=config.alpha, p0=config.p0,
-            batch_size=config.batch_size, rng=rng, num_classes=num_classes,
-            alpha_split=config.alpha_split)
+        certify_one = cascade.make_certify_one(fns, settings, rng=rng, p0=config.p0,
+                                               alpha_split=config.alpha_split)
         if config.mode == "sequential":
-            certify_one = sequential.make_cascade_certify_one(fns, sigmas=sigmas,
-                                                              p0=config.p0, **seq)
+            certify_one = sequential.make_cascade_certify_one(
+                fns, seq_settings, rng=rng, p0=config.p0,
+                schedule=dataclasses.replace(sequential.CASCADE_SCHEDULE,
+                                             radii=schedule.radii))
         columns = cascade.CASCADE_COLUMNS
         # sequential rows also carry the deciding stage's bound at its stopping look
         after = sequential.CASCADE_EXTRA_COLUMNS if config.mode == "sequential" else ()
