@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dmae_jax.smoothing import ABSTAIN, Settings, sequential
+from dmae_jax.smoothing import ABSTAIN, Settings, cascade, sequential
 from dmae_jax.smoothing.cascade import AMBIGUOUS, CASCADE_COLUMNS
 from dmae_jax.smoothing.certify import LOG_COLUMNS, certify_detailed
 from dmae_jax.smoothing.sequential import (
@@ -283,3 +283,166 @@ def test_sequential_cascade_rows_are_label_free_but_for_corr_uc():
     assert {k: v for k, v in rows[0].items() if k != "corr_uc"} == \
         {k: v for k, v in rows[1].items() if k != "corr_uc"}
     assert math.isfinite(rows[0]["radius"])
+
+
+# ------------------------------------------------------------------------------------------
+# Cascade: no stalls, never dearer than the fixed cascade on boundary cases, exact soundness.
+# ------------------------------------------------------------------------------------------
+
+BOUNDARY_CASES = {  # stage 0 (sigma 1.0), stage 1 (sigma 0.5); alpha 0.1, n0 100
+    # a selection error or two classes near 1/2 at stage 0: the old engine sampled to the cap
+    "selection_error": [(0.45, 0.55), (0.9, 0.1)],
+    "official_boundary": [(0.501, 0.499), (0.0, 1.0)],  # the official split's 0.11 > alpha
+    "near_boundary": [(0.505, 0.495), (0.0, 1.0)],
+}
+
+
+def mean_passes(probs, runs, *, sequential_engine):
+    """Mean noisy forward passes of one engine on 2-class stages of known probabilities:
+    the sequential cascade capped at 150,000, or the fixed one at N = 100,000 (the task's
+    default cap is 1.5 N)."""
+    fns = [Probs(p) for p in probs]
+    x = np.zeros((1, 1, 1), np.float32)
+    passes = []
+    for i in range(runs):
+        sampler = table_sampler(i)
+        if sequential_engine:
+            settings = cascade_settings([1.0, 0.5], 100, 0.1, 150_000, 2)
+            result = certify_cascade_sequential(fns, x, settings, rng=jax.random.key(i),
+                                                sampler=sampler)
+        else:
+            settings = cascade_settings([1.0, 0.5], 100, 0.1, 100_000, 2)
+            result = cascade.certify_cascade(fns, x, settings, rng=jax.random.key(i),
+                                             sampler=sampler)
+        passes.append(result.num_samples)
+    return float(np.mean(passes))
+
+
+def test_a_stage_whose_selected_class_is_below_p0_continues_instead_of_sampling_to_the_cap():
+    # Stage 0 has 0.55 on class 1; when selection picks class 0 (0.45) the old engine never
+    # stopped (27,616 passes on average, 17.5% of images at the cap). U(c_hat) < p0 now
+    # continues at once (stage 1 then certifies nothing for class 0: class 1 may exceed p0
+    # at stage 0), so an image costs a few thousand passes.
+    fns = [Probs(p) for p in BOUNDARY_CASES["selection_error"]]
+    settings = cascade_settings([1.0, 0.5], 100, 0.1, 150_000, 2)
+    results = [certify_cascade_sequential(fns, np.zeros((1, 1, 1), np.float32), settings,
+                                          rng=jax.random.key(i), sampler=table_sampler(i))
+               for i in range(60)]
+    assert np.mean([r.num_samples for r in results]) < 5_000
+    assert max(c.sum() for r in results for c in r.counts) < 150_000
+    assert {r.prediction for r in results} <= {1, ABSTAIN}  # class 1 or no certificate
+
+
+@pytest.mark.parametrize("case", sorted(BOUNDARY_CASES))
+def test_the_sequential_cascade_costs_less_than_the_fixed_one_on_boundary_cases(case):
+    probs = BOUNDARY_CASES[case]
+    sequential_passes = mean_passes(probs, 40, sequential_engine=True)
+    # The fixed cascade spends N0 + N on stage 0 alone, and more when it continues.
+    assert sequential_passes < 100_100 <= mean_passes(probs, 10, sequential_engine=False)
+
+
+class NeedDraw(Exception):
+    """The cascade asked for a draw beyond the enumerated prefix."""
+
+    def __init__(self, fn, num):
+        self.fn, self.num = fn, num
+
+
+def draw_outcomes(probs, num, n0):
+    """(votes [2], probability) of every outcome of one draw of num samples; a selection
+    draw (num == n0) only matters through c_hat = argmax (lowest class on ties)."""
+    outcomes = [(np.array([k, num - k]), stats.binom.pmf(k, num, probs[0]))
+                for k in range(num + 1) if stats.binom.pmf(k, num, probs[0]) > 0]
+    if num != n0:
+        return outcomes
+    c_hat = np.zeros(2)
+    for votes, weight in outcomes:
+        c_hat[int(np.argmax(votes))] += weight
+    return [(np.eye(2, dtype=np.int64)[c] * n0, w) for c, w in enumerate(c_hat) if w > 0]
+
+
+def theorem_radius(y, k, probs, sigmas, p0=0.5):
+    """The cascade theorem's radius of output y at stage k from the true probabilities."""
+    z0 = stats.norm.ppf(p0)
+    with np.errstate(divide="ignore"):
+        radius = sigmas[k] * (stats.norm.ppf(probs[k][y]) - z0)
+        for j in range(k):
+            radius = min(radius, sigmas[j] * (z0 - stats.norm.ppf(1.0 - probs[j][y])))
+    return radius
+
+
+def exact_sequential_cascade(probs, alpha, *, n0=3, looks=(4, 8)):
+    """(P(wrong certificate), E[passes]) of the real sequential cascade, by enumeration.
+
+    Every selection and every look's votes are enumerated with their probabilities: a
+    replaying sampler feeds the engine a prefix of draws and raises NeedDraw past it, and
+    the enumeration extends the prefix by every outcome of that draw. (The replaying
+    sampler ignores keys; the caller may stub out their derivation to save time.)
+    """
+    fns = [Probs(p) for p in probs]
+    settings = cascade_settings([1.0, 0.5], n0, alpha, looks[-1], 2)
+    schedule = Schedule(n_first=looks[0], growth=2.0, power=0.0)
+    assert look_schedule(looks[0], looks[-1], 2.0) == looks
+    wrong, passes = 0.0, 0.0
+
+    def visit(prefix, weight):
+        nonlocal wrong, passes
+        replies = iter(prefix)
+
+        def sampler(fn, image, key, num, sigma):
+            reply = next(replies, None)
+            if reply is None:
+                raise NeedDraw(fn, num)
+            return reply
+
+        try:
+            result = certify_cascade_sequential(
+                fns, np.zeros((1, 1, 1), np.float32), settings, rng=jax.random.key(0),
+                schedule=schedule, sampler=sampler)
+        except NeedDraw as need:
+            for votes, w in draw_outcomes(need.fn.probs, need.num, n0):
+                visit([*prefix, votes], weight * w)
+            return
+        passes += weight * result.num_samples
+        if result.prediction >= 0 and result.radius > theorem_radius(
+                result.prediction, result.stage, probs, (1.0, 0.5)) + 1e-12:
+            wrong += weight
+
+    visit([], 1.0)
+    return wrong, passes
+
+
+EXACT_CASES = [
+    [(0.5, 0.5), (0.0, 1.0)],  # stage 0 exactly at p0: any radius > 0 there is wrong
+    [(0.501, 0.499), (0.0, 1.0)],
+    [(0.45, 0.55), (0.9, 0.1)],  # the selection-error case: continues at U(c_hat) < p0
+    [(0.3, 0.7), (0.5, 0.5)],  # the last stage exactly at p0
+]
+
+
+@pytest.fixture
+def keys_not_derived(monkeypatch):
+    """jax.random.split / fold_in as no-ops: the enumerating sampler never reads a key, and
+    ~10 eager key operations per engine run would dominate the enumeration's time."""
+    monkeypatch.setattr(jax.random, "split", lambda key, num=2: [key] * num)
+    monkeypatch.setattr(jax.random, "fold_in", lambda key, data: key)
+
+
+def test_sequential_cascade_wrong_certificates_are_at_most_alpha_exactly(keys_not_derived):
+    for probs in EXACT_CASES:
+        for alpha in (0.1, 0.3):
+            wrong, _ = exact_sequential_cascade(probs, alpha)
+            assert wrong <= alpha
+
+
+def test_the_exact_check_fails_a_cascade_that_forgets_the_earlier_stages(monkeypatch,
+                                                                       keys_not_derived):
+    # Stage 0 outputs class 1 (0.7); one selection sample picks class 0 w.p. 0.3, whose
+    # upper bound often falls below p0, so the stage continues and stage 1 (always class 0)
+    # predicts 0. The earlier stage's off-class term (class 1 may exceed p0 there) makes
+    # that an abstention; a cascade without it certifies class 0: a wrong certificate.
+    case, looks = [(0.3, 0.7), (1.0, 0.0)], (8, 16, 32)
+    assert exact_sequential_cascade(case, 0.1, n0=1, looks=looks)[0] <= 0.1
+    monkeypatch.setattr(sequential, "earlier_stages_term",
+                        lambda abstained, y, z0: cascade.R_NEG_NONE)
+    assert exact_sequential_cascade(case, 0.1, n0=1, looks=looks)[0] > 0.1

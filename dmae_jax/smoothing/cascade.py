@@ -71,7 +71,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from dmae_jax.smoothing import sound
 from dmae_jax.smoothing.certify import ABSTAIN, margin_for
@@ -164,7 +164,7 @@ def class_upper_bounds(counts: np.ndarray, alpha: float) -> np.ndarray:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     n = int(counts.sum())
     full = counts == n
-    upper = stats.beta.isf(alpha / counts.size, counts + 1, np.where(full, 1, n - counts))
+    upper = special.betainccinv(counts + 1, np.where(full, 1, n - counts), alpha / counts.size)
     return np.where(full, 1.0, upper).astype(np.float64)
 
 

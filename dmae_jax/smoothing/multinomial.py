@@ -10,7 +10,7 @@ official multi-scale code calls (tests/test_cascade.py checks both against stats
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 # Goodman's intervals rest on a chi-square approximation that is trusted only when every
 # cell holds at least this many counts (Goodman 1965; statsmodels' documentation).
@@ -20,15 +20,20 @@ MIN_CELL_COUNT = 5
 def cp_lower(count: int, nobs: int, level: float) -> float:
     """One-sided Clopper-Pearson lower bound on p from count of nobs; fails w.p. <= level.
 
-    beta.ppf(level, 0, nobs + 1) is NaN; the bound is 0 there (a NaN bound would pass every
+    The level-quantile of Beta(count, nobs - count + 1) (SciPy's special function: the same
+    Boost routine and bits as stats.beta.ppf, without its ~40x overhead per call). The
+    quantile is NaN at count 0; the bound is 0 there (a NaN bound would pass every
     `< threshold` test as False and certify).
     """
-    return 0.0 if count <= 0 else float(stats.beta.ppf(level, count, nobs - count + 1))
+    return 0.0 if count <= 0 else float(special.betaincinv(count, nobs - count + 1, level))
 
 
 def cp_upper(count: int, nobs: int, level: float) -> float:
-    """One-sided Clopper-Pearson upper bound on p from count of nobs; fails w.p. <= level."""
-    return 1.0 if count >= nobs else float(stats.beta.isf(level, count + 1, nobs - count))
+    """One-sided Clopper-Pearson upper bound on p from count of nobs; fails w.p. <= level.
+
+    The upper level-quantile of Beta(count + 1, nobs - count) (stats.beta.isf's bits).
+    """
+    return 1.0 if count >= nobs else float(special.betainccinv(count + 1, nobs - count, level))
 
 
 def clopper_pearson(count: int, nobs: int, alpha: float) -> tuple[float, float]:
