@@ -376,8 +376,7 @@ def exact_sequential_cascade(probs, alpha, *, n0=3, looks=(4, 8)):
 
     Every selection and every look's votes are enumerated with their probabilities: a
     replaying sampler feeds the engine a prefix of draws and raises NeedDraw past it, and
-    the enumeration extends the prefix by every outcome of that draw. (The replaying
-    sampler ignores keys; the caller may stub out their derivation to save time.)
+    the enumeration extends the prefix by every outcome of that draw.
     """
     fns = [Probs(p) for p in probs]
     settings = cascade_settings([1.0, 0.5], n0, alpha, looks[-1], 2)
@@ -420,23 +419,14 @@ EXACT_CASES = [
 ]
 
 
-@pytest.fixture
-def keys_not_derived(monkeypatch):
-    """jax.random.split / fold_in as no-ops: the enumerating sampler never reads a key, and
-    ~10 eager key operations per engine run would dominate the enumeration's time."""
-    monkeypatch.setattr(jax.random, "split", lambda key, num=2: [key] * num)
-    monkeypatch.setattr(jax.random, "fold_in", lambda key, data: key)
-
-
-def test_sequential_cascade_wrong_certificates_are_at_most_alpha_exactly(keys_not_derived):
+def test_sequential_cascade_wrong_certificates_are_at_most_alpha_exactly():
     for probs in EXACT_CASES:
         for alpha in (0.1, 0.3):
             wrong, _ = exact_sequential_cascade(probs, alpha)
             assert wrong <= alpha
 
 
-def test_the_exact_check_fails_a_cascade_that_forgets_the_earlier_stages(monkeypatch,
-                                                                       keys_not_derived):
+def test_the_exact_check_fails_a_cascade_that_forgets_the_earlier_stages(monkeypatch):
     # Stage 0 outputs class 1 (0.7); one selection sample picks class 0 w.p. 0.3, whose
     # upper bound often falls below p0, so the stage continues and stage 1 (always class 0)
     # predicts 0. The earlier stage's off-class term (class 1 may exceed p0 there) makes

@@ -83,6 +83,7 @@ from dmae_jax.smoothing.sampling import (
     key_array,
     sampler_for,
     single_key,
+    split_keys,
 )
 from dmae_jax.smoothing.settings import Settings
 
@@ -281,12 +282,12 @@ def certify_cascade(
     sigmas = settings.sigmas
     sampler = sampler_for(settings) if sampler is None else sampler
     order = processing_order(sigmas)
-    stage_keys = jax.random.split(single_key(rng), len(order))
+    stage_keys = split_keys(single_key(rng), len(order))
     visited: list[np.ndarray] = []
 
     def sample_stages() -> Iterator[tuple[int, np.ndarray]]:
         for stage, i in enumerate(order):
-            key_select, key_estimate = jax.random.split(stage_keys[stage])
+            key_select, key_estimate = split_keys(stage_keys[stage])
             counts_select = sample_stage(sampler, settings, logits_fns[i], image, settings.n0,
                                          key_select, sigmas[i])
             counts_estimate = sample_stage(sampler, settings, logits_fns[i], image, settings.n,

@@ -36,6 +36,7 @@ from dmae_jax.smoothing.sampling import (
     draw,
     key_array,
     single_key,
+    split_keys,
 )
 from dmae_jax.smoothing.settings import Settings, check_alpha, check_positive_int
 
@@ -104,7 +105,7 @@ def certify_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray, ke
     """
     sigma = settings.one_sigma("certify")
     # Selecting cAHat on the estimation samples would bias pA_lower upwards: fresh keys.
-    k_sel, k_est = jax.random.split(key)
+    k_sel, k_est = split_keys(key)
     counts_selection = draw(settings, logits_fn, image, k_sel, settings.n0, sigma)
     cAHat = int(np.argmax(counts_selection))  # lowest class index on ties
     if early_abstain_label is not None and cAHat != int(early_abstain_label):

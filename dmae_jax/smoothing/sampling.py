@@ -83,6 +83,34 @@ def single_key(rng: Any, name: str = "rng") -> jax.Array:
     return key
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _split(key: jax.Array, num: int) -> jax.Array:
+    return jax.random.split(key, num)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fold_in_range(key: jax.Array, count: int) -> jax.Array:
+    return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(count, dtype=jnp.uint32))
+
+
+def _as_list(keys: jax.Array) -> list[jax.Array]:
+    # One transfer of the key data, then a cheap wrap per key: indexing a key array, like
+    # every eager key operation, costs a dispatch (milliseconds on a busy CPU).
+    impl = jax.random.key_impl(keys)
+    return [jax.random.wrap_key_data(row, impl=impl)
+            for row in np.asarray(jax.random.key_data(keys))]
+
+
+def split_keys(key: jax.Array, num: int = 2) -> list[jax.Array]:
+    """jax.random.split(key, num), as a list of keys, in one compiled call."""
+    return _as_list(_split(key, num))
+
+
+def fold_in_keys(key: jax.Array, count: int) -> list[jax.Array]:
+    """[jax.random.fold_in(key, t) for t < count], in one compiled call."""
+    return _as_list(_fold_in_range(key, count))
+
+
 # ---------------------------------------------------------------------------------------------
 # Mesh and the logits function's arrays.
 # ---------------------------------------------------------------------------------------------

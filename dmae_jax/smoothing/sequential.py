@@ -107,9 +107,11 @@ from dmae_jax.smoothing.sampling import (
     LogitsFn,
     Sampler,
     check_images,
+    fold_in_keys,
     key_array,
     sampler_for,
     single_key,
+    split_keys,
 )
 from dmae_jax.smoothing.settings import Settings, check_alpha, check_positive_int
 
@@ -287,15 +289,16 @@ def sequential_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
     looks, levels = aligned_schedule(schedule.n_first, n_max, schedule.growth, sigma=sigma,
                                      radii=schedule.radii, alpha=settings.alpha,
                                      power=schedule.power)
-    k_sel, k_est = jax.random.split(key)
+    k_sel, k_est = split_keys(key)
     counts_selection = np.asarray(sampler(logits_fn, image, k_sel, settings.n0, sigma),
                                   np.int64)
     c_hat = int(np.argmax(counts_selection))  # lowest class index on ties
     counts = np.zeros(settings.num_classes, np.int64)
     drawn = 0
+    look_keys = fold_in_keys(k_est, len(looks))
     for t, n_t in enumerate(looks):
-        counts += np.asarray(sampler(logits_fn, image, jax.random.fold_in(k_est, t),
-                                     n_t - drawn, sigma), np.int64)
+        counts += np.asarray(sampler(logits_fn, image, look_keys[t], n_t - drawn, sigma),
+                             np.int64)
         drawn = n_t
         stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=levels[t],
                                     radii=schedule.radii, n_max=n_max,
@@ -503,7 +506,7 @@ def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
     sigmas = settings.sigmas
     looks = look_schedule(schedule.n_first, settings.n, schedule.growth)
     order = cascade_lib.processing_order(sigmas)
-    stage_keys = jax.random.split(key, len(order))
+    stage_keys = split_keys(key, len(order))
     z0 = _phi_inv(p0)
     abstained: list[tuple[float, np.ndarray]] = []  # (sigma_j, uppers_j)
     visited: list[np.ndarray] = []
@@ -511,14 +514,15 @@ def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
     for stage, i in enumerate(order):
         sigma = sigmas[i]
         margin = margin_for(settings, sigma, image)
-        key_select, key_estimate = jax.random.split(stage_keys[stage])
+        key_select, key_estimate = split_keys(stage_keys[stage])
+        look_keys = fold_in_keys(key_estimate, len(looks))
         c_hat = int(np.argmax(cascade_lib.sample_stage(sampler, settings, logits_fns[i], image,
                                                        settings.n0, key_select, sigma)))
         r_neg = earlier_stages_term(abstained, c_hat, z0)
 
-        def draw(t, num, i=i, key_estimate=key_estimate, sigma=sigma):
+        def draw(t, num, i=i, look_keys=look_keys, sigma=sigma):
             return cascade_lib.sample_stage(sampler, settings, logits_fns[i], image, num,
-                                            jax.random.fold_in(key_estimate, t), sigma)
+                                            look_keys[t], sigma)
 
         outcome = run_stage(draw, c_hat, sigma=sigma, stage=stage, num_stages=len(order),
                             alpha=settings.alpha, p0=p0, r_neg=r_neg, radii=schedule.radii,
