@@ -2,6 +2,7 @@
 
     python -m dmae_jax.report LOG.tsv [LOG2.tsv ...] [--radii 0,0.25,...] [--labels a,b]
                               [--envelope] [--plot out.png] [--json out.json] [--csv out.csv]
+                              [--alpha 0.01]
 
 Certified accuracy at r is the fraction of *all* logged images that are correct with
 radius >= r (inclusive, as Cohen et al.'s analyze.py); abstentions (predict -1, and the
@@ -13,6 +14,10 @@ ACR = mean(correct * radius) over all rows (Jeong & Shin 2020; Zhai et al. 2020)
 envelope is the best certified accuracy over the logs at each radius: a max over several
 classifiers (e.g. sigmas), not the certificate of any single one. Reads every log dialect
 `dmae_jax.smoothing.read_log` does, including Cohen et al.'s and Carlini et al.'s.
+`--alpha` recomputes the bounds of fixed-protocol CERTIFY logs at another alpha from their
+counts; a sequential log (a `looks` column, or mode = sequential in its identity) is
+refused: its counts stop where the answer at its own alpha was settled, and a bound
+recomputed from them at another alpha would be optional stopping.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from dmae_jax import storage
 from dmae_jax.smoothing import logs
+from dmae_jax.smoothing.certify import recompute_at_alpha
 from dmae_jax.smoothing.logs import read_log
 
 DEFAULT_RADII = tuple(0.25 * i for i in range(13))  # 0, 0.25, ..., 3.0
@@ -249,6 +255,22 @@ def summary(rows_per_log: Sequence[Rows], names: Sequence[str], paths: Sequence[
     return records
 
 
+def at_alpha(path: str | os.PathLike, rows: Rows, alpha: float) -> list[dict[str, Any]]:
+    """A log's rows with their bounds recomputed at `alpha` (`certify.recompute_at_alpha`).
+
+    A log whose identity says it is sequential or was sampled with sound noise is refused
+    too, even if its rows lost their marks.
+    """
+    identity = logs.read_identity(path) or {}
+    if identity.get("mode") == "sequential":
+        raise ValueError("the log is sequential (its identity says mode = sequential): "
+                         "recomputing its bounds at another alpha is optional stopping")
+    if identity.get("noise") == "sound":
+        raise ValueError("the log was sampled with sound noise, whose bounds carry margins "
+                         "for its images: certify again at that alpha")
+    return recompute_at_alpha(rows, alpha)
+
+
 def write_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
     """The table as CSV: log, images, abstain, one column per radius, ACR."""
     import csv
@@ -280,12 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="write a PNG plot to this path")
     parser.add_argument("--json", default=None, help="write the results as JSON to this path")
     parser.add_argument("--csv", default=None, help="write the table as CSV to this path")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="recompute each CERTIFY log's bounds at this alpha from its counts "
+                             "(refused for sequential and sound-noise logs)")
     args = parser.parse_args(argv)
 
     try:
         rows_per_log = [load(path) for path in args.logs]
     except (OSError, ValueError) as error:
         parser.error(str(error))
+    if args.alpha is not None:
+        for i, path in enumerate(args.logs):
+            try:
+                rows_per_log[i] = at_alpha(path, rows_per_log[i], args.alpha)
+            except ValueError as error:
+                parser.error(f"--alpha={args.alpha}: {path}: {error}")
     infos = [log_info(path, rows) for path, rows in zip(args.logs, rows_per_log, strict=True)]
     if args.labels is None:
         names = [describe_log(info, os.path.basename(p)) for info, p in

@@ -42,12 +42,13 @@ def test_grid_level_counts_the_radii_certified_inclusively():
     assert grid_level(9.0, RADII) == len(RADII)
 
 
-def exact_single_sigma(pA, *, sigma, alpha, looks, level):
+def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0):
     """Exact (P(wrong certificate), E[estimation samples]) of the single-sigma stopping rule.
 
     Dynamic programming over the looks: the law of the c_hat votes among the runs that have
     not stopped yet, advanced by the Binomial votes of each round. A certificate is wrong
     when it predicts with pA_lower > pA (then sigma Phi^-1(pA_lower) exceeds the true radius).
+    all_correct: the level of the all-correct sequence (0: none).
     """
     levels = np.broadcast_to(level, (len(looks),))  # one level, or one per look
     alive = np.zeros(looks[-1] + 1)
@@ -60,7 +61,7 @@ def exact_single_sigma(pA, *, sigma, alpha, looks, level):
         for nA in np.flatnonzero(alive > 1e-300):
             stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=float(level),
                                         radii=RADII, n_max=looks[-1],
-                                        cap_level=float(levels[-1]))
+                                        cap_level=float(levels[-1]), all_correct=all_correct)
             if stop:
                 if 0.5 <= lower and lower > pA:
                     wrong += alive[nA]
@@ -85,30 +86,48 @@ def test_single_sigma_wrong_certificates_are_at_most_alpha_exactly(pA):
     assert samples < looks[-1]  # it does stop early on average
 
 
-@pytest.mark.parametrize("pA", [stats.norm.cdf(1.0), stats.norm.cdf(2.0), 0.5])
-def test_uneven_alpha_spending_keeps_wrong_certificates_at_most_alpha_exactly(pA):
-    # Levels growing with n (more alpha for the late looks) and the aligned looks.
+@pytest.mark.parametrize("pA", [stats.norm.cdf(1.0), stats.norm.cdf(2.0), 0.5,
+                                stats.norm.cdf(3.0), 0.9995])
+def test_uneven_spending_and_the_all_correct_sequence_keep_wrong_certificates_below_alpha(pA):
+    # Clopper-Pearson levels growing with n (power 1) at half of alpha, the all-correct
+    # sequence at the other half, with its aligned looks (at pA = Phi(3) and 0.9995 an
+    # all-correct run is the likely way to a wrong certificate).
     alpha = 0.05
     looks, levels = aligned_schedule(8, 400, 1.5, sigma=0.25, radii=RADII, alpha=alpha,
-                                     power=1.0)
-    assert sum(levels) == pytest.approx(alpha) and levels[-1] > levels[0]
-    assert len(set(looks) - set(look_schedule(8, 400, 1.5))) >= 1  # an aligned look
+                                     power=1.0, all_correct=0.5)
+    assert sum(levels) == pytest.approx(alpha / 2) and levels[-1] > levels[1]
+    aligned = set(looks) - set(look_schedule(8, 400, 1.5))
+    assert aligned and all(levels[looks.index(n)] == 0.0 for n in aligned)
     wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
-                                        level=levels)
+                                        level=levels, all_correct=alpha / 2)
     assert wrong <= alpha
     assert samples < looks[-1]
 
 
-def test_aligned_schedule_with_power_0_splits_alpha_evenly():
-    looks, levels = aligned_schedule(64, 150_000, 2.0, sigma=0.25, radii=RADII, alpha=0.001)
-    assert levels == (0.001 / len(looks),) * len(looks)
+def test_the_all_correct_sequence_is_anytime_valid_exactly():
+    # P(some n has all n votes right and level^(1/n) > pA) = pA^n* for the first n* with
+    # pA^n* < level: at most level, and close to it (no union bound wasted).
+    for pA, level in [(0.9, 0.05), (0.99, 0.001), (0.5, 0.3)]:
+        n_star = next(n for n in range(1, 10_000) if pA**n < level)
+        assert sequential.all_correct_lower(n_star, n_star, level) > pA
+        assert sequential.all_correct_lower(n_star - 1, n_star - 1, level) <= pA
+        assert level * pA < pA**n_star < level
+    assert sequential.all_correct_lower(99, 100, 0.05) == 0.0  # one miss: no bound
+
+
+def test_aligned_looks_stop_an_all_correct_image_exactly_when_it_can():
+    looks, levels = aligned_schedule(64, 150_000, 2.0, sigma=0.25, radii=RADII, alpha=0.001,
+                                     all_correct=0.5)
+    geometric = look_schedule(64, 150_000, 2.0)
+    assert [levels[looks.index(n)] for n in geometric] == [0.0005 / len(geometric)] * len(
+        geometric)
     # The aligned look of r = 0.75: votes all for c_hat first certify it there, not before.
     n = min(n for n in looks if n > 4096)
-    assert n not in look_schedule(64, 150_000, 2.0)
+    assert n not in geometric and levels[looks.index(n)] == 0.0
     target = stats.norm.cdf(0.75 / 0.25)
-    assert decide_single(n, n, sigma=0.25, level=levels[0], radii=RADII, n_max=150_000)[1] \
-        >= target > decide_single(n - 1, n - 1, sigma=0.25, level=levels[0], radii=RADII,
-                                  n_max=150_000)[1]
+    common = dict(sigma=0.25, level=0.0, radii=RADII, n_max=150_000, all_correct=0.0005)
+    assert decide_single(n, n, **common)[1] >= target > decide_single(n - 1, n - 1, **common)[1]
+    assert n == math.ceil(math.log(0.0005) / math.log(target))
     with pytest.raises(ValueError, match="power must be a finite number >= 0, got -1"):
         aligned_schedule(64, 1000, 2.0, sigma=0.25, radii=RADII, alpha=0.001, power=-1)
 
@@ -145,7 +164,8 @@ def test_real_sampler_wrong_certificate_rate_at_a_threshold_pA_is_at_most_alpha(
     assert wrong <= stats.binom.ppf(0.999, images, alpha)
     assert any(r["predict"] == 0 for r in rows)  # it does certify
     assert np.mean([r["n_drawn"] for r in rows]) < 16 + 600
-    assert set(rows[0]) == {"predict", "radius", *LOG_COLUMNS}
+    assert set(rows[0]) == {"predict", "radius", *LOG_COLUMNS, *sequential.SEQUENTIAL_COLUMNS}
+    assert all(1 <= r["looks"] for r in rows)
     for r in rows:
         assert r["n_drawn"] == 16 + r["n"] and r["nA"] <= r["n"]
 
@@ -436,3 +456,25 @@ def test_the_exact_check_fails_a_cascade_that_forgets_the_earlier_stages(monkeyp
     monkeypatch.setattr(sequential, "earlier_stages_term",
                         lambda abstained, y, z0: cascade.R_NEG_NONE)
     assert exact_sequential_cascade(case, 0.1, n0=1, looks=looks)[0] > 0.1
+
+
+def test_report_refuses_to_recompute_a_sequential_log_at_another_alpha(tmp_path, capsys):
+    from dmae_jax import report
+    from dmae_jax.smoothing import LOG_COLUMNS, make_certify_one, run_certification
+
+    x = np.full((1, 1, 1), 0.7, np.float32)
+    settings = Settings(sigma=0.25, n0=32, alpha=0.01, n=1000, batch_size=128, num_classes=2)
+    items = [(i, x, 0) for i in range(3)]
+    fixed, seq = str(tmp_path / "fixed.tsv"), str(tmp_path / "sequential.tsv")
+    run_certification(items, make_certify_one(threshold_classifier(0.5), settings,
+                                              rng=jax.random.key(0)),
+                      log_path=fixed, extra_columns=LOG_COLUMNS, print_fn=lambda s: None)
+    run_certification(items, sequential.make_certify_one(threshold_classifier(0.5), settings,
+                                                         rng=jax.random.key(0)),
+                      log_path=seq, extra_columns=(*LOG_COLUMNS, *sequential.SEQUENTIAL_COLUMNS),
+                      print_fn=lambda s: None)
+    assert report.main([fixed, "--alpha", "0.001"]) == 0  # the control: a fixed log is fine
+    with pytest.raises(SystemExit) as exit_:
+        report.main([seq, "--alpha", "0.001"])
+    assert exit_.value.code == 2
+    assert "optional stopping" in capsys.readouterr().err

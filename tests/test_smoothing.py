@@ -302,3 +302,23 @@ def test_nan_logits_are_a_clear_error():
     nan_logits = lambda images: jnp.full((images.shape[0], 3), jnp.nan)
     with pytest.raises(ValueError, match="logits_fn returned NaN logits for 10 of 10"):
         smoothing.certify(nan_logits, X, rng=jax.random.key(0), **GOOD)
+
+
+# --- Recomputing a log at another alpha --------------------------------------------------------
+
+
+def test_recompute_at_alpha_gives_what_certify_gives_at_that_alpha():
+    images = [X, 1 - X, X * 0.5, np.full_like(X, 0.6)]
+    settings = dict(sigma=SIGMA, n0=20, n=300, batch_size=300, num_classes=2)
+    rows = {}
+    for alpha in (0.001, 0.2):
+        certify_one = smoothing.make_certify_one(
+            linear_logits, smoothing.Settings(alpha=alpha, **settings), rng=jax.random.key(2))
+        rows[alpha] = [{"idx": i, "label": 1, **certify_one(i, image, 1)}
+                       for i, image in enumerate(images)]
+    for row in rows[0.2]:
+        row["correct"] = int(row["predict"] == 1)
+    assert smoothing.recompute_at_alpha(rows[0.001], 0.2) == rows[0.2]
+    assert any(a["radius"] != b["radius"] for a, b in zip(rows[0.001], rows[0.2], strict=True))
+    with pytest.raises(ValueError, match="no sigma, cAHat, nA, n column"):
+        smoothing.recompute_at_alpha([{"idx": 0, "label": 1, "predict": 1, "radius": 0.5}], 0.2)

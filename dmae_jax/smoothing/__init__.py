@@ -11,6 +11,7 @@ from dmae_jax.smoothing.certify import (
     make_certify_one,
     predict,
     radius_from_bound,
+    recompute_at_alpha,
 )
 from dmae_jax.smoothing.logs import (
     BASE_COLUMNS,
@@ -43,6 +44,7 @@ __all__ = [
     "predict",
     "radius_from_bound",
     "read_log",
+    "recompute_at_alpha",
     "remaining_indices",
     "run_certification",
     "sample_counts",

@@ -125,6 +125,7 @@ class CascadeResult:
     pA_lower: float
     counts: tuple[np.ndarray, ...]  # estimation counts [K] of every visited stage, in order
     num_samples: int  # noisy forward passes used: (stage + 1) * (n0 + n)
+    looks: int = 0  # the sequential cascade: looks made over all stages (0: fixed)
 
 
 def processing_order(sigmas: Sequence[float]) -> list[int]:

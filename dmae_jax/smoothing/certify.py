@@ -20,7 +20,7 @@ distance to the grid: the certificate then holds in floating point too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -80,6 +80,44 @@ def lower_confidence_bound(nA: int, n: int, alpha: float) -> float:
 def radius_from_bound(pA_lower: float, sigma: float) -> float:
     """Certified L2 radius sigma * Phi^-1(pA_lower) (Cohen et al., Theorem 1 with pB = 1 - pA)."""
     return float(sigma * stats.norm.ppf(pA_lower))
+
+
+def recompute_at_alpha(rows: Sequence[dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+    """CERTIFY rows with pA_lower, predict, radius and correct recomputed at another alpha.
+
+    Each row's bound is the Clopper-Pearson one of its nA votes for cAHat in n estimation
+    samples (LOG_COLUMNS), exactly as CERTIFY computes it, so a fixed-protocol log answers
+    "what would alpha' have certified" without sampling again. Refused, with ValueError:
+    rows of a sequential log (a `looks` column): their bounds were computed at per-look
+    levels and the engine stopped once the answer at ITS alpha was settled, so nA and n at
+    the stopping look carry no valid bound at another alpha (optional stopping); rows
+    without the counts (Cohen et al.'s or a cascade's logs); sound-noise rows can be
+    recomputed only by the certify task (their margins depend on the image).
+    """
+    check_alpha(alpha)
+    if rows and "looks" in rows[0]:
+        raise ValueError(
+            "the log is sequential (it has a `looks` column): its bounds were computed at "
+            "per-look levels and sampling stopped once the answer at the log's alpha was "
+            "settled, so recomputing them from nA and n at another alpha is optional "
+            "stopping, not a bound; certify again at that alpha")
+    missing = [c for c in ("sigma", "cAHat", "nA", "n") if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"the log has no {', '.join(missing)} column(s) (only logs written "
+                         f"by CERTIFY with LOG_COLUMNS record the counts a bound needs)")
+    recomputed = []
+    for row in rows:
+        row = dict(row)
+        if int(row["n"]) > 0:  # 0: DMAE's early abstain, never estimated
+            pA_lower = cp_lower(int(row["nA"]), int(row["n"]), alpha)
+            sigma = float(row["sigma"])
+            certified = pA_lower >= 0.5
+            row["pA_lower"] = pA_lower
+            row["predict"] = int(row["cAHat"]) if certified else ABSTAIN
+            row["radius"] = radius_from_bound(pA_lower, sigma) if certified else 0.0
+            row["correct"] = int(row["predict"] == int(row["label"]))
+        recomputed.append(row)
+    return recomputed
 
 
 def margin_for(settings: Settings, sigma: float, image: np.ndarray) -> sound.Margin:

@@ -93,22 +93,34 @@ def _fold_in_range(key: jax.Array, count: int) -> jax.Array:
     return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(count, dtype=jnp.uint32))
 
 
-def _as_list(keys: jax.Array) -> list[jax.Array]:
-    # One transfer of the key data, then a cheap wrap per key: indexing a key array, like
-    # every eager key operation, costs a dispatch (milliseconds on a busy CPU).
-    impl = jax.random.key_impl(keys)
-    return [jax.random.wrap_key_data(row, impl=impl)
-            for row in np.asarray(jax.random.key_data(keys))]
+class Keys(Sequence):
+    """Keys made in one compiled call, each wrapped only when used.
+
+    Indexing a key array, like every eager key operation, costs a dispatch (milliseconds on
+    a busy CPU); this holds the key data on the host and wraps a key (~50 us) on access.
+    """
+
+    def __init__(self, keys: jax.Array):
+        self._impl = jax.random.key_impl(keys)
+        self._data = np.asarray(jax.random.key_data(keys))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return jax.random.wrap_key_data(self._data[index], impl=self._impl)
 
 
-def split_keys(key: jax.Array, num: int = 2) -> list[jax.Array]:
-    """jax.random.split(key, num), as a list of keys, in one compiled call."""
-    return _as_list(_split(key, num))
+def split_keys(key: jax.Array, num: int = 2) -> Keys:
+    """jax.random.split(key, num), in one compiled call."""
+    return Keys(_split(key, num))
 
 
-def fold_in_keys(key: jax.Array, count: int) -> list[jax.Array]:
+def fold_in_keys(key: jax.Array, count: int) -> Keys:
     """[jax.random.fold_in(key, t) for t < count], in one compiled call."""
-    return _as_list(_fold_in_range(key, count))
+    return Keys(_fold_in_range(key, count))
 
 
 # ---------------------------------------------------------------------------------------------

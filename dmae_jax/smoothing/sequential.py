@@ -132,9 +132,21 @@ DEFAULT_CASCADE_STOP_LEVEL = 0.1
 # an image gives up on the next radius once it is out of reach with 95% confidence.
 DEFAULT_STOP_LEVEL = 0.05
 DEFAULT_POWER = 0.5
-# Cascade log columns after cascade.CASCADE_COLUMNS (and the task's "image"): the deciding
-# stage's lower bound on its top class's probability at the stopping look.
-CASCADE_EXTRA_COLUMNS = ("pA_lower",)
+# Share of alpha spent on the all-correct confidence sequence alpha_A^(1/n) (valid at every
+# n at once, no union over looks; `all_correct_lower`): an image the classifier never gets
+# wrong then stops at log(1 / alpha_A) / -log Phi(r / sigma) samples, 1.10x the Wald
+# minimum log(1 / alpha) / -log Phi(r / sigma) at alpha = 0.001, where a union over the ~40
+# looks costs 1.55x; the Clopper-Pearson sequence keeps the rest.
+DEFAULT_ALL_CORRECT = 0.5
+# Sequential log columns after the fixed protocol's (and the task's "image"): `looks`, the
+# looks made (over all stages for the cascade). It marks the log as sequential: its bounds
+# were computed at per-look levels and the engine stopped once its answer at THIS alpha was
+# settled, so recomputing them from nA and n at another alpha would be optional stopping
+# (`certify.recompute_at_alpha` and `report --alpha` refuse such a log).
+SEQUENTIAL_COLUMNS = ("looks",)
+# The cascade's rows also hold the deciding stage's lower bound on its top class's
+# probability at the stopping look.
+CASCADE_EXTRA_COLUMNS = ("pA_lower", "looks")
 
 
 def look_schedule(n_first: int, n_max: int, growth: float) -> tuple[int, ...]:
@@ -158,7 +170,8 @@ class Schedule:
     radii: the radii of interest (it stops once more samples cannot certify another one);
     n_first: estimation samples at the first look; growth: the ratio between looks;
     stop_level: level of the upper bound that only decides when to stop; power: alpha_t
-    proportional to n_t^power (0: an even split over the looks).
+    proportional to n_t^power (0: an even split over the looks); all_correct: the share of
+    alpha spent on the all-correct confidence sequence (0: none).
     """
 
     radii: tuple[float, ...] = DEFAULT_RADII
@@ -166,6 +179,7 @@ class Schedule:
     growth: float = DEFAULT_GROWTH
     stop_level: float = DEFAULT_STOP_LEVEL
     power: float = DEFAULT_POWER
+    all_correct: float = DEFAULT_ALL_CORRECT
 
     def __post_init__(self) -> None:
         radii = tuple(float(r) for r in self.radii)
@@ -178,53 +192,57 @@ class Schedule:
         if not (isinstance(self.power, int | float) and math.isfinite(self.power)
                 and self.power >= 0):
             raise ValueError(f"power must be a finite number >= 0, got {self.power!r}")
+        if not (isinstance(self.all_correct, int | float) and 0 <= self.all_correct < 1):
+            raise ValueError(f"all_correct must be a share of alpha in [0, 1), got "
+                             f"{self.all_correct!r}")
 
 
 CASCADE_SCHEDULE = Schedule(growth=DEFAULT_CASCADE_GROWTH,
                             stop_level=DEFAULT_CASCADE_STOP_LEVEL, power=0.0)
 
 
-def aligned_schedule(
-    n_first: int, n_max: int, growth: float, *, sigma: float, radii: Sequence[float],
-    alpha: float, power: float = 0.0,
-) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """(looks, per-look levels alpha_t): the geometric looks plus one look per radius of interest.
+def all_correct_lower(nA: int, n: int, level: float) -> float:
+    """The all-correct confidence sequence: level^(1/n) while all n votes are c_hat, else 0.
 
-    The levels spend alpha over the looks: alpha_t = alpha * (n_t / n_max)^power / sum over
-    looks of (n_s / n_max)^power, so sum_t alpha_t = alpha; power = 0 is the even split
-    alpha / T, power > 0 gives the late looks (where an image whose pA sits just above a
-    grid threshold needs its bound tight) more and the early ones less. The extra look for
-    radius r is the fewest samples at which votes all for c_hat certify r at that look's
-    level, i.e. n_r = ceil(log(alpha_t(n_r)) / log(Phi(r / sigma))): an image the classifier
-    never gets wrong stops exactly when it can, not at the next geometric look (up to
-    `growth` times later). Looks and levels depend only on the arguments, never on the
-    samples, as the union bound needs.
+    Valid at every n at once (module docstring): P(some n has nA = n and level^(1/n) > pA)
+    <= level, without a union over looks.
+    """
+    return level ** (1.0 / n) if level > 0 and nA == n else 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def aligned_schedule(
+    n_first: int, n_max: int, growth: float, *, sigma: float, radii: tuple[float, ...],
+    alpha: float, power: float = 0.0, all_correct: float = 0.0,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(looks, per-look Clopper-Pearson levels alpha_t): geometric looks plus aligned ones.
+
+    The Clopper-Pearson sequence spends alpha (1 - all_correct) over the geometric looks:
+    alpha_t proportional to (n_t / n_max)^power, summing to it; power = 0 is the even
+    split, power > 0 gives the late looks (where an image whose pA sits just above a grid
+    threshold needs its bound tight) more and the early ones less. With all_correct > 0
+    there is one more look per radius of interest, at the fewest samples with which votes
+    all for c_hat certify it through the all-correct sequence at level alpha all_correct,
+    n_r = ceil(log(alpha all_correct) / log(Phi(r / sigma))), and no Clopper-Pearson level
+    of its own (level 0): an image the classifier never gets wrong stops exactly when it
+    can, and the extra looks cost the union bound nothing. Looks and levels depend only on
+    the arguments, never on the samples, as the union bound needs.
     """
     if not (isinstance(power, int | float) and math.isfinite(power) and power >= 0):
         raise ValueError(f"power must be a finite number >= 0, got {power!r}")
-    geometric = set(look_schedule(n_first, n_max, growth))
-
-    def weight(n: int) -> float:
-        return (n / n_max) ** power
-
-    extra: dict[float, int] = {}  # radius -> its look
-    for _ in range(5):  # the levels and the aligned looks depend on each other; this settles
+    geometric = look_schedule(n_first, n_max, growth)
+    weights = {n: (n / n_max) ** power for n in geometric}
+    total = sum(weights.values())
+    levels = {n: alpha * (1 - all_correct) * w / total for n, w in weights.items()}
+    if all_correct > 0:
         for r in radii:
             target = stats.norm.cdf(r / sigma)
-            if not 0.5 < target < 1.0:
-                continue
-            others = geometric | {n for q, n in extra.items() if q != r}
-            n_r = n_max
-            for _ in range(20):  # n_r = ceil(log(alpha_t(n_r)) / log(target)), a fixed point
-                level = alpha * weight(n_r) / sum(weight(n) for n in others | {n_r})
-                n_r = max(1, min(n_max, math.ceil(math.log(level) / math.log(target))))
-            if n_first < n_r < n_max:
-                extra[r] = n_r
-            else:
-                extra.pop(r, None)
-    looks = tuple(sorted(geometric | set(extra.values())))
-    total = sum(weight(n) for n in looks)
-    return looks, tuple(alpha * weight(n) / total for n in looks)
+            if 0.5 < target < 1.0:
+                n_r = math.ceil(math.log(alpha * all_correct) / math.log(target))
+                if n_first < n_r < n_max:
+                    levels.setdefault(n_r, 0.0)
+    looks = tuple(sorted(levels))
+    return looks, tuple(levels[n] for n in looks)
 
 
 def grid_level(radius: float, radii: Sequence[float]) -> int:
@@ -258,22 +276,28 @@ class SequentialResult:
 
 def decide_single(
     nA: int, n: int, *, sigma: float, level: float, radii: Sequence[float], n_max: int,
-    stop_level: float | None = None, cap_level: float | None = None,
+    stop_level: float | None = None, cap_level: float | None = None, all_correct: float = 0.0,
     margin: sound.Margin = sound.EXACT,
 ) -> tuple[bool, float]:
     """(stop, pA_lower) after a look with nA of n votes for c_hat (see the module docstring).
 
-    level: this look's alpha_t (0: the bound is 0, the look can only abstain); stop_level:
-    level of the upper bound that decides when to stop (default `level`); cap_level: the
-    level of the look at the cap (default `level`); margin: moves the bound in its safe
-    direction (sound noise).
+    level: this look's Clopper-Pearson alpha_t (0: none at this look); all_correct: the
+    level of the all-correct sequence (0: none); stop_level: level of the upper bound that
+    decides when to stop (default `level`); cap_level: the Clopper-Pearson level of the
+    look at the cap (default `level`); margin: moves the bound in its safe direction
+    (sound noise).
     """
-    lower = margin.lower(cp_lower(nA, n, level) if level > 0 else 0.0)
+    lower = margin.lower(max(cp_lower(nA, n, level) if level > 0 else 0.0,
+                             all_correct_lower(nA, n, all_correct)))
     if n >= n_max:
         return True, lower
     now = grid_level(margin.radius(sigma * _phi_inv(lower)), radii) if lower >= 0.5 else 0
     upper = cp_upper(nA, n, level if stop_level is None else stop_level)
-    best = margin.lower(_best_lower(upper, n_max, level if cap_level is None else cap_level))
+    # At the cap: the Clopper-Pearson bound if pA were `upper`, or the all-correct one if
+    # every vote so far was c_hat and every later one is.
+    reach_all_correct = all_correct_lower(n_max, n_max, all_correct) if nA == n else 0.0
+    best = margin.lower(max(_best_lower(upper, n_max, level if cap_level is None else cap_level),
+                            reach_all_correct))
     reachable = grid_level(margin.radius(sigma * _phi_inv(best)), radii) if best >= 0.5 else 0
     return now >= reachable, lower
 
@@ -288,7 +312,7 @@ def sequential_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
     margin = margin_for(settings, sigma, image)
     looks, levels = aligned_schedule(schedule.n_first, n_max, schedule.growth, sigma=sigma,
                                      radii=schedule.radii, alpha=settings.alpha,
-                                     power=schedule.power)
+                                     power=schedule.power, all_correct=schedule.all_correct)
     k_sel, k_est = split_keys(key)
     counts_selection = np.asarray(sampler(logits_fn, image, k_sel, settings.n0, sigma),
                                   np.int64)
@@ -303,6 +327,7 @@ def sequential_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
         stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=levels[t],
                                     radii=schedule.radii, n_max=n_max,
                                     stop_level=schedule.stop_level, cap_level=levels[-1],
+                                    all_correct=settings.alpha * schedule.all_correct,
                                     margin=margin)
         if stop:
             break
@@ -340,7 +365,7 @@ def certify_sequential(logits_fn: LogitsFn, x: Any, settings: Settings, *, rng: 
 
 def make_certify_one(logits_fn: LogitsFn, settings: Settings, *, rng: jax.Array,
                      schedule: Schedule = Schedule()) -> Callable[[int, Any, Any], dict[str, Any]]:
-    """certify_one(idx, image, label) -> log row (certify.LOG_COLUMNS) for the runner.
+    """certify_one(idx, image, label) -> log row (LOG_COLUMNS + SEQUENTIAL_COLUMNS) for the runner.
 
     The label is accepted for the runner's interface and never read. Image idx uses the key
     fold_in(rng, idx). Arguments are checked here once, not per image.
@@ -365,6 +390,7 @@ def make_certify_one(logits_fn: LogitsFn, settings: Settings, *, rng: jax.Array,
             "abstained_early": 0,
             "counts_selection": format_sparse_counts(result.counts_selection),
             "counts_estimation": format_sparse_counts(result.counts_estimation),
+            "looks": result.looks,
         }
 
     return certify_one
@@ -395,6 +421,7 @@ class StageOutcome:
     uppers: np.ndarray | None  # [K] time-uniform upper bounds of every class (stages < K - 1)
     counts: np.ndarray  # [K] estimation votes
     n: int  # estimation samples drawn
+    looks: int  # looks made
 
 
 def _projected_upper(count: int, drawn: int, n_max: int, stop_level: float,
@@ -419,6 +446,7 @@ def run_stage(
     num_classes: int,
     stop_level: float = DEFAULT_STOP_LEVEL,
     power: float = 0.0,
+    all_correct: float = 0.0,
     margin: sound.Margin = sound.EXACT,
 ) -> StageOutcome:
     """Sample one cascade stage look by look until its outcome is settled.
@@ -436,12 +464,17 @@ def run_stage(
     z0 = _phi_inv(p0)
     n_max = looks[-1]
     stage_lower, stage_family = cascade_lib.sound_levels(stage, num_stages, alpha)
+    # c_hat's lower bound: the all-correct sequence at a share of the stage's level, the
+    # Clopper-Pearson one at the rest, spread over the looks.
+    level_all_correct = stage_lower * all_correct
+    stage_cp = stage_lower - level_all_correct
     shares = look_shares(looks, power)
     last = stage == num_stages - 1
     # At the cap: the level of c_hat's lower bound and of each class's upper bound (the last
     # stage bounds only c_hat).
-    cap_lower = stage_lower * shares[-1]
-    cap_upper = cap_lower if last else stage_family * shares[-1] / num_classes
+    cap_lower = stage_cp * shares[-1]
+    cap_upper = (stage_lower * shares[-1] if last
+                 else stage_family * shares[-1] / num_classes)
     counts = np.zeros(num_classes, np.int64)
     drawn = 0
     cap = -r_neg if r_neg != cascade_lib.R_NEG_NONE else math.inf
@@ -464,18 +497,23 @@ def run_stage(
         counts += np.asarray(draw(t, n_t - drawn), np.int64)
         drawn = n_t
         nA = int(counts[c_hat])
-        level_lower, level_family = stage_lower * shares[t], stage_family * shares[t]
-        lower = margin.lower(cp_lower(nA, drawn, level_lower))
+        level_lower, level_family = stage_cp * shares[t], stage_family * shares[t]
+        lower = margin.lower(max(cp_lower(nA, drawn, level_lower),
+                                 all_correct_lower(nA, drawn, level_all_correct)))
         uppers = None if last else margin.uppers(
             cascade_lib.class_upper_bounds(counts, level_family))
-        upper = margin.upper(cp_upper(nA, drawn, level_lower)) if last else float(uppers[c_hat])
+        # The last stage's upper bound on c_hat only decides "abstain": any valid level.
+        upper = (margin.upper(cp_upper(nA, drawn, stage_lower * shares[t])) if last
+                 else float(uppers[c_hat]))
         at_cap = drawn >= n_max
 
         outcome = functools.partial(StageOutcome, c_hat=c_hat, pA_lower=lower, uppers=uppers,
-                                    counts=counts.copy(), n=drawn)
+                                    counts=counts.copy(), n=drawn, looks=t + 1)
 
-        best_predict = predicted_level(margin.lower(
-            _best_lower(cp_upper(nA, drawn, stop_level), n_max, cap_lower)))
+        reach_all_correct = (all_correct_lower(n_max, n_max, level_all_correct)
+                             if nA == drawn else 0.0)
+        best_predict = predicted_level(margin.lower(max(
+            _best_lower(cp_upper(nA, drawn, stop_level), n_max, cap_lower), reach_all_correct)))
         if lower >= p0:
             if at_cap or predicted_level(lower) >= best_predict:
                 return outcome("predict")
@@ -510,7 +548,7 @@ def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
     z0 = _phi_inv(p0)
     abstained: list[tuple[float, np.ndarray]] = []  # (sigma_j, uppers_j)
     visited: list[np.ndarray] = []
-    drawn = 0
+    drawn = looks_made = 0
     for stage, i in enumerate(order):
         sigma = sigmas[i]
         margin = margin_for(settings, sigma, image)
@@ -528,9 +566,10 @@ def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
                             alpha=settings.alpha, p0=p0, r_neg=r_neg, radii=schedule.radii,
                             looks=looks, num_classes=settings.num_classes,
                             stop_level=schedule.stop_level, power=schedule.power,
-                            margin=margin)
+                            all_correct=schedule.all_correct, margin=margin)
         visited.append(outcome.counts)
         drawn += settings.n0 + outcome.n
+        looks_made += outcome.looks
         if outcome.decision == "predict":
             radius = sigma * (_phi_inv(outcome.pA_lower) - z0)
             if abstained:
@@ -539,11 +578,11 @@ def cascade_sequential_image(settings: Settings, logits_fns: Sequence[LogitsFn],
             prediction = c_hat if radius >= 0.0 else ABSTAIN
             radius = max(radius, 0.0) if prediction >= 0 else 0.0
             return _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited,
-                                   drawn)
+                                   drawn, looks_made)
         if outcome.decision in ("ambiguous", "abstain"):
             prediction = cascade_lib.AMBIGUOUS if outcome.decision == "ambiguous" else ABSTAIN
             return _cascade_result(prediction, 0.0, stage, sigma, cascade_lib.R_NEG_NONE,
-                                   outcome, visited, drawn)
+                                   outcome, visited, drawn, looks_made)
         abstained.append((sigma, outcome.uppers))
     raise AssertionError("unreachable: the last stage never continues")
 
@@ -561,11 +600,11 @@ def earlier_stages_term(abstained: Sequence[tuple[float, np.ndarray]], y: int,
                for sigma_j, uppers_j in abstained)
 
 
-def _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited, drawn):
+def _cascade_result(prediction, radius, stage, sigma, r_neg, outcome, visited, drawn, looks):
     return cascade_lib.CascadeResult(
         prediction=int(prediction), radius=float(radius), stage=stage, sigma=sigma,
         r_neg=float(r_neg), pred_uc=int(prediction), pA_lower=outcome.pA_lower,
-        counts=tuple(visited), num_samples=drawn)
+        counts=tuple(visited), num_samples=drawn, looks=looks)
 
 
 def _check_cascade_sequential(settings, logits_fns, p0, schedule) -> None:
@@ -595,7 +634,8 @@ def make_cascade_certify_one(
     """certify_one(idx, image, label) -> cascade log row, label-free.
 
     The row holds cascade.CASCADE_COLUMNS and then CASCADE_EXTRA_COLUMNS (pA_lower: the
-    deciding stage's bound at its stopping look, at that stage's per-look level).
+    deciding stage's bound at its stopping look, at that stage's per-look level; looks:
+    the looks made over all stages, which marks the row as sequential).
 
     The certificate is computed without the label; the label is read afterwards only to
     score the row's corr_uc (int(pred_uc == label), as the runner scores `correct`). pred_uc
@@ -618,6 +658,7 @@ def make_cascade_certify_one(
             "sigma": result.sigma,
             "num_samples": result.num_samples,
             "pA_lower": result.pA_lower,
+            "looks": result.looks,
         }
 
     return certify_one

@@ -190,7 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         if config.mode == "sequential":
             certify_one = sequential.make_certify_one(logits_fn, seq_settings, rng=rng,
                                                       schedule=schedule)
-        columns, after = LOG_COLUMNS, ()
+        columns = LOG_COLUMNS
+        after = sequential.SEQUENTIAL_COLUMNS if config.mode == "sequential" else ()
     else:
         from dmae_jax.smoothing import cascade
 
