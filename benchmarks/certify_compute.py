@@ -310,6 +310,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--distributions", default="digits,imagenet,cifar10")
+    parser.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
     parser.add_argument("--schedule", default="",
                         help="sequential.Schedule fields to change, e.g. all_correct=0,power=1")
     args = parser.parse_args(argv)
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
         print(f"digits pA from {estimates['command']!r} ({estimates['date']})")
     summary = []
     for name in names:
-        for sigma in SIGMAS:
+        for sigma in (float(s) for s in args.sigmas.split(",")):
             pA, correct = digits(estimates, sigma) if name == "digits" else mixture(name, sigma)
             summary.append(compare(name, sigma, pA, correct, schedule, SEEDS[name]))
     print("\n| distribution | sigma | engine saving | oracle saving | engine / floor | "

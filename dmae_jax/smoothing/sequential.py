@@ -1,6 +1,6 @@
 """Sequential, anytime-valid certification: draw noise in rounds, stop once the answer is settled.
 
-Cohen et al.'s CERTIFY spends N = 100,000 noisy forward passes on every image, although most
+Cohen et al.'s CERTIFY spends N = 100,000 noisy forward passes on every image, although many
 images are settled far earlier: a digit the classifier gets right under every noise draw
 reaches the largest radius it can certify after a few thousand samples, and an image whose
 top class holds 30% of the votes shows that it must abstain after a few hundred. Here the
@@ -8,38 +8,49 @@ estimation samples come in rounds at a fixed schedule of looks n_1 < n_2 < ... <
 (`aligned_schedule`: geometric from n_first, plus for each radius of interest the sample
 count at which votes all for c_hat first certify it), and after each look the engine asks
 whether more samples could still change the answer at the radii the user cares about
-(`radii`, default the report's grid).
+(`Schedule.radii`, default the report's grid). "Anytime" means: at every scheduled look up
+to N_max at once, per image; not beyond N_max, not between looks, not at another alpha.
 
 Single sigma (`certify_sequential`), per image:
     c_hat = argmax of n0 selection samples (fresh key, as Cohen: never reused below);
     at look t with n_t estimation samples of which nA_t vote c_hat:
-        L_t = Clopper-Pearson lower bound on pA = P(f(x + noise) = c_hat) at level alpha_t,
-              where the levels alpha_1 + ... + alpha_T = alpha are fixed with the schedule
-              (`aligned_schedule`: alpha_t proportional to (n_t / N_max)^power);
-        U_t = Clopper-Pearson upper bound at `stop_level` (default 0.05; used only to
-              decide when to stop);
+        L_t = max(CP_t, A_t), where
+        CP_t = Clopper-Pearson lower bound on pA = P(f(x + noise) = c_hat) at level alpha_t,
+               the levels fixed with the schedule, alpha_1 + ... + alpha_T = alpha (1 - a)
+               (`aligned_schedule`: alpha_t proportional to (n_t / N_max)^power on the
+               geometric looks, 0 on the aligned ones), a = `Schedule.all_correct`;
+        A_t  = (alpha a)^(1 / n_t) if nA_t = n_t (every vote so far for c_hat), else 0;
+        U_t  = Clopper-Pearson upper bound at `stop_level` (default 0.05; used only to
+               decide when to stop);
         stop when the grid level of sigma Phi^-1(L_t) (how many radii of interest it
-        certifies) already equals the best level reachable at the cap if pA were U_t,
-        i.e. of sigma Phi^-1(CP lower bound at alpha_T of ceil(U_t N_max) votes in N_max
-        draws);
+        certifies) already equals the best level reachable at the cap: that of the larger
+        of the CP bound at alpha_T of ceil(U_t N_max) votes in N_max draws (pA = U_t) and,
+        while every vote was for c_hat, (alpha a)^(1 / N_max);
         this covers "pA <= 1/2: abstain" (the best level is then 0) and the cap (t = T);
     return (c_hat, sigma Phi^-1(L_tau)) if L_tau >= 1/2, else abstain, at the stopping look tau.
 
 Theorem: P(return c_hat with radius R and pA < Phi(R / sigma)) <= alpha, i.e. with
 probability >= 1 - alpha the result is an abstention or a correct Cohen certificate.
 Proof. Given c_hat (independent of the estimation samples), the votes for c_hat are i.i.d.
-Bernoulli(pA), so at each fixed look t, P(L_t > pA) <= alpha_t (Clopper-Pearson is exact).
-By the union bound over the T looks of the fixed schedule, P(there is a look t with
-L_t > pA) <= alpha_1 + ... + alpha_T = alpha: the sequence (L_t) is a time-uniform lower
-confidence sequence. This needs only that the looks and their levels are fixed before any
-sample is drawn (they depend on n_first, growth, N_max, sigma, the radii, alpha and power),
-not that the levels are equal. The
-stopping look tau is random, but whatever it is, L_tau > pA implies that event, so
-P(L_tau > pA) <= alpha for ANY stopping rule, including one that looks at U_t, at the
-radii, or at anything else computed from the samples. On the complementary event,
+Bernoulli(pA) in the order they are drawn, and look t sees the first n_t of them.
+(i) At each fixed look, P(CP_t > pA) <= alpha_t (Clopper-Pearson is exact); by the union
+bound over the T looks of the fixed schedule, P(some look has CP_t > pA) <= alpha (1 - a).
+This needs only that the looks and their levels are fixed before any sample is drawn (they
+depend on n_first, growth, N_max, sigma, the radii, alpha, power and a), not that the
+levels are equal. (ii) For pA = 1, A_t <= 1 = pA always. For pA < 1 let m be the first
+n with pA^n < alpha a. A_t > pA means that the first n_t votes were all for c_hat and
+(alpha a)^(1/n_t) > pA, i.e. pA^n_t < alpha a, i.e. n_t >= m; then in particular the first m
+votes were all for c_hat. So P(some look has A_t > pA) <= pA^m < alpha a, for every set of
+looks at once: no union bound. (iii) L_t > pA needs (i) or (ii): P(some look has L_t > pA)
+<= alpha. The stopping look tau is random, but whatever it is, L_tau > pA implies that
+event, so P(L_tau > pA) <= alpha for ANY stopping rule, including one that looks at U_t, at
+the radii, or at anything else computed from the samples. On the complementary event,
 pA >= L_tau and Cohen et al.'s Theorem 1 makes sigma Phi^-1(L_tau) a certified radius when
 L_tau >= 1/2. The upper bound U_t therefore needs no validity: it only decides when to
 stop, i.e. how many samples are spent and how close the radius comes to the fixed-N one.
+tests/test_sequential.py computes the wrong-certificate probability of `decide_single`
+exactly (dynamic programming over the looks) at threshold pA, with a control that drops
+the union bound and fails.
 
 The label never enters: `certify_sequential` and `make_certify_one` do not look at it (the
 runner compares the prediction with the label afterwards), so the stopping rule cannot
@@ -81,9 +92,11 @@ sit just above grid points and the average certified radius (ACR) is lower than 
 protocol's; pass finer `radii` when ACR matters (more samples).
 
 Log rows use the same columns as the fixed protocol (`certify.LOG_COLUMNS`,
-`cascade.CASCADE_COLUMNS`): `n` is the number of estimation samples drawn, `n_drawn` /
-`num_samples` all noisy forward passes, `pA_lower` the bound at the stopping look (at that
-look's level alpha_t, so it cannot be recomputed from nA and n at level alpha).
+`cascade.CASCADE_COLUMNS`) and then SEQUENTIAL_COLUMNS (`looks`, which marks the log as
+sequential): `n` is the number of estimation samples drawn, `n_drawn` / `num_samples` all
+noisy forward passes, `pA_lower` the bound at the stopping look. It cannot be recomputed
+from nA and n at another alpha: the engine stopped where the answer at ITS alpha was
+settled (optional stopping), and `report --alpha` refuses the log.
 """
 
 from __future__ import annotations
