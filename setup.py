@@ -29,6 +29,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=2.0",
         "scipy>=1.14",
+        "mpmath>=1.3",  # the sound noise's thresholds, exact to 30 digits
         "scikit-learn>=1.5",
         "pillow>=10.0",
         "matplotlib>=3.8",
