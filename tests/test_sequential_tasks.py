@@ -43,7 +43,7 @@ def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
     tasks.run(cfg, work)
     path = os.path.join(work, "certify_sigma_0.25.tsv")
     assert _header(path)[:6] == COHEN
-    assert _header(path)[6:6 + len(LOG_COLUMNS)] == LOG_COLUMNS
+    assert _header(path)[6:] == (*LOG_COLUMNS, "image", "looks")
     rows = logs.read_log(path)
     assert [r["idx"] for r in rows] == [0, 2, 4]
     for r in rows:
@@ -69,7 +69,8 @@ def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
     (name,) = [f for f in os.listdir(work) if f.endswith(".tsv")]
     path = os.path.join(work, name)
     assert _header(path)[:6] == COHEN
-    assert _header(path)[6:] == (*CASCADE_COLUMNS, "image", "pA_lower")
+    # The looks column marks the log as sequential (report refuses --alpha on it).
+    assert _header(path)[6:] == (*CASCADE_COLUMNS, "image", "pA_lower", "looks")
     rows = logs.read_log(path)
     assert [r["idx"] for r in rows] == [0, 2, 4]
     for r in rows:
