@@ -227,7 +227,7 @@ def estimate(workdir: str, data_dir: str | None, n_estimate: int, batch_size: in
     """Real c_hat (N0 samples) and votes for it (n_estimate more) of every digits test image."""
     from dmae_jax.data import datasets
     from dmae_jax.smoothing import place_replicated, sample_counts_many
-    from dmae_jax.smoothing.tasks import load_classifier
+    from dmae_jax.tasks.certification import load_classifier
 
     source = datasets.load_source("digits", "test", data_dir=data_dir, image_size=16)
     indices = list(range(0, len(source), 2))  # every second image, as the pipeline

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                     ("near-free, ImageNet size", (224, 224, 3), 200, 100)]:
         side_by_side(name, mean_logits, shape, 2, num, batch, args.repeats)
     if args.workdir:
-        from dmae_jax.smoothing.tasks import load_classifier
+        from dmae_jax.tasks.certification import load_classifier
 
         fn, meta = load_classifier(os.path.join(args.workdir, "finetune_0.5", "export"))
         side_by_side("digits ViT (finetune_0.5)", place_replicated(fn), (16, 16, 3),

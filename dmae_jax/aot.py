@@ -401,7 +401,7 @@ def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
     from flax import nnx
 
     from dmae_jax.models import create_classifier, create_dmae, resolve_model_config
-    from dmae_jax.train import finetune, pretrain
+    from dmae_jax.tasks import finetune, pretrain
 
     config = _resolved(config)
     num_examples, num_classes = _dataset(config.data.dataset)

@@ -3,13 +3,13 @@ r"""Entry point: `python -m dmae_jax.main --config=configs/NAME.py[:arg] --workd
 Parses the ml_collections config (overrides as `--config.key=value`), joins the other
 processes of a multi-host job, and runs `config.task`:
 
-  pretrain            DMAE pretraining (dmae_jax/train/pretrain.py)
-  finetune            smoothed-classifier fine-tuning / linear probing (train/finetune.py)
-  certify             Cohen et al. CERTIFY over a data set (smoothing/tasks.py)
-  cascade             multi-scale cascaded certification (smoothing/tasks.py)
-  train_denoiser      DDPM training of a diffusion denoiser (train/train_denoiser.py)
-  calibrate_denoiser  denoiser calibration against a fixed classifier (train/calibrate_denoiser.py)
-  end_to_end          the whole digits pipeline end to end (dmae_jax/end_to_end.py)
+  pretrain            DMAE pretraining (dmae_jax/tasks/pretrain.py)
+  finetune            smoothed-classifier fine-tuning / linear probing (tasks/finetune.py)
+  certify             Cohen et al. CERTIFY over a data set (tasks/certification.py)
+  cascade             multi-scale cascaded certification (tasks/certification.py)
+  train_denoiser      DDPM training of a diffusion denoiser (tasks/train_denoiser.py)
+  calibrate_denoiser  denoiser calibration against a fixed classifier (tasks/calibrate_denoiser.py)
+  end_to_end          the whole digits pipeline end to end (tasks/end_to_end.py)
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 _RUNNERS = {
-    "pretrain": "dmae_jax.train.pretrain",
-    "finetune": "dmae_jax.train.finetune",
-    "certify": "dmae_jax.smoothing.tasks",
-    "cascade": "dmae_jax.smoothing.tasks",
-    "train_denoiser": "dmae_jax.train.train_denoiser",
-    "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
-    "end_to_end": "dmae_jax.end_to_end",
+    "pretrain": "dmae_jax.tasks.pretrain",
+    "finetune": "dmae_jax.tasks.finetune",
+    "certify": "dmae_jax.tasks.certification",
+    "cascade": "dmae_jax.tasks.certification",
+    "train_denoiser": "dmae_jax.tasks.train_denoiser",
+    "calibrate_denoiser": "dmae_jax.tasks.calibrate_denoiser",
+    "end_to_end": "dmae_jax.tasks.end_to_end",
 }
 _TRAINERS = ("pretrain", "finetune", "train_denoiser", "calibrate_denoiser")
 

@@ -36,13 +36,13 @@ EXTRA_ARGS = {
 _PATH_FIELDS = ("config.checkpoint", "config.checkpoints", "config.denoiser",
                 "config.classifier", "config.init_from")
 _RUNNERS = {
-    "pretrain": "dmae_jax.train.pretrain",
-    "finetune": "dmae_jax.train.finetune",
-    "certify": "dmae_jax.smoothing.tasks",
-    "cascade": "dmae_jax.smoothing.tasks",
-    "train_denoiser": "dmae_jax.train.train_denoiser",
-    "calibrate_denoiser": "dmae_jax.train.calibrate_denoiser",
-    "end_to_end": "dmae_jax.end_to_end",
+    "pretrain": "dmae_jax.tasks.pretrain",
+    "finetune": "dmae_jax.tasks.finetune",
+    "certify": "dmae_jax.tasks.certification",
+    "cascade": "dmae_jax.tasks.certification",
+    "train_denoiser": "dmae_jax.tasks.train_denoiser",
+    "calibrate_denoiser": "dmae_jax.tasks.calibrate_denoiser",
+    "end_to_end": "dmae_jax.tasks.end_to_end",
 }
 
 
@@ -151,7 +151,7 @@ def test_resolve_keeps_values_the_user_set():
 
 
 def test_digits_pipeline_keeps_a_users_eta():
-    from dmae_jax import end_to_end
+    from dmae_jax.tasks import end_to_end
 
     config = load_config("configs/digits.py")
     assert [end_to_end._finetune_config(config, s, "").eta for s in (0.25, 0.5, 1.0)] == [

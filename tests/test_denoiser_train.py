@@ -21,7 +21,8 @@ from dmae_jax.config import ConfigError
 from dmae_jax.diffusion import calibration, loading, losses
 from dmae_jax.models import ModelParts, count_params
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.train import calibrate_denoiser, common, train_denoiser
+from dmae_jax.tasks import calibrate_denoiser, train_denoiser
+from dmae_jax.train import common
 from tests.test_train import load_config
 
 # One level, no attention: the smallest UNet that compiles fast.
@@ -204,7 +205,7 @@ def test_the_cascade_denoisers_share_one_copy_of_the_weights(ddpm_export):
     for leaves in zip(*(jax.tree.leaves(f) for f in fns), strict=True):
         assert leaves[0] is leaves[1] is leaves[2]
     # ... and on the devices too: certification places each shared array once.
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     for leaves in zip(*(jax.tree.leaves(f) for f in tasks.place_once(fns)), strict=True):
         assert leaves[0] is leaves[1] is leaves[2]
@@ -333,7 +334,7 @@ def _set(config, field: str, value) -> None:
 
 def test_the_cascade_certifies_through_one_denoiser_export(tmp_path, ddpm_export,
                                                            classifier_export, data_dir):
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     config = defaults.cascade("digits", sigmas=(0.5, 0.25), n=16)
     config.update(checkpoint=classifier_export, denoiser=os.path.join(ddpm_export, "export"),

@@ -13,7 +13,8 @@ from dmae_jax import checks as C
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from dmae_jax.errors import IdentityError
-from dmae_jax.smoothing import identity, logs, runner
+from dmae_jax.smoothing import logs, runner
+from dmae_jax.tasks import identity
 from tests import helpers
 
 
@@ -305,7 +306,7 @@ def tiny_classifiers(tmp_path_factory):
 
 
 def test_certify_resume_under_another_identity_is_refused(tmp_path, tiny_classifiers):
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     data_dir, exports_at = tiny_classifiers
 

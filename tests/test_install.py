@@ -79,7 +79,7 @@ def test_core_imports_and_runs_without_tensorflow_tfds_grain_clu_torch(tmp_path)
         from dmae_jax.smoothing import cascade, certify
         import importlib
         from dmae_jax import main
-        for module in sorted(set(main._RUNNERS.values()) - {"dmae_jax.end_to_end"}):
+        for module in sorted(set(main._RUNNERS.values()) - {"dmae_jax.tasks.end_to_end"}):
             importlib.import_module(module)  # every trainer and the certification tasks
 
         # The real jitted, donated training step (make_train_step + AdamW) on a tiny DMAE.

@@ -437,7 +437,7 @@ def test_certification_runs_the_classifier_in_the_configured_dtype(tmp_path):
 
     from dmae_jax import defaults, exports
     from dmae_jax.models import create_classifier
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     cfg = defaults.model("mu", img_size=8, patch_size=4)
     clf = create_classifier(cfg, 3, rngs=nnx.Rngs(0))
@@ -462,7 +462,7 @@ def test_linear_probe_with_best_vote_selection_exports_plain_classifiers(tmp_pat
     from dmae_jax import config as C
     from dmae_jax import defaults, exports
     from dmae_jax.models import classifier, create_dmae
-    from dmae_jax.train import finetune
+    from dmae_jax.tasks import finetune
 
     cfg = defaults.digits_finetune(sigma=0.25)
     dmae = create_dmae(defaults.digits_pretrain().model, rngs=nnx.Rngs(0))

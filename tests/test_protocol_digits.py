@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmae_jax import end_to_end
 from dmae_jax.errors import ConfigError
-from dmae_jax.train.pretrain import flat_blocks, masked_patch_errors
+from dmae_jax.tasks import end_to_end
+from dmae_jax.tasks.pretrain import flat_blocks, masked_patch_errors
 from tests import helpers
 
 
@@ -103,8 +103,8 @@ def _rows(correct: list[int], radius: float) -> str:
 def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
         tmp_path, monkeypatch):
     """Stages stubbed: what runs, with which initialisation, and what the report says."""
-    from dmae_jax.smoothing import tasks
-    from dmae_jax.train import finetune, pretrain
+    from dmae_jax.tasks import certification as tasks
+    from dmae_jax.tasks import finetune, pretrain
 
     config = load_config("configs/digits.py", "compare,runlocal")
     assert config.random_init_baseline is True
@@ -181,7 +181,7 @@ def test_without_baselines_or_evaluations_the_report_says_nothing_of_them(tmp_pa
 
 
 def test_pipeline_eta_counts_only_stages_that_did_work(monkeypatch, capsys):
-    from dmae_jax import end_to_end
+    from dmae_jax.tasks import end_to_end
 
     clock = iter([0.0, 0.0, 0.5, 0.6, 40.6, 60.6])
     monkeypatch.setattr(end_to_end.time, "time", lambda: next(clock))

@@ -34,7 +34,7 @@ def _common(cfg, data_dir):
 
 def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
                                                                         tiny_classifiers):
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     data_dir, paths = tiny_classifiers
     cfg = _common(defaults.certify("digits", 0.25), data_dir)
@@ -59,7 +59,7 @@ def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
 
 def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
                                                                         tiny_classifiers):
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     data_dir, paths = tiny_classifiers
     cfg = _common(defaults.cascade("digits", sigmas=(0.5, 0.25)), data_dir)

@@ -129,7 +129,8 @@ def test_two_processes_with_two_devices_match_one_process_with_four(tmp_path, da
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir,
                                                                  monkeypatch):
     from dmae_jax import parallel
-    from dmae_jax.train import common, pretrain
+    from dmae_jax.tasks import pretrain
+    from dmae_jax.train import common
 
     config = load_config(CONFIG)
     config.data.data_dir = data_dir
@@ -345,7 +346,7 @@ def load_config(path: str, arg: str | None = None):
     ("init_from", "/does/not/exist", "config.init_from = '/does/not/exist' does not exist"),
 ])
 def test_bad_config_stops_at_start_naming_field_value_and_valid_values(field, value, message):
-    from dmae_jax.train import pretrain
+    from dmae_jax.tasks import pretrain
 
     config = load_config(CONFIG)
     *parents, leaf = field.split(".")

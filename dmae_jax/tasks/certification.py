@@ -160,8 +160,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Certifies the configured subset; writes `workdir/<log_name>` and prints the report."""
     from dmae_jax import report, storage
     from dmae_jax.data import datasets
-    from dmae_jax.smoothing import identity, runner
+    from dmae_jax.smoothing import runner
     from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
+    from dmae_jax.tasks import identity
 
     config = config_lib.resolve(config)
     storage.makedirs(workdir)

@@ -22,7 +22,8 @@ import numpy as np
 
 from dmae_jax import checkpoints, exports, metrics, parallel
 from dmae_jax import checks as C
-from dmae_jax.train import common, train_denoiser
+from dmae_jax.tasks import train_denoiser
+from dmae_jax.train import common
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -31,7 +31,7 @@ from dmae_jax import storage
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the stage configs that can be checked before anything has been trained."""
-    from dmae_jax.train import finetune, pretrain
+    from dmae_jax.tasks import finetune, pretrain
 
     _validate_stage("pretrain", pretrain.validate, config_lib.resolve(config.pretrain))
     sigmas = C.sigmas(config, "sigmas")
@@ -112,7 +112,7 @@ def _finished(export_dir: str) -> bool:
 
 def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
     """Fine-tunes at sigma unless its export exists; returns the export directory."""
-    from dmae_jax.train import finetune
+    from dmae_jax.tasks import finetune
 
     export = os.path.join(ft_dir, "export")
     if not _finished(export):
@@ -125,7 +125,7 @@ def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
 
 def _certify_stage(config, cert_dir: str, **updates) -> str:
     """Runs (or resumes) one certification task; returns its log path."""
-    from dmae_jax.smoothing import tasks
+    from dmae_jax.tasks import certification as tasks
 
     cfg = _certify_config(config, **updates)
     tasks.validate(cfg)
@@ -135,7 +135,7 @@ def _certify_stage(config, cert_dir: str, **updates) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage that has not finished yet, then writes the report."""
-    from dmae_jax.train import pretrain
+    from dmae_jax.tasks import pretrain
 
     sigmas = C.sigmas(config, "sigmas")
     baselines = sigmas if config.random_init_baseline else ()
