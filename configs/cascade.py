@@ -5,7 +5,9 @@ One classifier per sigma (our fine-tuned DMAE classifiers), aligned with sigmas:
       --config.checkpoints='("runs/ft_1.0/export","runs/ft_0.5/export","runs/ft_0.25/export")'
 or one classifier behind a denoiser for every sigma:
   ... --config.checkpoint=runs/clean_clf/export --config.denoiser=runs/ddpm/export
-Sigmas are visited from the largest down; p0 = 0.5; stage j at alpha / (j + 1).
+Sigmas are visited from the largest down; p0 = 0.5; each of the K stages at alpha / K
+(alpha_split=sound, the default: the cascade's certificate is wrong with probability at most
+alpha); --config.alpha_split=official tests stage j at alpha / (j + 1) as the paper's code.
 ImageNet (Resize(256) + CenterCrop(224), every 50th validation image in ImageFolder order)
 and CIFAR-10 (all test images), bfloat16 compute on an accelerator:
   python -m dmae_jax.main --config=configs/cascade.py:dataset=imagenet2012,dtype=bfloat16 \

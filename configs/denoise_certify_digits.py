@@ -8,14 +8,14 @@ N0 = 100, N = 200, alpha = 0.001; minutes per sigma on 2 cores.
   #    pipeline's DMAE pretraining:
   python -m dmae_jax.main --config=configs/finetune_digits.py:sigma=0 \
       --workdir=runs/denoise/clf --config.init_from=runs/digits/pretrain/export
-  # 2. The denoiser: configs/denoiser_digits.py. 3. Certify at one sigma, or the cascade:
+  # 2. The denoiser: configs/train_denoiser_digits.py. 3. Certify at one sigma, or the cascade:
   python -m dmae_jax.main --config=configs/denoise_certify_digits.py:stage=certify,sigma=0.5 \
       --workdir=runs/denoise/cert_before --config.checkpoint=runs/denoise/clf/export \
       --config.denoiser=runs/denoise/ddpm/export
   python -m dmae_jax.main --config=configs/denoise_certify_digits.py:stage=cascade \
       --workdir=runs/denoise/cert_before --config.checkpoint=runs/denoise/clf/export \
       --config.denoiser=runs/denoise/ddpm/export
-  # 4. Calibrate (configs/calibrate_digits.py) and certify again with the new denoiser.
+  # 4. Calibrate (configs/calibrate_denoiser_digits.py) and certify again with the new denoiser.
 """
 
 from dmae_jax import config as config_lib

@@ -13,7 +13,7 @@ The paper's best CIFAR-10 row starts from the CIFAR-10 continued pretraining
 Model selection: the official script keeps the epoch with the best smoothed r = 0 accuracy
 (majority vote of 100 noise draws) on every 10th TEST image, i.e. it selects on the test
 set. `select=best_vote` does the same (evaluation every epoch on those 1000 images in the
-official order, the best parameters exported to workdir/export_best); the default `last`
+official order, the best parameters exported to workdir/best/export); the default `last`
 exports the last epoch only:
   python -m dmae_jax.main --config=configs/finetune_cifar10.py:sigma=0.25,select=best_vote \
       --workdir=runs/ft_cifar_025 --config.init_from=runs/dmae_base_cifar10/export

@@ -31,6 +31,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import app, flags
+from ml_collections import config_flags
+
+from dmae_jax import config as config_lib
+from dmae_jax import errors, tasks
+from dmae_jax.data import datasets
+from dmae_jax.errors import ConfigError
+
 # libtpu reads these at start-up: off a TPU VM it cannot find the first two and prints
 # warnings; the third lets several compile-only processes (tests, a table) load it at once.
 _LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v4-8", "TPU_WORKER_HOSTNAMES": "localhost",
@@ -343,16 +351,8 @@ def abstract_parts(create: Callable[[], Any]):
 # ---------------------------------------------------------------------------------------------
 
 
-# (training examples, classes) of the data sets, as published; `digits` is read from its
-# module. Kept here so that compiling (and the GPU check) needs no TFDS.
-_DATASETS = {"imagenet2012": (1_281_167, 1000), "cifar10": (50_000, 10)}
-
-
 def _dataset(name: str) -> tuple[int, int]:
-    if name in _DATASETS:
-        return _DATASETS[name]
-    from dmae_jax.data import datasets
-
+    """(training examples, classes) of a data set, from its published sizes (no TFDS)."""
     return max(datasets.NUM_EXAMPLES[name].values()), datasets.num_classes(name)
 
 
@@ -384,26 +384,20 @@ def _model_parts(create: Callable[[], Any], concrete: bool):
     return ModelParts.split(model), model
 
 
-def _resolved(config):
-    """The config with its derived fields filled, as `dmae_jax.main` runs it."""
-    from dmae_jax import config as config_lib
-
-    return config_lib.resolve(config)
-
-
 def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
     """The optimizer, loss and model of a `pretrain` or `finetune` config's training step,
     built by the trainers' own `make_optimizer` and `make_loss_fn`.
 
     Abstract parameters by default (compiling needs only their shapes); `concrete=True`
-    initialises them for a real run (the GPU check).
+    initialises them for a real run (the GPU check). `config` may be unresolved: its derived
+    fields are filled here as the run path fills them.
     """
     from flax import nnx
 
     from dmae_jax.models import create_classifier, create_dmae, resolve_model_config
     from dmae_jax.tasks import finetune, pretrain
 
-    config = _resolved(config)
+    config = config_lib.resolve(config)
     num_examples, num_classes = _dataset(config.data.dataset)
     per_epoch, total = _steps(config, num_examples)
     if config.task == "pretrain":
@@ -574,20 +568,23 @@ def compile_certify(config, topology: Topology, variant: str,
 
 def compile_config(config, topology: Topology | str, *, variant: str | None = None,
                    devices: Sequence | None = None) -> CompileReport:
-    """The compile report of any config's step (training or certification) on a slice."""
+    """The compile report of any config's step (training or certification) on a slice.
+
+    The config is resolved and validated as the run path does (`tasks.prepare`), without the
+    exports it names: compiling needs their shapes only.
+    """
     if isinstance(topology, str):
         topology = resolve_topology(topology)
-    config = _resolved(config)
-    task = config.task
-    if task in ("pretrain", "finetune"):
+    task, config = tasks.prepare(config, exports=False)
+    if task.name in ("pretrain", "finetune"):
         return compile_train(config, topology, devices)
-    if task in ("certify", "cascade"):
+    if task.name in ("certify", "cascade"):
         if not variant:
-            raise ValueError("--variant (the classifier's ViT variant, e.g. base or large) is "
-                             "required for a certification config")
+            raise ConfigError("--variant (the classifier's ViT variant, e.g. base or large) "
+                              "is required for a certification config")
         return compile_certify(config, topology, variant, devices)
-    raise ValueError(f"compile-only mode supports the tasks pretrain, finetune, certify and "
-                     f"cascade, got config.task={task!r}")
+    raise ConfigError(f"compile-only mode supports the tasks pretrain, finetune, certify and "
+                      f"cascade, got config.task={task.name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,11 +593,12 @@ def compile_config(config, topology: Topology | str, *, variant: str | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m dmae_jax.aot --config=... --topology=...`: prints the compile report."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from absl import app, flags
-    from ml_collections import config_flags
+    """`python -m dmae_jax.aot --config=... --topology=...`: prints the compile report.
 
+    A bad config, flag, topology or variant is one `error:` line and exit status 2; a step
+    that does not fit the chips prints the report, then what to change, and exits with 3.
+    """
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to the config file (any pretrain/finetune/certify config).",
         lock_config=True)
@@ -609,16 +607,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "variant", None,
         "Certification configs only: the classifier's ViT variant[/patch], e.g. large or mu/4.")
 
+    @errors.reporting
     def run(argv):
         del argv
         if config_flag.value is None or not topology_flag.value:
-            raise app.UsageError("--config=configs/NAME.py and --topology=v4-32 are required")
+            raise ConfigError("--config=configs/NAME.py and --topology=v4-32 are required")
         try:
-            report = compile_config(config_flag.value, topology_flag.value,
-                                    variant=variant_flag.value)
+            topology = resolve_topology(topology_flag.value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        try:
+            report = compile_config(config_flag.value, topology, variant=variant_flag.value)
         except (ValueError, DoesNotFitError) as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            raise ConfigError(str(e)) from None
         print(report.format(), flush=True)
         if not report.fits:
             task = "certify" if report.item == "samples" else "train"
@@ -626,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   file=sys.stderr, flush=True)
             sys.exit(3)
 
-    app.run(run, argv=argv)
+    app.run(run, argv=argv, flags_parser=config_lib.flags_parser(config_flag))
 
 
 if __name__ == "__main__":

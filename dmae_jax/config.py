@@ -1,23 +1,30 @@
-"""Config arguments and derived fields: how a config file reads its `:arg`, how a task fills in
-the fields derived from others when it starts, and where the resolved config is saved.
+"""Config arguments, the command line, derived fields: how a config file reads its `:arg`,
+how `--config=FILE[:arg] --config.field=value` is parsed, how the run path fills in the
+fields derived from others, and where the resolved config is saved.
 
 A config file parses its `:arg` with `parse_arg` (typed; unknown names are an error); the
-task fills the derived fields with `resolve` (so `--config.sigma=0.5` and `:sigma=0.5` mean
-the same) and checks the result with `dmae_jax.checks`.
+commands parse their flags with `flags_parser` (a bad file, `:arg`, field or stray argument
+is one `error:` line); the run path fills the derived fields with `resolve` (so
+`--config.sigma=0.5` and `:sigma=0.5` mean the same) and checks the result with
+`dmae_jax.checks`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
+from absl import flags
 
+from dmae_jax import errors, storage
 from dmae_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "OneOf", "parse_arg", "resolve", "save_resolved"]
+__all__ = ["ConfigError", "OneOf", "flags_parser", "parse_arg", "resolve", "save_resolved",
+           "stage"]
 
 # ---------------------------------------------------------------------------------------
 # `--config=file.py:arg` parsing.
@@ -107,6 +114,67 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 # ---------------------------------------------------------------------------------------
+# The command line: --config=FILE[:arg] --config.field=value.
+# ---------------------------------------------------------------------------------------
+
+
+def _config_path(argv: list[str]) -> str:
+    """The file of `--config=FILE[:arg]` in `argv`, or "?"."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return "?"
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str | None:
+    """One line for a bad --config file, :arg or --config.field or flag, or None (not ours)."""
+    message = errors.one_line(error)
+    if message is not None:
+        return message
+    if isinstance(error, AttributeError | KeyError):
+        # ml_collections' error for a --config.field the config does not have.
+        field = str(error).split("\\n")[0].split("\n")[0].strip("'\"\\")
+        flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                     and a.split("=", 1)[0].endswith("." + field)), f"--config.{field}")
+        close = re.search(r'Did you mean "([^"]+)"', str(error))
+        hint = f"; did you mean {close.group(1)!r}?" if close else ""
+        return f"{flag}: the config has no field {field!r}{hint}"
+    if isinstance(error, flags.Error) and "\n" not in str(error).strip():
+        return str(error)
+    if "No such file or directory" in str(error):
+        return f"--config: no such config file {_config_path(argv)!r}"
+    return None
+
+
+def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
+    """absl's `flags_parser` for `app.run`: parses argv, loads the config file of
+    `config_flag`; a bad file, `:arg`, `--config.field`, flag value or stray argument is one
+    `error:` line and exit status 2 (an error inside a config file's own code keeps its
+    traceback)."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            path = _config_path(argv)
+            if os.path.isdir(path):
+                raise ConfigError(f"--config={path} is a directory; name a config file in "
+                                  "it, e.g. --config=configs/digits.py")
+            remaining = flags.FLAGS(argv)
+            if config_flag.value is not None:
+                config_flag.value.get("task")  # raises here when the config failed to load
+            errors.no_stray_arguments(remaining[1:])
+            return remaining
+        except Exception as e:  # noqa: BLE001 - absl and config_flags raise many kinds
+            message = _flag_error(e, argv)
+            if message is None:
+                raise
+            errors.exit_with(message)
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------
 # Derived fields, filled by the task when it starts.
 # ---------------------------------------------------------------------------------------
 
@@ -148,15 +216,22 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def stage(block: ml_collections.ConfigDict, *, drop: tuple[str, ...] = (),
+          **updates: Any) -> ml_collections.ConfigDict:
+    """One stage of a pipeline config: a copy of its `block` less `drop`, with `updates`,
+    resolved (so a value the user set in the block is kept and derived ones follow)."""
+    cfg = ml_collections.ConfigDict(block.to_dict())
+    for key in drop:
+        del cfg[key]
+    for key, value in updates.items():
+        cfg[key] = value
+    return resolve(cfg)
+
+
 def save_resolved(config: ml_collections.ConfigDict, path: str | os.PathLike) -> str:
-    """Writes the run's resolved config as JSON to `path`, atomically (process 0 only)."""
-    import jax
-
-    from dmae_jax import storage
-
+    """Writes the run's resolved config as JSON to `path`, atomically (local or gs://); the
+    run path calls it on process 0."""
     path = os.fspath(path)
-    if jax.process_index() != 0:
-        return path
     storage.write_atomic(path, json.dumps(config.to_dict(), indent=2, sort_keys=True,
                                           default=str) + "\n")
     return path

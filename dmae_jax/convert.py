@@ -24,10 +24,8 @@ A classifier's trainable `pos_embed` is interpolated bicubically (MAE's
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +33,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dmae_jax import errors, exports, pth
+from dmae_jax.errors import ConfigError, UserError
 from dmae_jax.models import create_classifier, create_dmae, resolve_model_config, vit
 
 KINDS = ("dmae", "classifier")
@@ -42,14 +42,12 @@ _FIXED_EMBEDDINGS = ("pos_embed", "decoder_pos_embed")
 _SINCOS_TOLERANCE = 1e-4
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the key and shapes."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads a .pth file as {timm key: float32 array}, unwrapping {'model': ...} and 'module.'."""
-    from dmae_jax import pth
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConvertError(f"checkpoint file not found: {path}")
@@ -256,9 +254,9 @@ def _decoder_layout(state_dict: Mapping[str, Any]) -> dict:
     return layout
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m dmae_jax.convert", allow_abbrev=False,
+def _parse_args(argv: Sequence[str] | None):
+    parser = errors.ArgumentParser(
+        prog="python -m dmae_jax.convert",
         description="Import an official PyTorch DMAE or fine-tuned ViT checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="the .pth file")
     parser.add_argument("--model", required=True, choices=sorted(vit.VARIANTS),
@@ -276,31 +274,44 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point; exits non-zero with a one-line message on any bad input."""
-    args = _parse_args(argv)
+def save_export(out: str, params: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """`exports.save` to `--out`; a path that cannot be written is one line naming it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out={out} is a file, not a directory")
     try:
-        from dmae_jax import exports
+        exports.save(out, params, meta)
+    except OSError as e:
+        if errors.one_line(e) is not None:
+            raise  # a full disk says so itself
+        raise ConfigError(f"--out={out}: cannot write the export there ({e.strerror or e})") \
+            from e
 
-        state_dict = read_checkpoint(args.checkpoint)
-        kind = detect_kind(state_dict)
-        model_cfg = {
-            "variant": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
-            "decoder_heads": args.decoder_heads, "norm_pix_loss": args.norm_pix_loss == "true",
-            "normalization": args.normalization,
-            # A classifier pooled with its cls token keeps timm's `norm` instead of `fc_norm`.
-            "global_pool": kind == "dmae" or "norm.weight" not in state_dict,
-        }
-        if kind == "dmae":
-            model_cfg.update(_decoder_layout(state_dict))
-        params = convert_state_dict(state_dict, kind, model_cfg, args.num_classes)
-        num_classes = (int(params["head"]["kernel"].shape[1]) if kind == "classifier" else None)
-        meta = {"kind": kind, "model": resolve_model_config(model_cfg),
-                "num_classes": num_classes, "source": os.path.abspath(args.checkpoint)}
-        exports.save(args.out, params, meta)
-    except (ValueError, OSError, RuntimeError) as e:
-        message = " ".join(str(e).split())
-        sys.exit(f"dmae_jax.convert: error: {message}")
+
+@errors.reporting
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line entry point; a bad input is one `error:` line and exit status 2."""
+    args = _parse_args(argv)
+    state_dict = read_checkpoint(args.checkpoint)
+    kind = detect_kind(state_dict)
+    model_cfg = {
+        "variant": args.model, "img_size": args.img_size, "patch_size": args.patch_size,
+        "decoder_heads": args.decoder_heads, "norm_pix_loss": args.norm_pix_loss == "true",
+        "normalization": args.normalization,
+        # A classifier pooled with its cls token keeps timm's `norm` instead of `fc_norm`.
+        "global_pool": kind == "dmae" or "norm.weight" not in state_dict,
+    }
+    if kind == "dmae":
+        model_cfg.update(_decoder_layout(state_dict))
+    try:
+        resolve_model_config(model_cfg)
+    except ConfigError as e:  # the model names its fields model.x; here they are flags
+        raise ConfigError(f"{e} (--img_size, --patch_size, --decoder_heads or the "
+                          "checkpoint's decoder)") from None
+    params = convert_state_dict(state_dict, kind, model_cfg, args.num_classes)
+    num_classes = (int(params["head"]["kernel"].shape[1]) if kind == "classifier" else None)
+    meta = {"kind": kind, "model": resolve_model_config(model_cfg),
+            "num_classes": num_classes, "source": os.path.abspath(args.checkpoint)}
+    save_export(args.out, params, meta)
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"converted {kind} ({args.model}, {total / 1e6:.2f}M params) from "
           f"{args.checkpoint} to {args.out}")

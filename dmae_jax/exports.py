@@ -21,13 +21,20 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from dmae_jax import storage
 from dmae_jax.errors import CheckpointError, ConfigError
 
 KINDS = ("dmae", "classifier", "unet")
+
+
+def _checkpointer():
+    """Orbax's array checkpointer, imported here, where parameters are read or written:
+    checking a config reads an export's meta.json only and should not pay for Orbax."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
 
 
 class ParamTreeError(CheckpointError, ValueError):
@@ -41,7 +48,7 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[
         raise CheckpointError(f"{path} already holds a parameter export; choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, dict(params))
-    with ocp.StandardCheckpointer() as ckptr:
+    with _checkpointer() as ckptr:
         ckptr.save(path / "params", params)
         ckptr.wait_until_finished()
     if jax.process_index() == 0:
@@ -91,7 +98,7 @@ def load(directory: str | os.PathLike) -> tuple[dict, dict]:
         )
     try:
         meta = json.loads((path / "meta.json").read_text())
-        with ocp.StandardCheckpointer() as ckptr:
+        with _checkpointer() as ckptr:
             params = ckptr.restore(path / "params")
     except Exception as e:  # Orbax raises many types; the message is what matters here.
         raise CheckpointError(f"could not read the parameter export at {path}: {e}") from e
@@ -106,20 +113,39 @@ def _int_keys(tree: Any) -> Any:
     return tree
 
 
-def load_checked(directory: str | os.PathLike, *, kind: str, field: str) -> tuple[dict, dict]:
-    """Like `load`, but the export must be of `kind`; errors name the config `field`."""
+def read_meta(directory: str | os.PathLike, *, kind: str, field: str) -> dict:
+    """The meta of the export `directory`, which must be of `kind`; no parameter is read.
+
+    What validation, run identities and model selection read: errors name the config `field`.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    if not directory:
+    if not directory or not isinstance(directory, str | os.PathLike):
         raise ConfigError(f"{field} must name a parameter export directory, got {directory!r}")
-    if not epath.Path(directory).exists():
-        raise ConfigError(f"{field} = {directory!r} does not exist")
-    params, meta = load(directory)
-    if meta.get("kind") != kind:
+    path = epath.Path(directory)
+    if not path.exists():
+        raise ConfigError(f"{field} = {os.fspath(directory)!r} does not exist")
+    if not (path / "params").is_dir() or not (path / "meta.json").is_file():
         raise CheckpointError(
-            f"{field} = {directory!r} holds a {meta.get('kind')!r} export, expected {kind!r}"
-        )
-    return params, meta
+            f"{field} = {os.fspath(directory)!r} is not a dmae_jax parameter export (expected "
+            "params/ and meta.json); create one with `python -m dmae_jax.convert` or point at "
+            "a training workdir's export/ directory")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{field} = {os.fspath(directory)!r}: its meta.json cannot be "
+                              f"read ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else meta
+        raise CheckpointError(
+            f"{field} = {os.fspath(directory)!r} holds a {found!r} export, expected {kind!r}")
+    return meta
+
+
+def load_checked(directory: str | os.PathLike, *, kind: str, field: str) -> tuple[dict, dict]:
+    """`read_meta` (the export must be of `kind`), then its parameters: (params, meta)."""
+    read_meta(directory, kind=kind, field=field)
+    return load(directory)
 
 
 def _name(path) -> str:

@@ -1,4 +1,4 @@
-"""TensorBoard event files without TensorFlow: scalars, images, text and certification results.
+"""TensorBoard event files without TensorFlow: scalars, images and text.
 
 `create_writer(workdir)` returns a writer with the methods of CLU's `MetricWriter` that the
 trainers use (`write_scalars`, `write_images`, `write_texts`, `write_hparams`, `flush`,
@@ -26,7 +26,7 @@ import io
 import os
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -313,56 +313,3 @@ def create_writer(workdir: str) -> SummaryWriter | NullWriter:
                         "writes no TensorBoard events")
         return NullWriter()
     return SummaryWriter(os.fspath(workdir))
-
-
-CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100
-
-
-def write_certification(workdir: str, log_name: str, rows: Sequence[Mapping[str, Any]], *,
-                        table: str | None = None, title: str = "") -> None:
-    """Certification results as their own TensorBoard run, `<workdir>/<log_name stem>/`.
-
-    `certify/certified_accuracy` is the curve, with TensorBoard's step axis standing for the
-    radius in hundredths (step 150 = radius 1.5), from 0 to just past the largest certified
-    radius; `certify/acr`, `certify/abstain` and `certify/clean_accuracy` (radius 0) are at
-    step 0, with the plot of the curve (when matplotlib is installed) and the markdown
-    `table` if given. Writing again (a rerun) replaces what the previous run wrote.
-    """
-    from dmae_jax import report
-
-    writer = create_writer(os.path.join(workdir, os.path.splitext(log_name)[0]))
-    try:
-        radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
-        finite = radius[np.isfinite(radius)]
-        largest = float(finite.max()) if finite.size else 0.0
-        steps = np.arange(0, int(np.floor(largest * CERTIFY_RADIUS_STEPS)) + 2)
-        curve = report.certified_accuracy(rows, steps / CERTIFY_RADIUS_STEPS)
-        writer.write_scalars(0, {"certify/acr": report.acr(rows),
-                                 "certify/abstain": report.abstention_rate(rows),
-                                 "certify/clean_accuracy": float(curve[0])})
-        for step, accuracy in zip(steps, curve, strict=True):
-            writer.write_scalars(int(step), {"certify/certified_accuracy": float(accuracy)})
-        plot = _certification_plot(rows, log_name, title)
-        if plot is not None:
-            writer.write_images(0, {"certify/certified_accuracy_plot": plot})
-        if table is not None:
-            writer.write_texts(0, {"certify/report": table})
-    finally:
-        writer.close()
-
-
-def _certification_plot(rows, name: str, title: str) -> np.ndarray | None:
-    """report's certified-accuracy plot as uint8 [H, W, 3], or None without matplotlib."""
-    import importlib.util
-    import tempfile
-
-    from dmae_jax import report
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return None
-    from PIL import Image
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "plot.png")
-        report.plot_certified_accuracy(path, [rows], [name], title=title)
-        return np.asarray(Image.open(path).convert("RGB"))

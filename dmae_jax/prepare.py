@@ -20,27 +20,60 @@ be there. Preparing ImageNet takes hours and about 150 GB in `data_dir`.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
+import socket
 import sys
+import threading
 from collections.abc import Sequence
 
-DATASETS = ("digits", "cifar10", "imagenet2012")
+from dmae_jax import errors, quiet, storage
+from dmae_jax.data import datasets
+from dmae_jax.errors import ConfigError, UserError
+
+DATASETS = datasets.DATASETS
 NEEDS_TENSORFLOW = ("cifar10", "imagenet2012")
+# Where TFDS's builder downloads a data set from (host, port): it must answer before a
+# download starts, since without a network TFDS waits on it for many minutes.
+DOWNLOAD_HOSTS = {"cifar10": ("www.cs.toronto.edu", 443)}
+NETWORK_TIMEOUT_S = 15.0
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """A data set cannot be prepared as asked; the message says what to do."""
 
 
 def _check_tensorflow(name: str) -> None:
-    import importlib.util
-
     if name in NEEDS_TENSORFLOW and importlib.util.find_spec("tensorflow") is None:
         raise PrepareError(
             f"preparing {name!r} needs TensorFlow (TFDS's {name} builder uses it to encode "
             "and read images); install it with: pip install -e \".[prepare]\" "
             "(or pip install tensorflow-cpu); training and certification do not need it")
+
+
+def _check_network(name: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
+    """PrepareError unless the host `name` downloads from answers within `timeout` seconds
+    (name resolution included, which a socket timeout does not bound)."""
+    if name not in DOWNLOAD_HOSTS:
+        return
+    host, port = DOWNLOAD_HOSTS[name]
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if not outcome or outcome[0] is not None:
+        reason = f"{outcome[0]}" if outcome else f"no answer within {timeout:.0f} s"
+        raise PrepareError(
+            f"preparing {name!r} downloads it from {host}, which cannot be reached ({reason});"
+            " run this on a machine with network access and copy its --data_dir here")
 
 
 def _import_tensorflow_quietly() -> None:
@@ -53,7 +86,7 @@ def _import_tensorflow_quietly() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401 - imported for TFDS's builders, silenced here
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -76,13 +109,14 @@ def prepare(
     """
     if name not in DATASETS:
         raise PrepareError(f"--dataset must be one of {list(DATASETS)}, got {name!r}")
+    if name == "digits":
+        datasets.check_digits_size(image_size, "--image_size")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow_datasets as tfds
-
+    tfds = datasets.tfds()
     if not progress:
         tfds.disable_progress_bar()
     if name == "digits":
-        from dmae_jax.data import digits
+        from dmae_jax.data import digits  # a TFDS builder: imported with TFDS
 
         return digits.prepare(image_size, data_dir)
     builder = tfds.builder(name, data_dir=data_dir)
@@ -97,23 +131,28 @@ def prepare(
                 f"--manual_dir {manual_dir!r} holds neither {archives[0]} nor {archives[1]}: "
                 "download them from https://image-net.org/ (TFDS cannot download ImageNet)")
     _check_tensorflow(name)
+    _check_network(name)
     _import_tensorflow_quietly()
-    from dmae_jax import storage
-
     if storage.is_gcs(data_dir):  # ArrayRecord cannot write gs://: prepared here, uploaded
         with storage.staged_upload(data_dir, last=storage.TFDS_COMMIT_FILES) as local:
             prepare(name, data_dir=local, manual_dir=manual_dir, progress=progress)
         return tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, try_download_gcs=False),
-    )
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir, try_download_gcs=False),
+        )
+    except (OSError, ValueError, AssertionError) as e:  # downloads, archives, checksums
+        if errors.one_line(e) is not None:
+            raise  # a full disk says so itself
+        raise PrepareError(f"preparing {name!r} in {os.fspath(builder.data_dir)} failed: "
+                           f"{' '.join(str(e).split())[:500]}") from e
     return builder
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def _parse_args(argv: Sequence[str] | None):
+    parser = errors.ArgumentParser(
         prog="python -m dmae_jax.prepare",
         description="Prepare a data set in the ArrayRecord format dmae_jax reads.")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
@@ -123,20 +162,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="imagenet2012: directory with ILSVRC2012_img_{train,val}.tar")
     parser.add_argument("--image_size", type=int, default=32, help="digits: side in pixels")
     parser.add_argument("--progress", action="store_true", help="show TFDS's progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.data_dir is not None and os.path.exists(args.data_dir) \
+            and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"--data_dir={args.data_dir} is a file, not a directory")
+    return args
 
 
+@errors.reporting
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point; a problem is one line on stderr and exit status 1."""
+    """Command line entry point; a problem is one `error:` line on stderr and exit status 2."""
     args = _parse_args(argv)
-    from dmae_jax import quiet
-
     quiet.install()
-    try:
-        builder = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                          image_size=args.image_size, progress=args.progress)
-    except (PrepareError, OSError, ValueError, AssertionError) as e:
-        sys.exit(f"dmae_jax.prepare: error: {' '.join(str(e).split())}")
+    builder = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                      image_size=args.image_size, progress=args.progress)
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"{args.dataset} prepared in {os.fspath(builder.data_dir)} ({splits})", flush=True)
 

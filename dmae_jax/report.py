@@ -22,18 +22,20 @@ recomputed from them at another alpha would be optional stopping.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import io
 import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from dmae_jax import storage
+from dmae_jax import errors, metrics, storage
+from dmae_jax.errors import ConfigError
 from dmae_jax.smoothing import logs
 from dmae_jax.smoothing.certify import recompute_at_alpha
 from dmae_jax.smoothing.logs import read_log
@@ -224,16 +226,85 @@ def plot_certified_accuracy(
     storage.write_atomic(path, buffer.getvalue())
 
 
+# -------------------------------------------------------------------------------------
+# TensorBoard: each certification log as a run of its own.
+# -------------------------------------------------------------------------------------
+
+
+CERTIFY_RADIUS_STEPS = 100  # certified-accuracy curve: TensorBoard step = radius x 100
+
+
+def write_tensorboard(workdir: str, log_name: str, rows: Rows, *,
+                      table: str | None = None, title: str = "") -> None:
+    """Certification results as their own TensorBoard run, `<workdir>/<log_name stem>/`.
+
+    `certify/certified_accuracy` is the curve, with TensorBoard's step axis standing for the
+    radius in hundredths (step 150 = radius 1.5), from 0 to just past the largest certified
+    radius; `certify/acr`, `certify/abstain` and `certify/clean_accuracy` (radius 0) are at
+    step 0, with the plot of the curve (when matplotlib is installed) and the markdown
+    `table` if given. Writing again (a rerun) replaces what the previous run wrote.
+    """
+    writer = metrics.create_writer(os.path.join(workdir, os.path.splitext(log_name)[0]))
+    try:
+        radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
+        finite = radius[np.isfinite(radius)]
+        largest = float(finite.max()) if finite.size else 0.0
+        steps = np.arange(0, int(np.floor(largest * CERTIFY_RADIUS_STEPS)) + 2)
+        curve = certified_accuracy(rows, steps / CERTIFY_RADIUS_STEPS)
+        writer.write_scalars(0, {"certify/acr": acr(rows),
+                                 "certify/abstain": abstention_rate(rows),
+                                 "certify/clean_accuracy": float(curve[0])})
+        for step, accuracy in zip(steps, curve, strict=True):
+            writer.write_scalars(int(step), {"certify/certified_accuracy": float(accuracy)})
+        plot = _certification_plot(rows, log_name, title)
+        if plot is not None:
+            writer.write_images(0, {"certify/certified_accuracy_plot": plot})
+        if table is not None:
+            writer.write_texts(0, {"certify/report": table})
+    finally:
+        writer.close()
+
+
+def _certification_plot(rows, name: str, title: str) -> np.ndarray | None:
+    """report's certified-accuracy plot as uint8 [H, W, 3], or None without matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "plot.png")
+        plot_certified_accuracy(path, [rows], [name], title=title)
+        return np.asarray(Image.open(path).convert("RGB"))
+
+
+# -------------------------------------------------------------------------------------
+# Command line.
+# -------------------------------------------------------------------------------------
+
+
 def _parse_radii(text: str) -> list[float]:
     try:
         radii = [float(r) for r in text.split(",") if r.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--radii must be comma-separated numbers, got {text!r}"
-        ) from None
+        raise ConfigError(f"--radii must be comma-separated numbers, got {text!r}") from None
     if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
-        raise argparse.ArgumentTypeError(f"--radii must be finite numbers >= 0, got {text!r}")
+        raise ConfigError(f"--radii must be finite numbers >= 0, got {text!r}")
     return radii
+
+
+def _output_path(flag: str, path: str | None) -> None:
+    """An output file a flag names must be writable where it is: in an existing directory,
+    not a directory itself; checked before any log is read (a gs:// object needs no
+    directory: its bucket is checked by the write)."""
+    if path is None or storage.is_gcs(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a directory; name a file in it")
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag}={path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag}={path}: the directory {parent} is not writable")
 
 
 def summary(rows_per_log: Sequence[Rows], names: Sequence[str], paths: Sequence[str],
@@ -286,13 +357,25 @@ def write_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> Non
     storage.write_atomic(path, text.getvalue())
 
 
+def _write(flag: str, path: str, write) -> None:
+    try:
+        write(path)
+    except OSError as e:
+        raise ConfigError(f"{flag}={path}: cannot write it ({e.strerror or e})") from e
+    print(f"wrote {path}")
+
+
+@errors.reporting
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: prints the markdown table; optionally writes the plot, JSON and CSV."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dmae_jax.report", description=__doc__.split("\n\n")[0]
-    )
+    """Command line: prints the markdown table; optionally writes the plot, JSON and CSV.
+
+    A missing or unreadable log, a bad argument or an output path that cannot be written is
+    one `error:` line and exit status 2, before anything is written.
+    """
+    parser = errors.ArgumentParser(
+        prog="python -m dmae_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", help="certification TSV logs")
-    parser.add_argument("--radii", type=_parse_radii, default=list(DEFAULT_RADII),
+    parser.add_argument("--radii", default=None,
                         help="comma-separated radii (default 0,0.25,...,3)")
     parser.add_argument("--labels", default=None,
                         help="comma-separated names, one per log (default: from each log's "
@@ -306,17 +389,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="recompute each CERTIFY log's bounds at this alpha from its counts "
                              "(refused for sequential and sound-noise logs)")
     args = parser.parse_args(argv)
+    radii = list(DEFAULT_RADII) if args.radii is None else _parse_radii(args.radii)
+    for flag in ("plot", "json", "csv"):
+        _output_path(f"--{flag}", getattr(args, flag))
+    if args.labels is not None and len(args.labels.split(",")) != len(args.logs):
+        raise ConfigError(f"--labels needs {len(args.logs)} names, got "
+                          f"{len(args.labels.split(','))}: {args.labels}")
 
-    try:
-        rows_per_log = [load(path) for path in args.logs]
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    rows_per_log = []
+    for path in args.logs:
+        try:
+            rows_per_log.append(load(path))
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise ConfigError(f"cannot read {path} ({reason})") from None
     if args.alpha is not None:
         for i, path in enumerate(args.logs):
             try:
                 rows_per_log[i] = at_alpha(path, rows_per_log[i], args.alpha)
-            except ValueError as error:
-                parser.error(f"--alpha={args.alpha}: {path}: {error}")
+            except ValueError as e:
+                raise ConfigError(f"--alpha={args.alpha}: {path}: {e}") from None
     infos = [log_info(path, rows) for path, rows in zip(args.logs, rows_per_log, strict=True)]
     if args.labels is None:
         names = [describe_log(info, os.path.basename(p)) for info, p in
@@ -326,12 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      zip(names, args.logs, strict=True)]
     else:
         names = args.labels.split(",")
-        if len(names) != len(args.logs):
-            parser.error(f"--labels needs {len(args.logs)} names, got {len(names)}: {args.labels}")
     if args.envelope and len({frozenset(r["idx"] for r in rows) for rows in rows_per_log}) > 1:
         print("warning: the logs certify different images; the envelope mixes test sets",
               file=sys.stderr)
-    print(markdown_table(rows_per_log, names, args.radii, with_envelope=args.envelope))
+    print(markdown_table(rows_per_log, names, radii, with_envelope=args.envelope))
     for name, path, rows in zip(names, args.logs, rows_per_log, strict=True):
         identity = logs.describe_identity(path)
         print(f"{name}: {identity or 'no identity recorded (not written by dmae_jax)'}")
@@ -340,21 +430,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = describe_stages(rows)
         if stages:
             print(f"{name}: {stages}")
-    records = summary(rows_per_log, names, args.logs, args.radii)
+    records = summary(rows_per_log, names, args.logs, radii)
     if args.json:
-        storage.write_atomic(args.json, json.dumps({"logs": records}, indent=2))
-        print(f"wrote {args.json}")
+        _write("--json", args.json, lambda path: _write_json(path, records))
     if args.csv:
-        write_csv(args.csv, records)
-        print(f"wrote {args.csv}")
+        _write("--csv", args.csv, lambda path: write_csv(path, records))
     if args.plot:
         if not any(rows_per_log):
             print("no rows in any log: no plot written", file=sys.stderr)
         else:
-            plot_certified_accuracy(args.plot, rows_per_log, names, with_envelope=args.envelope,
-                                    title=plot_title(infos))
-            print(f"wrote {args.plot}")
+            _write("--plot", args.plot, lambda path: plot_certified_accuracy(
+                path, rows_per_log, names, with_envelope=args.envelope,
+                title=plot_title(infos)))
     return 0
+
+
+def _write_json(path: str, records) -> None:
+    storage.write_atomic(path, json.dumps({"logs": records}, indent=2))
 
 
 if __name__ == "__main__":

@@ -326,17 +326,33 @@ def test_identity_is_recorded_then_enforced_naming_field_values_and_way_out(tmp_
 
     path = str(tmp_path / "log.tsv")
     identity = {"task": "certify", "sigma": 0.25, "n": 200}
-    logs.check_identity(path, identity, has_rows=False)
-    assert logs.read_identity(path) == identity
-    logs.check_identity(path, dict(identity), has_rows=True)  # same identity: resumes
+    logs.write_identity(path, identity)
+    recorded = logs.read_identity(path)
+    assert recorded == identity
+    logs.compare_identity(path, recorded, dict(identity))  # same identity: resumes
     with pytest.raises(IdentityError) as e:
-        logs.check_identity(path, dict(identity, n=300), has_rows=True)
+        logs.compare_identity(path, recorded, dict(identity, n=300))
     assert str(e.value) == (
         f"{path} holds rows certified with n = 200, but this run has n = 300. To resume it, "
         "rerun with --config.n=200; to certify anew, use another --workdir or "
         "--config.log_name")
-    logs.check_identity(path, dict(identity, n=300), has_rows=False)  # no rows: re-recorded
-    assert logs.read_identity(path)["n"] == 300
+    assert logs.read_identity(path) == identity  # comparing writes nothing
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"notes": {}}', "\xff\xfe"])
+def test_a_damaged_identity_record_is_an_error_not_a_missing_one(tmp_path, text):
+    from dmae_jax.errors import IdentityError
+    from dmae_jax.smoothing import logs
+
+    path = str(tmp_path / "log.tsv")
+    with open(logs.identity_path(path), "w", encoding="latin-1") as f:
+        f.write(text)
+    with pytest.raises(IdentityError) as e:
+        logs.read_identity_record(path)
+    message = str(e.value)
+    assert message.startswith(f"{logs.identity_path(path)} is damaged (")
+    assert "restore the file from a copy, or certify anew" in message
+    assert "delete" not in message and "\n" not in message
 
 
 def test_rows_outside_the_configured_subset_are_an_error(tmp_path):

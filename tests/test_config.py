@@ -10,9 +10,8 @@ import re
 
 import pytest
 
-from dmae_jax import checks as C
+from dmae_jax import checks, defaults, tasks
 from dmae_jax import config as config_lib
-from dmae_jax import defaults
 from tests import helpers
 
 CONFIG_FILES = sorted(os.path.relpath(p, helpers.REPO)
@@ -21,9 +20,9 @@ CONFIG_FILES = sorted(os.path.relpath(p, helpers.REPO)
 _COMMAND = re.compile(r"--config=(configs/[\w]+\.py)(?::([^\s\\]+))?")
 # Arguments a config declares in get_config's docstring but no command shows.
 EXTRA_ARGS = {
-    "configs/calibrate_digits.py": ["runlocal"],
+    "configs/calibrate_denoiser_digits.py": ["runlocal"],
     "configs/cascade.py": ["dataset=cifar10,sigmas=0.5/0.25,n=1000"],
-    "configs/denoiser_digits.py": ["runlocal"],
+    "configs/train_denoiser_digits.py": ["runlocal"],
     "configs/digits.py": ["runlocal", "compare,runlocal"],
     "configs/finetune_cifar10.py": ["sigma=1.0,runlocal"],
     "configs/finetune_digits.py": ["sigma=1.0"],
@@ -35,15 +34,6 @@ EXTRA_ARGS = {
 # Fields naming files a test machine does not have; validating stops at them.
 _PATH_FIELDS = ("config.checkpoint", "config.checkpoints", "config.denoiser",
                 "config.classifier", "config.init_from")
-_RUNNERS = {
-    "pretrain": "dmae_jax.tasks.pretrain",
-    "finetune": "dmae_jax.tasks.finetune",
-    "certify": "dmae_jax.tasks.certification",
-    "cascade": "dmae_jax.tasks.certification",
-    "train_denoiser": "dmae_jax.tasks.train_denoiser",
-    "calibrate_denoiser": "dmae_jax.tasks.calibrate_denoiser",
-    "end_to_end": "dmae_jax.tasks.end_to_end",
-}
 
 
 def load_config(path: str, arg: str | None = None):
@@ -75,11 +65,10 @@ def test_every_config_file_documents_a_command():
 
 @pytest.mark.parametrize("path, arg", _documented())
 def test_config_builds_resolves_and_validates(path, arg):
-    config = config_lib.resolve(load_config(path, arg))
-    module = importlib.import_module(_RUNNERS[C.task(config)])
+    config = load_config(path, arg)
     try:
-        module.validate(config)
-    except C.ConfigError as e:
+        tasks.prepare(config)
+    except checks.ConfigError as e:
         # Only a file the test machine lacks may stop validation, and the error says which.
         message = str(e)
         assert message.startswith(_PATH_FIELDS), message
@@ -91,9 +80,9 @@ def test_runlocal_is_a_declared_boolean_not_a_substring():
     assert load_config("configs/vit_base.py", "runlocal=True").total_steps == 10
     assert load_config("configs/vit_base.py", "runlocal").total_steps == 10
     assert load_config("configs/vit_base.py", "runlocal=false").to_dict() == full.to_dict()
-    with pytest.raises(C.ConfigError, match="config argument runlocal must be true or false"):
+    with pytest.raises(checks.ConfigError, match="config argument runlocal must be true or false"):
         load_config("configs/vit_base.py", "runlocal=maybe")
-    with pytest.raises(C.ConfigError, match="unknown config argument 'runlocals'"):
+    with pytest.raises(checks.ConfigError, match="unknown config argument 'runlocals'"):
         load_config("configs/digits.py", "runlocals")
 
 
@@ -109,7 +98,7 @@ def test_runlocal_is_a_declared_boolean_not_a_substring():
     ("configs/certify.py", "sigma=0.5,sigma=1.0", "config argument sigma is given twice"),
 ])
 def test_bad_arg_is_one_config_error_naming_it(path, arg, message):
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(checks.ConfigError) as e:
         load_config(path, arg)
     assert message in str(e.value)
     assert "\n" not in str(e.value)
@@ -167,11 +156,11 @@ def test_every_task_has_a_factory_with_every_loop_field():
                     defaults.calibrate_denoiser):
         cfg = factory()
         assert all(field in cfg for field in loop), factory.__name__
-        C.training_loop(cfg)
-    tasks = {f().task for f in (defaults.pretrain, defaults.finetune, defaults.certify,
+        checks.training_loop(cfg)
+    names = {f().task for f in (defaults.pretrain, defaults.finetune, defaults.certify,
                                 defaults.cascade, defaults.train_denoiser,
                                 defaults.calibrate_denoiser, defaults.end_to_end)}
-    assert tasks == set(C.TASKS)
+    assert names == set(tasks.TASKS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,7 +191,7 @@ _BAD_VALUES = [
      "config.mask_ratio = 0.95 keeps no patch visible out of 16: it must be below 0.9375"),
     ("configs/pretrain_digits.py", "total_steps", -5,
      "config.total_steps must be an integer >= 1, or 0 to train num_epochs, got -5"),
-    ("configs/calibrate_digits.py", "total_steps", -1,
+    ("configs/calibrate_denoiser_digits.py", "total_steps", -1,
      "config.total_steps must be an integer >= 1, or 0 to train num_epochs, got -1"),
     ("configs/certify.py", "max", 0, "config.max must be -1 (every image) or >= 1, got 0"),
     ("configs/digits.py", "pretrain.log_every_steps", 0,
@@ -213,14 +202,14 @@ _BAD_VALUES = [
 ] + [
     (path, field, value, f"config.{field} must be an integer >= 1, got {value}")
     for path in ("configs/pretrain_digits.py", "configs/finetune_digits.py",
-                 "configs/denoiser_digits.py")
+                 "configs/train_denoiser_digits.py")
     for field in ("log_every_steps", "ckpt_every_steps", "keep_ckpts")
     for value in (0, -1)
 ] + [
     (path, "eval_every_steps", -1, "config.eval_every_steps must be an integer >= 1, or 0 "
      "for no evaluation, got -1")
     for path in ("configs/pretrain_digits.py", "configs/finetune_digits.py",
-                 "configs/denoiser_digits.py")
+                 "configs/train_denoiser_digits.py")
 ]
 
 
@@ -232,11 +221,9 @@ def test_bad_value_fails_validation_in_one_line(path, field, value, message):
 
     config = load_config(path)
     _set(config, field, value)
-    module = importlib.import_module(_RUNNERS[C.task(config)])
     start = time.monotonic()
-    config = config_lib.resolve(config)
-    with pytest.raises(C.ConfigError) as e:
-        module.validate(config)
+    with pytest.raises(checks.ConfigError) as e:
+        tasks.prepare(config)
     assert time.monotonic() - start < 3
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -244,43 +231,41 @@ def test_bad_value_fails_validation_in_one_line(path, field, value, message):
 def test_workdir_that_is_a_file_or_not_writable_is_one_line(tmp_path):
     path = tmp_path / "file"
     path.write_text("")
-    with pytest.raises(C.ConfigError, match=f"--workdir={path} is a file, not a directory"):
-        C.workdir_usable(str(path))
+    with pytest.raises(checks.ConfigError, match=f"--workdir={path} is a file, not a directory"):
+        checks.workdir_usable(str(path))
     if os.access("/sys", os.W_OK) and os.path.exists("/sys/kernel"):
-        with pytest.raises(C.ConfigError, match="--workdir=/sys/dmae_jax_test is not writable"):
-            C.workdir_usable("/sys/dmae_jax_test")
-    C.workdir_usable(str(tmp_path / "new" / "dir"))
-    assert os.path.isdir(tmp_path / "new" / "dir") and not os.listdir(tmp_path / "new" / "dir")
+        with pytest.raises(checks.ConfigError,
+                           match="--workdir=/sys/dmae_jax_test is not writable"):
+            checks.workdir_usable("/sys/dmae_jax_test")
+    checks.workdir_usable(str(tmp_path / "new" / "dir"))
+    assert not os.path.exists(tmp_path / "new"), "checking a workdir must not create it"
+    with pytest.raises(checks.ConfigError, match="is inside .*/file, a file, not a directory"):
+        checks.workdir_usable(str(path / "sub"))
 
 
-def test_main_prints_user_errors_once_and_keeps_tracebacks_of_bugs(monkeypatch, capsys):
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     import errno
 
-    from dmae_jax import main as main_lib
-    from dmae_jax.errors import CheckpointError
+    from dmae_jax import errors
 
     def raising(error):
-        def fake_main(argv):
-            raise error
-        return fake_main
+        return errors.reporting(lambda: (_ for _ in ()).throw(error))
 
-    monkeypatch.setattr(main_lib, "main", raising(CheckpointError("step 4 is unreadable")))
     with pytest.raises(SystemExit) as e:
-        main_lib._guarded([])
+        raising(errors.CheckpointError("step 4 is unreadable"))()
     assert e.value.code == 2 and capsys.readouterr().err == "error: step 4 is unreadable\n"
 
     disk = RuntimeError("save failed")
     disk.__cause__ = OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(main_lib, "main", raising(disk))
     with pytest.raises(SystemExit):
-        main_lib._guarded([])
+        raising(disk)()
     assert capsys.readouterr().err == (
-        "error: cannot write to disk: [Errno 28] No space left on device\n")
+        "error: cannot write to disk: [Errno 28] No space left on device; free space and "
+        "rerun the same command to resume\n")
 
     bug = ValueError("cannot reshape array of size 128 into shape (8,5,5)")
-    monkeypatch.setattr(main_lib, "main", raising(bug))
     with pytest.raises(ValueError, match="cannot reshape"):
-        main_lib._guarded([])
+        raising(bug)()
 
 
 def test_bad_command_lines_are_one_line_each(tmp_path):
@@ -316,33 +301,33 @@ def test_bad_command_lines_are_one_line_each(tmp_path):
     assert time.monotonic() - start < 60
 
 
-def test_orbax_reports_of_a_full_disk_are_left_to_the_one_error_line():
+def test_library_reports_of_a_full_disk_are_left_to_the_one_error_line():
     import logging
 
-    from dmae_jax import main as main_lib
+    from dmae_jax import errors
 
-    def record(pathname, message, level=logging.ERROR):
-        return logging.LogRecord("absl", level, pathname, 1, message, None, None)
+    def record(message, level=logging.ERROR):
+        path = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
+        return logging.LogRecord("absl", level, path, 1, message, None, None)
 
-    orbax = os.path.join("site-packages", "orbax", "checkpoint", "future.py")
-    quiet = main_lib._DiskFullReports()
-    assert not quiet.filter(record(orbax, 'RESOURCE_EXHAUSTED: Error writing "opt_state/0"'))
-    assert not quiet.filter(record(orbax, "[Errno 28] No space left on device"))
-    assert quiet.filter(record(orbax, "some other save failure"))
-    assert quiet.filter(record(orbax, "No space left on device", logging.WARNING))
-    assert quiet.filter(record(os.path.join("dmae_jax", "train", "common.py"),
-                               "No space left on device"))
+    quiet = errors._DiskFullReports()
+    assert not quiet.filter(record('RESOURCE_EXHAUSTED: Error writing "opt_state/0"'))
+    assert not quiet.filter(record("[Errno 28] No space left on device"))
+    assert quiet.filter(record("some other save failure"))
+    assert quiet.filter(record("No space left on device", logging.WARNING))
 
 
-def test_closed_event_loop_reports_are_dropped_other_unraisables_kept():
+def test_closed_event_loop_and_full_disk_reports_are_dropped_other_ones_kept():
+    import errno
     import types
 
-    from dmae_jax import main as main_lib
+    from dmae_jax import errors
 
     seen = []
-    hook = main_lib._without_closed_loop_reports(seen.append)
+    hook = errors.without_disk_full_reports(seen.append)
     closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    full = types.SimpleNamespace(exc_value=OSError(errno.ENOSPC, "No space left on device"))
     other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-    hook(closed)
-    hook(other)
+    for report in (closed, full, other):
+        hook(report)
     assert seen == [other]

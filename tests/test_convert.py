@@ -315,7 +315,7 @@ def test_a_file_that_is_not_a_checkpoint_fails_with_one_line_and_no_traceback(tm
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
     )
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a PyTorch checkpoint" in lines[0], result.stderr

@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dmae_jax import checkpoints, defaults, exports
+from dmae_jax import checkpoints, checks, defaults, exports
 from dmae_jax.config import ConfigError
 from dmae_jax.diffusion import calibration, loading, losses
 from dmae_jax.models import ModelParts, count_params
@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory):
 
 
 def _train_config(data_dir: str) -> ml_collections.ConfigDict:
-    config = load_config("configs/denoiser_digits.py", "runlocal")
+    config = load_config("configs/train_denoiser_digits.py", "runlocal")
     config.model.preset = "test_tiny"
     config.data.update(image_size=8, data_dir=data_dir)
     return config
@@ -60,7 +60,7 @@ def ddpm_export(tmp_path_factory, data_dir):
         mp.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
         workdir = str(tmp_path_factory.mktemp("ddpm"))
         config = _train_config(data_dir)
-        train_denoiser.validate(config)
+        checks.train_denoiser(config)
         train_denoiser.run(config, workdir)
     return workdir
 
@@ -79,7 +79,7 @@ def classifier_export(tmp_path_factory):
 
 
 def _calibration_config(data_dir, ddpm_export, classifier_export) -> ml_collections.ConfigDict:
-    config = load_config("configs/calibrate_digits.py", "runlocal")
+    config = load_config("configs/calibrate_denoiser_digits.py", "runlocal")
     config.data.update(image_size=8, data_dir=data_dir)
     config.denoiser = os.path.join(ddpm_export, "export")
     config.classifier = classifier_export
@@ -150,7 +150,7 @@ def test_ddpm_steps_lower_the_loss_on_a_fixed_batch_and_the_ema_follows():
 
     model = unet_lib.UNet(TINY, rngs=nnx.Rngs(0))
     parts = ModelParts.split(model)
-    schedule = loading.unet_schedule(TINY)
+    schedule = TINY.schedule()
     x0 = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3)) * 2 - 1
     key = jax.random.key(2)  # the same t, eps (and dropout) at every step
 
@@ -251,7 +251,7 @@ def test_calibration_trains_the_unet_and_keeps_the_classifier_out_of_the_state(
 
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     config.ema_decay = 0.5  # exports the average, which also moves
-    calibrate_denoiser.validate(config)
+    checks.calibrate_denoiser(config)
     workdir = str(tmp_path / "calib")
     calibrate_denoiser.run(config, workdir)
 
@@ -290,14 +290,14 @@ def test_bad_training_config_names_the_field(data_dir, field, value, message):
     config = _train_config(data_dir)
     _set(config, field, value)
     with pytest.raises(ValueError) as e:
-        train_denoiser.validate(config)
+        checks.train_denoiser(config)
     assert message in str(e.value)
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("batch_size", 10, "config.batch_size must be a multiple of len(config.sigmas) = 3 times"),
     ("sigmas", (), "config.sigmas must be a non-empty list of sigmas > 0"),
-    ("num_noise_samples", 0, "config.num_noise_samples must be > 0, got 0"),
+    ("num_noise_samples", 0, "config.num_noise_samples must be an integer >= 1, got 0"),
     ("lambda_ac", -1.0, "config.lambda_ac must be >= 0, got -1.0"),
     ("denoiser", "/no/such/export", "config.denoiser = '/no/such/export' does not exist"),
     ("data.image_size", 5, "cannot be reflection-padded to the UNet's 8"),
@@ -307,7 +307,7 @@ def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifie
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     _set(config, field, value)
     with pytest.raises(ValueError) as e:
-        calibrate_denoiser.validate(config)
+        checks.calibrate_denoiser(config)
     assert message in str(e.value)
 
 
@@ -317,11 +317,11 @@ def test_calibration_refuses_a_denoiser_as_classifier_and_zero_calibration_weigh
     config.classifier = config.denoiser
     with pytest.raises(checkpoints.CheckpointError, match="holds a 'unet' export, expected "
                                                           "'classifier'"):
-        calibrate_denoiser.validate(config)
+        checks.calibrate_denoiser(config)
     config = _calibration_config(data_dir, ddpm_export, classifier_export)
     config.lambda_brier = config.lambda_ac = 0.0
     with pytest.raises(ConfigError, match="both 0"):
-        calibrate_denoiser.validate(config)
+        checks.calibrate_denoiser(config)
 
 
 def _set(config, field: str, value) -> None:
@@ -334,14 +334,13 @@ def _set(config, field: str, value) -> None:
 
 def test_the_cascade_certifies_through_one_denoiser_export(tmp_path, ddpm_export,
                                                            classifier_export, data_dir):
-    from dmae_jax.tasks import certification as tasks
+    from dmae_jax.tasks import execute
 
     config = defaults.cascade("digits", sigmas=(0.5, 0.25), n=16)
     config.update(checkpoint=classifier_export, denoiser=os.path.join(ddpm_export, "export"),
                   n0=4, batch_size=8, max=4)
     config.data.update(image_size=8, data_dir=data_dir)
-    tasks.validate(config)
-    tasks.run(config, str(tmp_path))
+    execute.run(config, str(tmp_path))
     logs = [f for f in os.listdir(tmp_path) if f.endswith(".tsv")]
     assert len(logs) == 1
     with open(tmp_path / logs[0]) as f:

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-from dmae_jax import checks as C
 from dmae_jax import config as config_lib
 from dmae_jax import defaults
 from dmae_jax.errors import IdentityError
@@ -42,10 +41,15 @@ def _log_rows(log_path: str, indices) -> None:
                              print_fn=lambda s: None)
 
 
+def _check_and_record(config, log_path: str, **kwargs) -> None:
+    """What the run path does for a log: check, then record."""
+    identity.record(log_path, identity.check(config, log_path, **kwargs))
+
+
 def _started_log(tmp_path, config) -> str:
     log_path = str(tmp_path / "work" / config.log_name)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    identity.check_log(config, log_path, warn=lambda s: None)
+    _check_and_record(config, log_path, warn=lambda s: None)
     _log_rows(log_path, [0, 2, 4])
     return log_path
 
@@ -57,7 +61,7 @@ def test_sigma_given_by_override_certifies_into_its_own_log(tmp_path):
     second = _certify_config(_fake_export(tmp_path / "ft_100", 1.0, b"other"), sigma=1.0)
     log_100 = os.path.join(os.path.dirname(log_025), second.log_name)
     assert log_100 != log_025 and second.log_name == "certify_sigma_1.0.tsv"
-    identity.check_log(second, log_100, warn=pytest.fail)  # a fresh log, no warning
+    _check_and_record(second, log_100, warn=pytest.fail)  # a fresh log, no warning
     assert logs.read_identity(log_100)["sigma"] == 1.0
 
 
@@ -65,10 +69,10 @@ def test_resume_with_another_n_is_an_error_naming_n(tmp_path):
     config = _certify_config(_fake_export(tmp_path / "ft", 0.25), n=200)
     log_path = _started_log(tmp_path, config)
     with pytest.raises(IdentityError) as e:
-        identity.check_log(_certify_config(config.checkpoint, n=300), log_path)
+        identity.check(_certify_config(config.checkpoint, n=300), log_path)
     assert (f"{log_path} holds rows certified with n = 200, but this run has n = 300. "
             "To resume it, rerun with --config.n=200") in str(e.value)
-    identity.check_log(_certify_config(config.checkpoint, n=200), log_path)  # same: resumes
+    identity.check(_certify_config(config.checkpoint, n=200), log_path)  # same: resumes
 
 
 @pytest.mark.parametrize("field, value", [
@@ -80,10 +84,10 @@ def test_every_field_that_changes_the_rows_is_part_of_the_identity(tmp_path, fie
     log_path = _started_log(tmp_path, config)
     changed = _certify_config(config.checkpoint, **{field: value})
     if field == "log_name":  # the name says where rows go, not what they are
-        identity.check_log(changed, log_path)
+        identity.check(changed, log_path)
         return
     with pytest.raises(IdentityError, match=f"certified with {field} = "):
-        identity.check_log(changed, log_path)
+        identity.check(changed, log_path)
 
 
 def test_another_checkpoint_is_an_error_a_moved_one_is_not(tmp_path):
@@ -91,10 +95,10 @@ def test_another_checkpoint_is_an_error_a_moved_one_is_not(tmp_path):
     config = _certify_config(export)
     log_path = _started_log(tmp_path, config)
     moved = shutil.copytree(export, tmp_path / "moved")
-    identity.check_log(_certify_config(str(moved)), log_path)  # same content: resumes
+    identity.check(_certify_config(str(moved)), log_path)  # same content: resumes
     other = _fake_export(tmp_path / "other", 0.25, b"retrained")
     with pytest.raises(IdentityError) as e:
-        identity.check_log(_certify_config(other), log_path)
+        identity.check(_certify_config(other), log_path)
     message = str(e.value)
     assert "certified with checkpoint = 'sha256:" in message
     assert f"rerun with --config.checkpoint={export} (the export it was certified with)" in message
@@ -110,11 +114,11 @@ def test_cascade_identity_covers_sigmas_p0_and_every_checkpoint(tmp_path):
         changed = config_lib.resolve(config)
         changed[field] = value
         with pytest.raises(IdentityError, match=f"certified with {field} = "):
-            identity.check_log(changed, log_path, warn=lambda s: None)
+            identity.check(changed, log_path, warn=lambda s: None)
     changed = config_lib.resolve(config)
     changed.sigmas = (1.0, 0.5, 0.25)
     with pytest.raises(IdentityError, match=r"rerun with --config.sigmas='\(1.0,0.5\)'"):
-        identity.check_log(changed, log_path, warn=lambda s: None)
+        identity.check(changed, log_path, warn=lambda s: None)
 
 
 def test_identity_is_readable_next_to_a_cohen_compatible_log(tmp_path):
@@ -130,12 +134,12 @@ def test_identity_is_readable_next_to_a_cohen_compatible_log(tmp_path):
 def test_certifying_at_another_sigma_than_fine_tuned_warns_once(tmp_path):
     warnings = []
     config = _certify_config(_fake_export(tmp_path / "ft", 0.25), sigma=0.5)
-    identity.check_log(config, str(tmp_path / "log.tsv"), warn=warnings.append)
+    identity.check(config, str(tmp_path / "log.tsv"), warn=warnings.append)
     assert warnings == [f"warning: config.checkpoint = {config.checkpoint} was fine-tuned at "
                         "sigma = 0.25, certified here at sigma = 0.5"]
     config.denoiser = _fake_export(tmp_path / "denoiser", 0.0, b"unet")
     warnings.clear()
-    identity.check_log(config, str(tmp_path / "log2.tsv"), warn=warnings.append)
+    identity.check(config, str(tmp_path / "log2.tsv"), warn=warnings.append)
     assert warnings == []  # denoise-and-classify certifies a clean classifier on purpose
 
 
@@ -144,7 +148,7 @@ def test_a_log_without_identity_is_adopted_with_a_warning(tmp_path):
     log_path = str(tmp_path / config.log_name)
     _log_rows(log_path, [0, 2])
     warnings = []
-    identity.check_log(config, log_path, warn=warnings.append)
+    _check_and_record(config, log_path, warn=warnings.append)
     assert len(warnings) == 1 and "has rows but no identity record" in warnings[0]
     assert logs.read_identity(log_path) is not None
 
@@ -234,7 +238,8 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     _saved(str(tmp_path), steps=(4,))
     _no_metadata(str(tmp_path))
     with pytest.raises(CheckpointError, match=r"no checkpoint under .* can be read \(step 4: "
-                       r"FileNotFoundError.*Not starting from scratch"):
+                       r"CorruptCheckpointError: missing since it was saved: state/_METADATA\)"
+                       r"\. Not starting from scratch"):
         _checkpointer(tmp_path).restore(_abstract())
 
 
@@ -274,12 +279,14 @@ def test_training_fingerprint_holds_every_field_that_changes_the_computation():
 
 
 @pytest.mark.parametrize("keep", [0, -1])
-def test_keep_ckpts_below_one_is_rejected(tmp_path, keep):
-    from dmae_jax.checkpoints import TrainCheckpointer
+def test_keep_ckpts_below_one_is_rejected(keep):
+    from dmae_jax import checks
 
-    with pytest.raises(C.ConfigError, match=f"config.keep_ckpts must be an integer >= 1.*"
-                       f"got {keep}"):
-        TrainCheckpointer(str(tmp_path), max_to_keep=keep, fingerprint={})
+    config = defaults.digits_pretrain()
+    config.keep_ckpts = keep
+    with pytest.raises(checks.ConfigError,
+                       match=f"config.keep_ckpts must be an integer >= 1, got {keep}"):
+        checks.training_loop(config)
 
 
 def test_report_shows_each_logs_identity(tmp_path, capsys):
@@ -306,7 +313,7 @@ def tiny_classifiers(tmp_path_factory):
 
 
 def test_certify_resume_under_another_identity_is_refused(tmp_path, tiny_classifiers):
-    from dmae_jax.tasks import certification as tasks
+    from dmae_jax.tasks import execute
 
     data_dir, exports_at = tiny_classifiers
 
@@ -318,18 +325,18 @@ def test_certify_resume_under_another_identity_is_refused(tmp_path, tiny_classif
         return cfg
 
     work = str(tmp_path / "cert")
-    tasks.run(config(), work)
+    execute.run(config(), work)
     first = os.path.join(work, "certify_sigma_0.25.tsv")
     assert [r["idx"] for r in logs.read_log(first)] == [0, 2, 4]
     assert json.load(open(first + ".config.json"))["n"] == 20
 
     # --config.sigma=1.0 --config.checkpoint=<the sigma=1.0 export>: its own log, not a resume.
-    tasks.run(config(sigma=1.0, checkpoint=exports_at[1.0]), work)
+    execute.run(config(sigma=1.0, checkpoint=exports_at[1.0]), work)
     second = os.path.join(work, "certify_sigma_1.0.tsv")
     assert len(logs.read_log(second)) == 3 and len(logs.read_log(first)) == 3
 
     with pytest.raises(IdentityError, match="certified with n = 20, but this run has n = 30"):
-        tasks.run(config(n=30, max=12), work)
+        execute.run(config(n=30, max=12), work)
     with pytest.raises(IdentityError, match="certified with checkpoint = 'sha256:"):
-        tasks.run(config(checkpoint=exports_at[1.0], max=12), work)
+        execute.run(config(checkpoint=exports_at[1.0], max=12), work)
     assert len(logs.read_log(first)) == 3  # nothing was appended by the refused runs

@@ -75,12 +75,16 @@ def test_core_imports_and_runs_without_tensorflow_tfds_grain_clu_torch(tmp_path)
         import jax, jax.numpy as jnp, numpy as np
         from flax import nnx
         import benchmarks.run as bench
-        from dmae_jax import models, parallel
+        from dmae_jax import aot, defaults, models, parallel, tasks
         from dmae_jax.smoothing import cascade, certify
-        import importlib
-        from dmae_jax import main
-        for module in sorted(set(main._RUNNERS.values()) - {"dmae_jax.tasks.end_to_end"}):
-            importlib.import_module(module)  # every trainer and the certification tasks
+        from dmae_jax.tasks import finetune, pretrain
+        from dmae_jax.train import common
+
+        # Validation (the run path's first steps) and compile-only mode's step assembly.
+        for config in (defaults.digits_pretrain(), defaults.digits_finetune(0.5)):
+            task, resolved = tasks.prepare(config)
+            pieces = aot.train_pieces(resolved)
+            assert pieces.loss_fn is not None
 
         # The real jitted, donated training step (make_train_step + AdamW) on a tiny DMAE.
         case = dict(variant="mu", img_size=8, patch_size=4, decoder_width=16,
@@ -102,6 +106,30 @@ def test_core_imports_and_runs_without_tensorflow_tfds_grain_clu_torch(tmp_path)
     """).replace("HIDDEN", repr(HIDDEN))
     result = _python(code)
     assert result.returncode == 0 and "CORE OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_validation_compile_only_mode_and_the_certification_task_import_no_tfds():
+    # What imports TFDS is `datasets.tfds()`: a data set being read or prepared. Checking
+    # a config, compiling for a TPU and certification's engine and task module never do.
+    code = hide_imports(("tensorflow", "tensorflow_datasets")) + textwrap.dedent("""
+        from dmae_jax import aot, checks, defaults, tasks
+        from dmae_jax.data import datasets
+        from dmae_jax.tasks import certification, end_to_end, execute
+        for config in (defaults.digits_pretrain(), defaults.certify("digits"),
+                       defaults.end_to_end()):
+            try:
+                tasks.prepare(config)
+            except checks.ConfigError as e:
+                assert "config.checkpoint" in str(e), e
+        aot.train_pieces(defaults.digits_pretrain())
+        assert datasets.num_classes("imagenet2012") == 1000
+        try:
+            datasets.tfds()
+        except ModuleNotFoundError:
+            print("NO TFDS OK")
+    """)
+    result = _python(code)
+    assert result.returncode == 0 and "NO TFDS OK" in result.stdout, result.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ TensorBoard events.
@@ -166,7 +194,7 @@ def test_certification_results_become_a_tensorboard_run(tmp_path):
     radii = [0.0, 0.3, 0.7, 1.2, 0.5, 0.0]
     rows = [{"idx": i, "label": 1, "predict": -1 if i == 5 else (1 if i != 4 else 2),
              "radius": r, "correct": int(i not in (4, 5))} for i, r in enumerate(radii)]
-    metrics.write_certification(str(tmp_path), "certify_sigma_0.5.tsv", rows, table="| t |")
+    report.write_tensorboard(str(tmp_path), "certify_sigma_0.5.tsv", rows, table="| t |")
     acc = _accumulator(str(tmp_path / "certify_sigma_0.5"))
     (acr,) = acc.Scalars("certify/acr")
     assert acr.value == pytest.approx(report.acr(rows))
@@ -179,7 +207,7 @@ def test_certification_results_become_a_tensorboard_run(tmp_path):
         assert curve[step] == pytest.approx(expected), step
     assert acc.Images("certify/certified_accuracy_plot")[0].width > 100
     # A rerun replaces the results instead of adding a second copy.
-    metrics.write_certification(str(tmp_path), "certify_sigma_0.5.tsv", rows[:3])
+    report.write_tensorboard(str(tmp_path), "certify_sigma_0.5.tsv", rows[:3])
     acc = _accumulator(str(tmp_path / "certify_sigma_0.5"))
     assert [e.value for e in acc.Scalars("certify/acr")] == [pytest.approx(report.acr(rows[:3]))]
 

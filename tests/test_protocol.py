@@ -350,7 +350,8 @@ def test_probe_keeps_the_pretrained_norm_and_initialises_the_head_at_std_0_01():
 def test_probe_batchnorm_trains_on_group_statistics_and_folds_for_export():
     from flax import nnx
 
-    from dmae_jax.models import create_classifier
+    from dmae_jax import parallel
+    from dmae_jax.models import ModelParts, create_classifier
 
     clf, _, cfg = _probe()
     images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
@@ -361,7 +362,11 @@ def test_probe_batchnorm_trains_on_group_statistics_and_folds_for_export():
         f = feats[4 * g:4 * g + 4]
         z = (f - f.mean(0)) / np.sqrt(f.var(0) + linprobe.BN_EPS)
         np.testing.assert_allclose(logits[4 * g:4 * g + 4], z @ kernel, atol=2e-4)
-    mean, var = linprobe.feature_statistics([feats[:3], feats[3:]])
+    # The statistics training computes (sigma 0: the clean features), over two batches.
+    mean, var = linprobe.estimate_statistics(
+        ModelParts.split(clf), [{"image": np.asarray(images[:4])},
+                                {"image": np.asarray(images[4:])}],
+        num_batches=2, sigma=0.0, rng=jax.random.key(0), mesh=parallel.make_mesh(1))
     np.testing.assert_allclose(mean, feats.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, feats.var(0, ddof=1), rtol=1e-4, atol=1e-6)
     linprobe.set_statistics(clf, mean, var)
@@ -459,8 +464,7 @@ def test_linear_probe_with_best_vote_selection_exports_plain_classifiers(tmp_pat
     cls-token classifiers."""
     from flax import nnx
 
-    from dmae_jax import config as C
-    from dmae_jax import defaults, exports
+    from dmae_jax import defaults, exports, tasks
     from dmae_jax.models import classifier, create_dmae
     from dmae_jax.tasks import finetune
 
@@ -476,8 +480,7 @@ def test_linear_probe_with_best_vote_selection_exports_plain_classifiers(tmp_pat
                probe_stat_batches=2, total_steps=4, eval_every_steps=2, eval_skip=4,
                eval_noise_draws=2, select="best_vote", log_every_steps=2, ckpt_every_steps=4)
     cfg.optim.update(base_lr=0.5, weight_decay=0.0, warmup_epochs=0)
-    cfg = C.resolve(cfg)
-    finetune.validate(cfg)
+    _, cfg = tasks.prepare(cfg)
     finetune.run(cfg, str(tmp_path / "run"))
     for export in ("export", "best/export"):
         parts, meta = classifier.from_export(str(tmp_path / "run" / export), field="x")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dmae_jax import checks
 from dmae_jax.errors import ConfigError
 from dmae_jax.tasks import end_to_end
 from dmae_jax.tasks.pretrain import flat_blocks, masked_patch_errors
@@ -103,8 +104,7 @@ def _rows(correct: list[int], radius: float) -> str:
 def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
         tmp_path, monkeypatch):
     """Stages stubbed: what runs, with which initialisation, and what the report says."""
-    from dmae_jax.tasks import certification as tasks
-    from dmae_jax.tasks import finetune, pretrain
+    from dmae_jax.tasks import execute
 
     config = load_config("configs/digits.py", "compare,runlocal")
     assert config.random_init_baseline is True
@@ -137,11 +137,9 @@ def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
         with open(os.path.join(cert_dir, cfg.log_name), "w") as f:
             f.write(_rows(good, 0.2 if random_init and sigma < 1.0 else 0.5))
 
-    monkeypatch.setattr(pretrain, "run", fake_pretrain)
-    monkeypatch.setattr(finetune, "run", fake_finetune)
-    monkeypatch.setattr(finetune, "validate", lambda cfg: None)
-    monkeypatch.setattr(tasks, "run", fake_certify)
-    monkeypatch.setattr(tasks, "validate", lambda cfg: None)
+    stages = {"pretrain": fake_pretrain, "finetune": fake_finetune, "certify": fake_certify,
+              "cascade": fake_certify}
+    monkeypatch.setattr(execute, "run", lambda cfg, workdir: stages[cfg.task](cfg, workdir))
     work = str(tmp_path / "digits")
     end_to_end.run(config, work)
 
@@ -171,7 +169,7 @@ def test_random_init_baseline_is_a_switch_not_a_sigma():
     config = ml_collections.ConfigDict(
         {**load_config("configs/digits.py", "runlocal").to_dict(), "random_init_baseline": 0.25})
     with pytest.raises(ConfigError, match="config.random_init_baseline must be True .* got 0.25"):
-        end_to_end.validate(config)
+        checks.end_to_end(config)
 
 
 def test_without_baselines_or_evaluations_the_report_says_nothing_of_them(tmp_path):

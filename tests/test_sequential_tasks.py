@@ -34,13 +34,13 @@ def _common(cfg, data_dir):
 
 def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
                                                                         tiny_classifiers):
-    from dmae_jax.tasks import certification as tasks
+    from dmae_jax.tasks import execute
 
     data_dir, paths = tiny_classifiers
     cfg = _common(defaults.certify("digits", 0.25), data_dir)
     cfg.checkpoint = paths[0.25]
     work = str(tmp_path / "cert")
-    tasks.run(cfg, work)
+    execute.run(cfg, work)
     path = os.path.join(work, "certify_sigma_0.25.tsv")
     assert _header(path)[:6] == COHEN
     assert _header(path)[6:] == (*LOG_COLUMNS, "image", "looks")
@@ -59,13 +59,13 @@ def test_certify_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
 
 def test_cascade_task_sequential_writes_contract_rows_the_report_reads(tmp_path,
                                                                         tiny_classifiers):
-    from dmae_jax.tasks import certification as tasks
+    from dmae_jax.tasks import execute
 
     data_dir, paths = tiny_classifiers
     cfg = _common(defaults.cascade("digits", sigmas=(0.5, 0.25)), data_dir)
     cfg.checkpoints = (paths[0.5], paths[0.25])
     work = str(tmp_path / "cascade")
-    tasks.run(cfg, work)
+    execute.run(cfg, work)
     (name,) = [f for f in os.listdir(work) if f.endswith(".tsv")]
     path = os.path.join(work, name)
     assert _header(path)[:6] == COHEN

@@ -126,8 +126,8 @@ def test_two_processes_with_two_devices_match_one_process_with_four(tmp_path, da
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir,
-                                                                 monkeypatch):
+def test_nonfinite_loss_stops_before_saving_and_names_no_unverified_step(tmp_path, data_dir,
+                                                                        monkeypatch):
     from dmae_jax import parallel
     from dmae_jax.tasks import pretrain
     from dmae_jax.train import common
@@ -146,8 +146,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_
         return real(batch, mesh)
 
     monkeypatch.setattr(parallel, "global_batch", poisoned_after_four)
-    with pytest.raises(common.NonFiniteLossError, match="last good checkpoint is step 4"):
+    with pytest.raises(common.NonFiniteLossError) as e:
         pretrain.run(config, str(tmp_path))
+    message = str(e.value)
+    assert message.startswith("loss=nan grad_norm=nan at step 5: stopping without saving it.")
+    assert "whose checksums verify" in message and "step 4" not in message
     assert helpers.checkpoint_steps(str(tmp_path)) == [2, 4]
 
 
@@ -294,7 +297,8 @@ def test_profile_steps_write_a_trace_to_the_workdir(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from dmae_jax.config import ConfigError
+    from dmae_jax import checks
+    from dmae_jax.errors import ConfigError
     from dmae_jax.train import common
 
     state = jnp.ones((64, 64))
@@ -305,10 +309,10 @@ def test_profile_steps_write_a_trace_to_the_workdir(tmp_path):
     traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files
               if f.endswith(".xplane.pb")]
     assert traces, "no trace written"
-    assert common.check_profile_steps(()) == (0, 0)
+    assert checks.profile_steps(()) == (0, 0)
     for bad in ((3,), (5, 5), (0, 2), "1,2"):
         with pytest.raises(ConfigError, match="config.profile_steps must be"):
-            common.check_profile_steps(bad)
+            checks.profile_steps(bad)
 
 
 def test_checkpoint_of_another_model_is_an_error_not_a_fresh_start(tmp_path, data_dir):
@@ -346,7 +350,7 @@ def load_config(path: str, arg: str | None = None):
     ("init_from", "/does/not/exist", "config.init_from = '/does/not/exist' does not exist"),
 ])
 def test_bad_config_stops_at_start_naming_field_value_and_valid_values(field, value, message):
-    from dmae_jax.tasks import pretrain
+    from dmae_jax import tasks
 
     config = load_config(CONFIG)
     *parents, leaf = field.split(".")
@@ -355,7 +359,7 @@ def test_bad_config_stops_at_start_naming_field_value_and_valid_values(field, va
         node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError) as e:
-        pretrain.validate(config)
+        tasks.prepare(config)
     assert message in str(e.value)
 
 

@@ -3,28 +3,51 @@
 Records are `{'image': uint8 [H, W, 3], 'label': int}`. `digits` prepares itself on first
 use (no network needed); `cifar10` and `imagenet2012` must be prepared once beforehand in
 ArrayRecord format, and a missing one raises `DatasetNotFoundError` with the command to run.
+
+The facts about the data sets (names, classes, split sizes) need no TFDS: TFDS (and the
+digits builder, which is a TFDS builder) is imported by `tfds()` here, the one place, when
+data is read or prepared, so validation, compile-only mode and certification's engine never
+load it.
 """
 
+import functools
 import os
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
-from dmae_jax.data import digits
 from dmae_jax.errors import ConfigError, UserError
 
 DATASETS = ("digits", "cifar10", "imagenet2012")
-NUM_CLASSES = {"digits": digits.NUM_CLASSES, "cifar10": 10, "imagenet2012": 1000}
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
 NUM_EXAMPLES = {
-    "digits": digits.NUM_EXAMPLES,
+    "digits": {"train": 1501, "test": 296},
     "cifar10": {"train": 50_000, "test": 10_000},
     "imagenet2012": {"train": 1_281_167, "validation": 50_000},
 }
 DEFAULT_DIGITS_SIZE = 32
+# digits are 8x8 images upscaled to this range of sides (a 512 px split is about 1.4 GB
+# decoded; beyond it preparing takes hours and the memory of the machine).
+DIGITS_SIZES = (8, 512)
 # Splits whose decoded images fit in this many bytes are decoded once and kept in memory:
 # TFDS decodes a PNG per read (about 0.5 ms even for 32x32), slower than the augmentation.
 IN_MEMORY_BYTES = 64 * 2**20
+
+
+def tfds():
+    """The `tensorflow_datasets` module, imported on first use (here only)."""
+    import tensorflow_datasets
+
+    return tensorflow_datasets
+
+
+def check_digits_size(image_size: int, field: str) -> None:
+    """A digits resolution in DIGITS_SIZES, else ConfigError naming `field`."""
+    low, high = DIGITS_SIZES
+    if isinstance(image_size, bool) or not isinstance(image_size, int) \
+            or not low <= image_size <= high:
+        raise ConfigError(f"{field} must be an integer in [{low}, {high}] for digits (8x8 "
+                          f"digits upscaled), got {image_size!r}")
 
 
 class DatasetError(UserError, RuntimeError):
@@ -106,7 +129,7 @@ def _check_name(name: str) -> None:
 
 def _root(data_dir: str | None) -> str:
     """The TFDS data directory that `data_dir=None` means."""
-    return os.fspath(data_dir) if data_dir is not None else tfds.core.constants.DATA_DIR
+    return os.fspath(data_dir) if data_dir is not None else tfds().core.constants.DATA_DIR
 
 
 def preparation_command(name: str, data_dir: str | None) -> str:
@@ -135,10 +158,13 @@ def load_source(
     IN_MEMORY_BYTES decoded (sizes up to about 110 px) come back as an in-memory ArraySource.
     """
     _check_name(name)
+    tf_datasets = tfds()
     if name == "digits":
+        from dmae_jax.data import digits  # a TFDS builder: imported with TFDS
+
         builder = digits.prepare(image_size or DEFAULT_DIGITS_SIZE, data_dir)
     else:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tf_datasets.builder(name, data_dir=data_dir)
         if not builder.is_prepared():
             raise DatasetNotFoundError(
                 f"data set {name!r} is not prepared in data_dir {_root(data_dir)!r} "
@@ -147,7 +173,7 @@ def load_source(
             )
     valid = sorted(builder.info.splits.keys())
     try:
-        tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+        tf_datasets.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     except (ValueError, KeyError, AssertionError) as e:
         raise ConfigError(
             f"split for data set {name!r} must be one of {valid} or a TFDS slice of one "
@@ -196,6 +222,7 @@ def official_order(name: str, labels: Sequence[int], names: Sequence[str]) -> np
     raise ValueError(f"data set must be one of {sorted(NAME_FEATURES)}, got {name!r}")
 
 
+@functools.lru_cache(maxsize=4)  # a resumed certification reads them to check and to run
 def labels_and_names(
     name: str, split: str, *, data_dir: str | None, chunk: int = 1000
 ) -> tuple[np.ndarray, list[str]]:
@@ -206,9 +233,10 @@ def labels_and_names(
     """
     if name not in NAME_FEATURES:
         raise ValueError(f"data set must be one of {sorted(NAME_FEATURES)}, got {name!r}")
-    builder = tfds.builder(name, data_dir=data_dir)
+    tf_datasets = tfds()
+    builder = tf_datasets.builder(name, data_dir=data_dir)
     source = builder.as_data_source(
-        split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        split=split, decoders={"image": tf_datasets.decode.SkipDecoding()})
     labels, names = [], []
     for start in range(0, len(source), chunk):
         for record in source.__getitems__(range(start, min(start + chunk, len(source)))):
@@ -245,12 +273,13 @@ def num_classes(name: str) -> int:
 def num_examples(name: str, split: str) -> int:
     """Number of records in `name`/`split` (TFDS split syntax), without reading the data."""
     _check_name(name)
+    tf_datasets = tfds()
     infos = {
-        s: tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0)
+        s: tf_datasets.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0)
         for s, n in NUM_EXAMPLES[name].items()
     }
     try:
-        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
+        instructions = tf_datasets.core.ReadInstruction.from_spec(split).to_absolute(infos)
     except (ValueError, KeyError, AssertionError) as e:
         raise ConfigError(
             f"split for data set {name!r} must be one of {sorted(infos)} or a TFDS slice of "

@@ -16,19 +16,22 @@ from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
-import tensorflow_datasets as tfds
 
-NUM_CLASSES = 10
+from dmae_jax import storage
+from dmae_jax.data import datasets
+
+tfds = datasets.tfds()  # the builder is a TFDS builder: importing it loads TFDS
+
+NUM_CLASSES = datasets.NUM_CLASSES["digits"]
 TEST_EVERY = 6  # 1 in TEST_EVERY examples of each class is a test example.
-NUM_EXAMPLES = {"train": 1501, "test": 296}
+NUM_EXAMPLES = datasets.NUM_EXAMPLES["digits"]
 
 
 class DigitsConfig(tfds.core.BuilderConfig):
     """Builder config: the side length of the upscaled square images."""
 
     def __init__(self, *, image_size: int, **kwargs):
-        if image_size < 8:
-            raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+        datasets.check_digits_size(image_size, "digits image_size")
         super().__init__(name=config_name(image_size), **kwargs)
         self.image_size = image_size
 
@@ -115,8 +118,6 @@ def prepare(image_size: int = 32, data_dir: str | None = None) -> Digits:
     A gs:// `data_dir` is prepared in a local directory and uploaded (ArrayRecord reads
     gs:// but cannot write it; `storage.staged_upload`).
     """
-    from dmae_jax import storage
-
     b = builder(image_size, data_dir)
     if not b.is_prepared() and storage.is_gcs(data_dir):
         with storage.staged_upload(data_dir, last=storage.TFDS_COMMIT_FILES) as local:

@@ -20,15 +20,10 @@ import jax
 import numpy as np
 from absl import flags
 
+from dmae_jax.data import AUGMENTATIONS, randaugment
 from dmae_jax.data import augment as aug
-from dmae_jax.data import randaugment
 from dmae_jax.errors import ConfigError
 
-# rrc_flip: pretraining (RandomResizedCrop scale (0.2, 1) + flip); rrc_flip_randaug: ImageNet
-# fine-tuning (RandomResizedCrop scale (0.08, 1) + flip + RandAugment rand-m9-mstd0.5-inc1);
-# rrc_single_flip: linear probing (MAE's TF-style RandomResizedCrop, one draw, + flip); flip:
-# flip only (CIFAR-10); none: the stored image (resized/cropped to size if it differs).
-AUGMENTATIONS = ("rrc_flip", "rrc_flip_randaug", "rrc_single_flip", "flip", "none")
 STATE_VERSION = 1
 # Batches each Grain reader (main process or worker) prepares ahead of the training step.
 _PREFETCH_BATCHES = 2

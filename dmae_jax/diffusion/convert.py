@@ -12,18 +12,19 @@ used; a missing or unknown key or a shape mismatch is an error naming the key.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax import nnx, traverse_util
 
+from dmae_jax import errors, pth
+from dmae_jax.convert import save_export
+from dmae_jax.errors import UserError
 from dmae_jax.models.unet import UNET_PRESETS, UNet, UNetConfig, export_meta
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The checkpoint does not match the UNet configuration."""
 
 
@@ -124,12 +125,12 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 def load_torch_state_dict(path: str) -> dict[str, Any]:
     """Reads a plain state_dict file without PyTorch (`dmae_jax.pth`); clear error otherwise."""
-    from dmae_jax import pth
-
     try:
         obj = pth.load(path)
     except FileNotFoundError:
         raise ConversionError(f"--checkpoint {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConversionError(f"--checkpoint {path!r} is a directory, not a .pt file") from None
     except pth.CheckpointFormatError as e:  # includes a pickle that asks for code to run
         reason = str(e).strip().splitlines()[0]
         raise ConversionError(
@@ -144,25 +145,20 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
     return dict(obj)
 
 
+@errors.reporting
 def main(argv: list[str] | None = None) -> None:
-    """CLI: convert one official checkpoint to a dmae_jax parameter export."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dmae_jax.diffusion.convert", description=__doc__
-    )
+    """CLI: convert one official checkpoint to a dmae_jax parameter export; a bad input is one
+    `error:` line and exit status 2."""
+    parser = errors.ArgumentParser(
+        prog="python -m dmae_jax.diffusion.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="official .pt state_dict")
     parser.add_argument("--preset", required=True, choices=sorted(UNET_PRESETS))
     parser.add_argument("--out", required=True, help="directory for the parameter export")
     args = parser.parse_args(argv)
 
-    from dmae_jax import exports
-
     config = UNET_PRESETS[args.preset]
-    try:
-        params = convert_unet_state_dict(load_torch_state_dict(args.checkpoint), config)
-    except ConversionError as e:
-        sys.exit(f"error: {e}")
-    meta = export_meta(config, args.preset)
-    exports.save(args.out, params, meta)
+    params = convert_unet_state_dict(load_torch_state_dict(args.checkpoint), config)
+    save_export(args.out, params, export_meta(config, args.preset))
     n = sum(int(np.prod(v.shape)) for v in traverse_util.flatten_dict(params).values())
     print(f"wrote {n:,} parameters of {args.preset} to {args.out}")
 

@@ -132,6 +132,27 @@ def init_from_dmae(classifier: Classifier, dmae_params: Mapping[str, Any]) -> No
     nnx.update(classifier, state)
 
 
+# The architecture fields a classifier must share with the DMAE it starts from (the
+# parameter shapes, and the head count the attention weights were trained with).
+ENCODER_FIELDS = ("width", "depth", "num_heads", "patch_size")
+DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
+
+
+def encoder_mismatch(model_cfg: Mapping[str, Any], dmae_model_cfg: Mapping[str, Any], *,
+                     decoder: bool = False) -> tuple[str, Any, Any] | None:
+    """(field, this model's value, the DMAE's) of the first architecture field that keeps a
+    DMAE export (its meta's "model") from initialising `model_cfg`, or None when it fits.
+
+    `init_from_dmae` copies the encoder; with `decoder` (continued pretraining) the decoder
+    must match too. The image size may differ (position embeddings are regenerated).
+    """
+    ours, theirs = vit.resolve_model_config(model_cfg), vit.resolve_model_config(dmae_model_cfg)
+    for field in ENCODER_FIELDS + (DECODER_FIELDS if decoder else ()):
+        if ours[field] != theirs[field]:
+            return field, ours[field], theirs[field]
+    return None
+
+
 def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
                       rngs: nnx.Rngs) -> Classifier:
     """Builds the fine-tuning ViT classifier described by a `model` config."""

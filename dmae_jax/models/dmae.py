@@ -86,12 +86,12 @@ def sample_ids_shuffle(rng: jax.Array, batch_size: int, num_patches: int) -> jax
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """Number of visible patches, int(L * (1 - mask_ratio)) as the official code."""
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        raise ValueError(f"mask_ratio must be in [0.0, 1.0), got {mask_ratio}")
     len_keep = int(num_patches * (1 - mask_ratio))
     if len_keep < 1:
         raise ValueError(
-            f"mask_ratio {mask_ratio} keeps no patch out of {num_patches}; use a smaller ratio"
-        )
+            f"mask_ratio = {mask_ratio} keeps no patch visible out of {num_patches}: it must "
+            f"be below {1 - 1 / num_patches}")
     return len_keep
 
 

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmae_jax import parallel
+from dmae_jax.models import classifier as classifier_lib
+
 BN_EPS = 1e-6  # MAE: BatchNorm1d(..., affine=False, eps=1e-6)
 HEAD_INIT_STD = 0.01  # MAE: trunc_normal_(head.weight, std=0.01) (cut-offs +-2 never bind)
 
@@ -58,8 +61,6 @@ class BatchNormHead(nnx.Module):
 
 def make_probe(classifier: nnx.Module, dmae_params: Mapping[str, Any], rng: jax.Array) -> None:
     """In place: encoder and final `norm` from the DMAE, head N(0, 0.01) / 0, BN head added."""
-    from dmae_jax.models import classifier as classifier_lib
-
     if classifier.global_pool:
         raise ValueError("linear probing uses the cls token: model.global_pool must be False")
     if "norm" not in dmae_params:
@@ -76,21 +77,6 @@ def make_probe(classifier: nnx.Module, dmae_params: Mapping[str, Any], rng: jax.
     head.kernel.value = HEAD_INIT_STD * jax.random.normal(rng, head.kernel.value.shape)
     head.bias.value = jnp.zeros_like(head.bias.value)
     classifier.head = BatchNormHead(head, head.kernel.value.shape[0])
-
-
-def feature_statistics(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased variance [D] of feature batches [b, D] (float64 accumulation)."""
-    count, total, total_sq = 0, 0.0, 0.0
-    for f in features:
-        f = np.asarray(f, np.float64)
-        count += f.shape[0]
-        total = total + f.sum(0)
-        total_sq = total_sq + np.square(f).sum(0)
-    if count < 2:
-        raise ValueError(f"feature statistics need at least 2 rows, got {count}")
-    mean = total / count
-    var = (total_sq - count * np.square(mean)) / (count - 1)
-    return mean.astype(np.float32), np.maximum(var, 0.0).astype(np.float32)
 
 
 def set_statistics(classifier: nnx.Module, mean: np.ndarray, var: np.ndarray) -> None:
@@ -118,8 +104,6 @@ def estimate_statistics(parts, batches: Iterable[dict], *, num_batches: int, sig
 
     `parts` is the probe's ModelParts; `batches` yields local batches as the train iterator.
     """
-    from dmae_jax import parallel
-
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
 

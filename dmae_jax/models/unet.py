@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmae_jax.diffusion.schedule import DiffusionSchedule, make_schedule, timestep_for_sigma
 from dmae_jax.models.parts import ModelParts
 
 NUM_GROUPS = 32  # GroupNorm32: every norm in ADM uses 32 groups.
@@ -110,6 +111,34 @@ class UNetConfig:
                 raise ValueError(f"num_heads {self.num_heads} must divide {ch} channels")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def schedule(self) -> DiffusionSchedule:
+        """The noise schedule the weights were trained with."""
+        return make_schedule(self.noise_schedule, self.diffusion_steps)
+
+    def check_sigmas(self, sigmas) -> None:
+        """Raises ValueError unless every sigma is within the schedule (its t*(sigma) exists)."""
+        schedule = self.schedule()
+        for sigma in sigmas:
+            timestep_for_sigma(schedule, sigma)
+
+    def pad_to(self, image_size: int) -> int | None:
+        """The UNet's own resolution when images are smaller (ImageNet 224 -> 256), else None.
+
+        The official multi-scale code reflection-pads 224 px crops to the 256 px UNet and
+        crops back (`CropWrapper`); images of the UNet's size or larger run as they are.
+        """
+        return self.image_size if image_size < self.image_size else None
+
+    def check_image_size(self, image_size: int) -> None:
+        """Raises ValueError unless images of `image_size` are this size or larger, or can be
+        reflection-padded to it."""
+        pad_to = self.pad_to(image_size)
+        if pad_to is not None and ((pad_to - image_size) % 2
+                                   or (pad_to - image_size) // 2 >= image_size):
+            raise ValueError(
+                f"images of {image_size} px cannot be reflection-padded to the UNet's {pad_to}:"
+                " the sizes must differ by an even number less than twice the image size")
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {

@@ -20,7 +20,7 @@ interval, which the resumed run certifies again.
 
 Next to each log, `<log>.identity.json` records what produced its rows (task, sigmas,
 models by content fingerprint, N0, N, alpha, data set, subset, seed, ...): a run resumes a
-log only under the same identity (`check_identity`).
+log only under the same identity (`compare_identity`).
 
 Reading also accepts Cohen's logs (3 significant digits), the multi-scale code's logs
 (extra columns, predict -2) and Carlini et al.'s diffusion-denoised-smoothing logs, whose
@@ -271,14 +271,26 @@ def identity_path(log_path: str | os.PathLike) -> str:
 
 
 def read_identity_record(log_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The whole identity record of a log ({"identity": ..., "notes": ...}), or None."""
+    """The whole identity record of a log ({"identity": ..., "notes": ...}), or None.
+
+    A record that is not a JSON object with an "identity" object is an IdentityError: it is
+    what says which configuration the rows were certified with, so a damaged one is not
+    treated as a missing one.
+    """
     path = identity_path(log_path)
     if not storage.exists(path):
         return None
     try:
-        return json.loads(storage.read_text(path))
-    except json.JSONDecodeError as e:
-        raise LogFormatError(f"{path} is not valid JSON ({e}): delete it to re-record") from e
+        record = json.loads(storage.read_text(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        record = e
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+        why = record if isinstance(record, Exception) else "not an object with an identity"
+        raise IdentityError(
+            f"{path} is damaged ({why}), so which configuration certified the rows of "
+            f"{os.fspath(log_path)} is unknown: restore the file from a copy, or certify "
+            "anew with another --workdir or --config.log_name")
+    return record
 
 
 def read_identity(log_path: str | os.PathLike) -> dict[str, Any] | None:
@@ -307,33 +319,23 @@ def write_identity(log_path: str | os.PathLike, identity: dict[str, Any],
     return path
 
 
-def check_identity(log_path: str | os.PathLike, identity: dict[str, Any], *, has_rows: bool,
-                   notes: dict[str, Any] | None = None, hints: dict[str, str] | None = None,
-                   warn=print) -> None:
-    """Lets a run append to `log_path` only if the rows there were made under `identity`.
+def compare_identity(log_path: str | os.PathLike, recorded: dict[str, Any],
+                     identity: dict[str, Any], *, hints: dict[str, str] | None = None) -> None:
+    """Lets a run append to `log_path` only if its rows were made under `identity`.
 
-    No rows yet: records `identity` (replacing any earlier record). Rows and a record: every
-    field must be equal, else IdentityError names the first differing field, the logged and
-    the new value, and the way out (`hints[field]` says how to pass the old value). Rows but
-    no record (a log from before identities were recorded): `warn`s and records it.
+    Every field must equal the `recorded` one, else IdentityError names the first differing
+    field, the logged and the new value, and the way out (`hints[field]` says how to pass
+    the old value). Writes nothing.
     """
-    log_path = os.fspath(log_path)
-    recorded = read_identity(log_path)
-    if not has_rows or recorded is None:
-        if has_rows:
-            warn(f"warning: {log_path} has rows but no identity record; assuming they come "
-                 f"from this run's configuration and recording it in {identity_path(log_path)}")
-        write_identity(log_path, identity, notes)
-        return
     fresh = json.loads(json.dumps(identity, sort_keys=True, default=str))
     for field in sorted(set(recorded) | set(fresh)):
         old, new = recorded.get(field, "<absent>"), fresh.get(field, "<absent>")
         if old != new:
             hint = (hints or {}).get(field) or f"--config.{field}={_flag_value(old)}"
             raise IdentityError(
-                f"{log_path} holds rows certified with {field} = {old!r}, but this run has "
-                f"{field} = {new!r}. To resume it, rerun with {hint}; to certify anew, use "
-                f"another --workdir or --config.log_name")
+                f"{os.fspath(log_path)} holds rows certified with {field} = {old!r}, but this "
+                f"run has {field} = {new!r}. To resume it, rerun with {hint}; to certify "
+                "anew, use another --workdir or --config.log_name")
 
 
 def _flag_value(value: Any) -> str:

@@ -7,8 +7,9 @@ the train step, not part of the trained state. Each batch is split into equal ch
 per sigma of config.sigmas (so t*(sigma) stays static), with config.num_noise_samples draws
 per image. Optimizer, EMA and loop as `train_denoiser`.
 
-  python -m dmae_jax.main --config=configs/calibrate_digits.py --workdir=runs/denoise/calib \
-      --config.denoiser=runs/denoise/ddpm/export --config.classifier=runs/denoise/clf/export
+  python -m dmae_jax.main --config=configs/calibrate_denoiser_digits.py \
+      --workdir=runs/denoise/calib --config.denoiser=runs/denoise/ddpm/export \
+      --config.classifier=runs/denoise/clf/export
 """
 
 from __future__ import annotations
@@ -20,60 +21,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmae_jax import checkpoints, exports, metrics, parallel
-from dmae_jax import checks as C
-from dmae_jax.tasks import train_denoiser
-from dmae_jax.train import common
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every field of `calibrate_denoiser` before any work."""
-    from dmae_jax.data import datasets
-    from dmae_jax.diffusion import loading
-    from dmae_jax.models.unet import UNetConfig
-
-    C.one_of(config, "task", ("calibrate_denoiser",))
-    train_denoiser.validate_training_fields(config)
-    _, meta = exports.load_checked(config.denoiser, kind="unet", field="config.denoiser")
-    unet_config = UNetConfig.from_dict(meta["config"])
-    _, clf_meta = exports.load_checked(config.classifier, kind="classifier",
-                                       field="config.classifier")
-    expected = datasets.num_classes(config.data.dataset)
-    if clf_meta.get("num_classes") != expected:
-        raise C.ConfigError(
-            f"config.classifier = {config.classifier!r} has {clf_meta.get('num_classes')} "
-            f"classes, config.data.dataset {config.data.dataset!r} has {expected}")
-    sigmas = C.sigmas(config, "sigmas")
-    loading.check_sigmas(unet_config, sigmas, "config.sigmas")
-    C.positive(config, "num_noise_samples")
-    for field in ("lambda_brier", "lambda_ac", "lambda_mse"):
-        C.positive(config, field, allow_zero=True)
-    if config.lambda_brier == 0 and config.lambda_ac == 0:
-        raise C.ConfigError(
-            "config.lambda_brier and config.lambda_ac are both 0: nothing would calibrate "
-            "the denoiser (use task train_denoiser for plain DDPM training)")
-    if config.batch_size % (len(sigmas) * config.accum_steps):
-        raise C.ConfigError(
-            f"config.batch_size must be a multiple of len(config.sigmas) = {len(sigmas)} "
-            f"times config.accum_steps = {config.accum_steps} (one equal chunk per sigma in "
-            f"every micro-batch), got {config.batch_size}")
-    loading.check_image_size(config.data.image_size, unet_config, "config.data.image_size")
-    C.in_range(config, "p0", 1e-12, 1.0)
-    C.positive(config, "eval_batch_size")
-    C.positive(config, "eval_noise_draws")
-    C.positive(config, "eval_skip")
+from dmae_jax import checkpoints, checks, exports, metrics, parallel
+from dmae_jax.data import datasets
+from dmae_jax.diffusion import calibration, denoise, losses
+from dmae_jax.models import DTYPES
+from dmae_jax.models import classifier as classifier_lib
+from dmae_jax.models import unet as unet_lib
+from dmae_jax.train import common, optim
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Calibrates a UNet export against a fixed classifier; writes `workdir/export` ("unet")."""
-    from dmae_jax.diffusion import calibration, denoise, losses
-    from dmae_jax.diffusion.loading import pad_to_for, unet_schedule
-    from dmae_jax.models import DTYPES
-    from dmae_jax.models import classifier as classifier_lib
-    from dmae_jax.models import unet as unet_lib
-    from dmae_jax.train import optim
-
-    sigmas = C.sigmas(config, "sigmas")
+    sigmas = checks.sigmas(config, "sigmas")
     m = config.num_noise_samples
 
     # ------------------------------------------------------------------ Mesh.
@@ -87,8 +46,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     # ------------------------------------------------------------------ Models.
     unet_parts, unet_config, unet_meta = unet_lib.from_export(
         config.denoiser, field="config.denoiser", dtype=DTYPES[config.model.dtype])
-    schedule = unet_schedule(unet_config)
-    pad_to = pad_to_for(config.data.image_size, unet_config.image_size)
+    schedule = unet_config.schedule()
+    pad_to = unet_config.pad_to(config.data.image_size)
     clf_parts, _ = classifier_lib.from_export(config.classifier, field="config.classifier")
     replicated = parallel.replicated(mesh)
     # The fixed classifier: on the devices once, then an argument of every step.
@@ -199,14 +158,14 @@ def _calibration_evaluator(config, mesh, writer, probs_at):
     the label), "overconfident" (wrong with vote share > p0) and "oversmoothed" (top vote
     share <= p0: the cascade would go on to a smaller sigma or abstain).
     """
-    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.data import pipeline  # Grain: where data is read
 
     if not config.eval_every_steps:
         return None
     source = datasets.load_source(
         config.data.dataset, config.data.eval_split,
         data_dir=config.data.data_dir, image_size=config.data.image_size)
-    sigmas = C.sigmas(config, "sigmas")
+    sigmas = checks.sigmas(config, "sigmas")
     draws = config.eval_noise_draws
 
     def counts(params, batch, rng):

@@ -8,6 +8,9 @@ every sigma (`config.checkpoint` + `config.denoiser`).
 
   python -m dmae_jax.main --config=configs/certify.py:sigma=0.5 --workdir=runs/cert \
       --config.checkpoint=runs/ft_050/export
+
+The run path (`dmae_jax.tasks.execute`) locks the log, calls `check` (the log's identity
+and subset), records the identity and the config next to the log, then calls `run`.
 """
 
 from __future__ import annotations
@@ -18,57 +21,38 @@ import os
 import jax
 import ml_collections
 from absl import logging
+from flax import nnx
 
-from dmae_jax import checks as C
-from dmae_jax import config as config_lib
-from dmae_jax import exports
+from dmae_jax import checks, report, storage
+from dmae_jax.data import augment, datasets
+from dmae_jax.diffusion import denoise, loading
+from dmae_jax.errors import IdentityError
+from dmae_jax.models import classifier
+from dmae_jax.smoothing import cascade, runner, sequential
+from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
+from dmae_jax.smoothing.sampling import place_replicated
+from dmae_jax.smoothing.settings import Settings
+from dmae_jax.tasks import identity
 
-DTYPES = ("float32", "bfloat16")
 
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the certification fields (both tasks) before any work."""
-    from dmae_jax.data import datasets
-
-    C.one_of(config, "data.dataset", datasets.DATASETS)
-    C.positive(config, "n0")
-    C.positive(config, "n")
-    C.in_range(config, "alpha", 1e-300, 1.0)
-    C.positive(config, "batch_size")
-    C.positive(config, "skip")
-    if isinstance(config.max, bool) or not isinstance(config.max, int) or not (
-            config.max == -1 or config.max >= 1):
-        raise C.ConfigError(f"config.max must be -1 (every image) or >= 1, got {config.max!r}")
-    C.one_of(config, "compute_dtype", DTYPES)
-    C.one_of(config, "noise", ("float", "sound"))
-    C.one_of(config, "mode", ("fixed", "sequential"))
-    if config.mode == "sequential":
-        if config.n_max != 0:
-            C.positive(config, "n_max")
-        if config.early_abstain:
-            raise C.ConfigError("config.early_abstain reads the label; sequential "
-                                "certification is label-free: use mode=fixed or drop it")
-    if config.task == "certify":
-        C.positive(config, "sigma")
-        exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
-    else:
-        sigmas = C.sigmas(config, "sigmas")
-        C.in_range(config, "p0", 1e-12, 1.0)
-        C.one_of(config, "alpha_split", ("sound", "official"))
-        per_sigma = list(config.get("checkpoints") or [])
-        if per_sigma and len(per_sigma) != len(sigmas):
-            raise C.ConfigError(
-                f"config.checkpoints must have one classifier per sigma ({len(sigmas)}), got "
-                f"{len(per_sigma)}")
-        if not per_sigma:
-            exports.load_checked(config.checkpoint, kind="classifier", field="config.checkpoint")
-        for i, path in enumerate(per_sigma):
-            exports.load_checked(path, kind="classifier", field=f"config.checkpoints[{i}]")
-    if config.get("denoiser"):
-        from dmae_jax.diffusion import loading
-
-        C.one_of(config, "denoiser_kind", loading.DENOISER_KINDS)
-        loading.check_export(config.denoiser, config.denoiser_kind, field="config.denoiser")
+def check(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """The identity record a run of `config` will write; refuses a resume (IdentityError)
+    under another identity or with logged images outside this run's subset. Writes nothing.
+    """
+    path = os.path.join(workdir, config.log_name)
+    record = identity.check(config, path)
+    logged = runner.logged_indices(path)
+    if logged:
+        subset = {idx for idx, _ in _subset(config, _source(config))}
+        outside = sorted(logged - subset)
+        if outside:
+            shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
+            raise IdentityError(
+                f"{path} holds rows for {len(outside)} images outside this run's subset "
+                f"(idx {shown}): rerun with the subset it was certified with (config.skip, "
+                f"config.max, the data set and split), or use another --workdir or "
+                f"--config.log_name")
+    return record
 
 
 def load_classifier(path: str, *, field: str = "config.checkpoint", dtype: str | None = None):
@@ -77,10 +61,6 @@ def load_classifier(path: str, *, field: str = "config.checkpoint", dtype: str |
     `dtype` (float32 | bfloat16) sets the compute dtype of the blocks, whatever the
     classifier was trained with (the papers certified under fp16 autocast).
     """
-    from flax import nnx
-
-    from dmae_jax.models import classifier
-
     parts, meta = classifier.from_export(path, field=field)
     if dtype is not None and dtype != meta["model"].get("dtype"):
         model = classifier.create_classifier({**meta["model"], "dtype": dtype},
@@ -101,8 +81,6 @@ def _logits_fns_for(config, classifier_fns, sigmas) -> list:
     """
     if not config.get("denoiser"):
         return list(classifier_fns)
-    from dmae_jax.diffusion import denoise, loading
-
     denoise_fns = loading.load_denoise_fns(config.denoiser, config.denoiser_kind, sigmas)
     return [denoise.denoise_then_classify(d, c)
             for d, c in zip(denoise_fns, classifier_fns, strict=True)]
@@ -114,8 +92,6 @@ def place_once(fns: list) -> list:
     The cascade's logits_fns share the denoiser's (and possibly a classifier's) arrays, so
     the devices hold one copy of each model, however many sigmas use it.
     """
-    from dmae_jax.smoothing.sampling import place_replicated
-
     placed: dict[int, jax.Array] = {}
 
     def place(leaf):
@@ -126,21 +102,28 @@ def place_once(fns: list) -> list:
     return jax.tree.map(place, fns)
 
 
+def _subset(config, source) -> list[tuple[int, str]]:
+    """[(record index, image name)] of every `skip`-th image of `source`, positions 0 to
+    `max`, in the official order (ImageNet: ImageFolder order)."""
+    return datasets.official_subset(len(source), config.data.dataset, config.data.split,
+                                    skip=config.skip, stop=config.max,
+                                    data_dir=config.data.data_dir)
+
+
+def _source(config):
+    return datasets.load_source(config.data.dataset, config.data.split,
+                                data_dir=config.data.data_dir, image_size=config.data.image_size)
+
+
 def _items(config) -> tuple[list, dict]:
-    """[(idx, load_image, label)] for every `skip`-th image, positions 0 to `max`, in the
-    official order (ImageNet: ImageFolder order), and {idx: image name}; images load lazily.
+    """[(idx, load_image, label)] of `_subset`'s images and {idx: image name}; images load
+    lazily.
 
     Loading is deferred (the runner calls `load_image()` only for indices it certifies), so
     a resumed run does not decode what it has already logged.
     """
-    from dmae_jax.data import augment, datasets
-
-    source = datasets.load_source(config.data.dataset, config.data.split,
-                                  data_dir=config.data.data_dir,
-                                  image_size=config.data.image_size)
-    subset = datasets.official_subset(len(source), config.data.dataset, config.data.split,
-                                      skip=config.skip, stop=config.max,
-                                      data_dir=config.data.data_dir)
+    source = _source(config)
+    subset = _subset(config, source)
 
     def loader(idx):
         return lambda: augment.certification_input(  # ImageNet: Resize(256) + CenterCrop(224)
@@ -157,26 +140,12 @@ def _labels(source, indices) -> list[tuple[int, int]]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Certifies the configured subset; writes `workdir/<log_name>` and prints the report."""
-    from dmae_jax import report, storage
-    from dmae_jax.data import datasets
-    from dmae_jax.smoothing import runner
-    from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
-    from dmae_jax.tasks import identity
-
-    config = config_lib.resolve(config)
-    storage.makedirs(workdir)
-    log_path = os.path.join(workdir, config.log_name)
-    if jax.process_index() == 0:
-        config_lib.save_resolved(config, log_path + ".config.json")
-    identity.check_log(config, log_path)
+    """Certifies the configured subset into `workdir/<log_name>` and prints the report."""
+    path = os.path.join(workdir, config.log_name)
     num_classes = datasets.num_classes(config.data.dataset)
     dtype = None if config.compute_dtype == "float32" else jax.numpy.bfloat16
     rng = jax.random.key(config.seed)
-    from dmae_jax.smoothing import sequential
-    from dmae_jax.smoothing.settings import Settings
-
-    sigmas = config.sigma if config.task == "certify" else C.sigmas(config, "sigmas")
+    sigmas = config.sigma if config.task == "certify" else checks.sigmas(config, "sigmas")
     settings = Settings(sigma=sigmas, n0=config.n0, n=config.n, alpha=config.alpha,
                         batch_size=config.batch_size, num_classes=num_classes,
                         compute_dtype=dtype, noise=config.noise)
@@ -194,8 +163,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         columns = LOG_COLUMNS
         after = sequential.SEQUENTIAL_COLUMNS if config.mode == "sequential" else ()
     else:
-        from dmae_jax.smoothing import cascade
-
         paths = list(config.get("checkpoints") or []) or [config.checkpoint] * len(sigmas)
         loaded = {p: load_classifier(p, dtype=config.compute_dtype)[0] for p in set(paths)}
         fns = place_once(_logits_fns_for(config, [loaded[p] for p in paths], sigmas))
@@ -214,13 +181,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     named_one = lambda idx, image, label: {**certify_one(idx, image, label),  # noqa: E731
                                            "image": names[idx]}
     runner.run_certification(
-        items, named_one, log_path=log_path, extra_columns=(*columns, "image", *after),
+        items, named_one, log_path=path, extra_columns=(*columns, "image", *after),
         process_index=jax.process_index(), process_count=jax.process_count())
-    if jax.process_index() == 0 and storage.exists(log_path):
-        rows = report.load(log_path)
+    if jax.process_index() == 0 and storage.exists(path):
+        rows = report.load(path)
         table = report.markdown_table([rows], [config.log_name])
         logging.info("certification report:\n%s", table)
         print(table, flush=True)
-        from dmae_jax import metrics
-
-        metrics.write_certification(workdir, config.log_name, rows, table=table)
+        report.write_tensorboard(workdir, config.log_name, rows, table=table)

@@ -13,10 +13,16 @@ restarts from its last checkpoint, a killed certification from its last logged i
                                    with random_init_baseline: the same fine-tuning from a
                                    random initialisation and its certification, per sigma
   workdir/report.md, certified_accuracy.png, reconstructions.png
+
+Each stage is a run of its own through the run path (`dmae_jax.tasks.execute.run`): its
+config is checked, its workdir or log locked, a resume under another configuration refused
+and its config recorded exactly as when `main` starts it. The pipeline's own workdir is
+locked for the whole pipeline.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -24,55 +30,20 @@ import jax
 import ml_collections
 from absl import logging
 
-from dmae_jax import checks as C
+from dmae_jax import checks, report, storage
 from dmae_jax import config as config_lib
-from dmae_jax import storage
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the stage configs that can be checked before anything has been trained."""
-    from dmae_jax.tasks import finetune, pretrain
-
-    _validate_stage("pretrain", pretrain.validate, config_lib.resolve(config.pretrain))
-    sigmas = C.sigmas(config, "sigmas")
-    for sigma in sigmas:
-        _validate_stage("finetune", finetune.validate,
-                        _finetune_config(config, sigma, init_from=""))
-    C.positive(config, "certify.n0")
-    C.positive(config, "certify.n")
-    C.in_range(config, "certify.alpha", 1e-300, 1.0)
-    C.positive(config, "certify.batch_size")
-    if not isinstance(config.random_init_baseline, bool):
-        raise C.ConfigError(
-            "config.random_init_baseline must be True (a random-init baseline at every sigma "
-            f"of config.sigmas) or False, got {config.random_init_baseline!r}"
-        )
-
-
-def _validate_stage(name: str, validate_fn, stage_config: ml_collections.ConfigDict) -> None:
-    """Validates one stage's config; errors name the field as the user sets it (config.NAME.x)."""
-    try:
-        validate_fn(stage_config)
-    except C.ConfigError as e:
-        raise C.ConfigError(str(e).replace("config.", f"config.{name}.")) from None
+from dmae_jax.tasks import execute
 
 
 def _finetune_config(config, sigma: float, init_from: str) -> ml_collections.ConfigDict:
     """The fine-tuning stage at `sigma`, resolved (eta: the user's, else sigma's official)."""
-    cfg = ml_collections.ConfigDict(config.finetune.to_dict())
-    cfg.sigma = sigma
-    cfg.init_from = init_from
-    return config_lib.resolve(cfg)
+    return config_lib.stage(config.finetune, sigma=sigma, init_from=init_from)
 
 
 def _certify_config(config, **updates) -> ml_collections.ConfigDict:
     """One certification stage: config.certify with `updates`, resolved."""
-    cfg = ml_collections.ConfigDict(config.certify.to_dict())
-    if updates.get("task") == "cascade":
-        del cfg.sigma
-    for key, value in updates.items():
-        cfg[key] = value
-    return config_lib.resolve(cfg)
+    drop = ("sigma",) if updates.get("task") == "cascade" else ()
+    return config_lib.stage(config.certify, drop=drop, **updates)
 
 
 class _Stages:
@@ -112,32 +83,22 @@ def _finished(export_dir: str) -> bool:
 
 def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
     """Fine-tunes at sigma unless its export exists; returns the export directory."""
-    from dmae_jax.tasks import finetune
-
     export = os.path.join(ft_dir, "export")
     if not _finished(export):
-        cfg = _finetune_config(config, sigma, init_from)
-        finetune.validate(cfg)
-        config_lib.save_resolved(cfg, os.path.join(ft_dir, "config.json"))
-        finetune.run(cfg, ft_dir)
+        execute.run(_finetune_config(config, sigma, init_from), ft_dir)
     return export
 
 
 def _certify_stage(config, cert_dir: str, **updates) -> str:
     """Runs (or resumes) one certification task; returns its log path."""
-    from dmae_jax.tasks import certification as tasks
-
     cfg = _certify_config(config, **updates)
-    tasks.validate(cfg)
-    tasks.run(cfg, cert_dir)
+    execute.run(cfg, cert_dir)
     return os.path.join(cert_dir, cfg.log_name)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage that has not finished yet, then writes the report."""
-    from dmae_jax.tasks import pretrain
-
-    sigmas = C.sigmas(config, "sigmas")
+    sigmas = checks.sigmas(config, "sigmas")
     baselines = sigmas if config.random_init_baseline else ()
     names = (["pretrain DMAE"] + [f"fine-tune sigma={s}" for s in sigmas]
              + [f"certify sigma={s}" for s in sigmas] + ["certify cascade"]
@@ -152,9 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     pre_dir = os.path.join(workdir, "pretrain")
     stages.start(k)
     if not _finished(os.path.join(pre_dir, "export")):
-        pre_config = config_lib.resolve(config.pretrain)
-        config_lib.save_resolved(pre_config, os.path.join(pre_dir, "config.json"))
-        pretrain.run(pre_config, pre_dir)
+        execute.run(config_lib.stage(config.pretrain), pre_dir)
     k += 1
 
     exports = {}
@@ -197,8 +156,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 def write_report(workdir: str, logs: dict[str, str], pre_dir: str, config,
                  seconds: float) -> None:
     """report.md (clean accuracy, certified accuracy at radii, ACR), plot, reconstructions."""
-    from dmae_jax import report
-
     names = list(logs)
     rows = [report.load(logs[n]) for n in names]
     radii = list(config.report_radii)
@@ -235,8 +192,6 @@ def init_comparison(rows: dict[str, list]) -> str:
     """Markdown: DMAE-initialised against random-init fine-tuning at each sigma that has both
     logs ("sigma=<s>" and "sigma=<s>, random init"), clean accuracy (r = 0) and ACR; "" when
     no sigma has a baseline."""
-    from dmae_jax import report
-
     lines = []
     for name, baseline in rows.items():
         if not name.endswith(", random init") or name[:-len(", random init")] not in rows:
@@ -259,8 +214,6 @@ def init_comparison(rows: dict[str, list]) -> str:
 def reconstruction_summary(recon_dir: str) -> str:
     """Markdown: the newest evaluation's masked-patch MSE against its flat-block baseline (the
     step_<step>.json pretraining writes next to its grid); "" when there is none."""
-    import json
-
     found = [f for f in storage.listdir(recon_dir) if f.endswith(".json")]
     if not found:
         return ""

@@ -1,13 +1,15 @@
 """DMAE pretraining: noise (sigma = 0.25) + 75% masking, reconstruct the clean image.
 
 Reads top to bottom like big_vision's train.py: mesh, data, model, optimizer, step,
-checkpoint restore, then the loop (the run path has taken the workdir's lock).
+checkpoint restore, then the loop. The run path (`dmae_jax.tasks`) has checked the config,
+taken the workdir's lock and recorded the config before `run` is called.
 `python -m dmae_jax.main --config=configs/vit_large.py --workdir=gs://bucket/dmae_l`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,49 +18,15 @@ from absl import logging
 from flax import nnx
 
 from dmae_jax import checkpoints, exports, metrics, parallel, storage, visualize
-from dmae_jax import checks as C
-from dmae_jax.train import common
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every pretraining field before anything expensive happens."""
-    from dmae_jax.data import datasets
-    from dmae_jax.models import vit
-
-    C.positive(config, "sigma")
-    C.in_range(config, "mask_ratio", 0.0, 1.0)
-    C.positive(config, "batch_size")
-    C.positive(config, "accum_steps")
-    C.positive(config, "eval_batch_size")
-    C.positive(config, "num_grid_images")
-    C.positive(config, "optim.base_lr")
-    C.positive(config, "optim.weight_decay", allow_zero=True)
-    C.positive(config, "optim.warmup_epochs", allow_zero=True)
-    if not config.get("total_steps"):
-        C.positive(config, "num_epochs")
-    C.one_of(config, "data.dataset", datasets.DATASETS)
-    C.one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
-    C.one_of(config, "model.variant", vit.VARIANTS)
-    C.one_of(config, "model.dtype", ("float32", "bfloat16"))
-    if config.model.img_size % config.model.patch_size:
-        raise C.ConfigError(
-            f"config.model.img_size ({config.model.img_size}) must be a multiple of "
-            f"config.model.patch_size ({config.model.patch_size})"
-        )
-    C.training_loop(config)
-    common.check_profile_steps(config.get("profile_steps"))
-    C.image_size_fits_model(config)
-    C.mask_keeps_patches(config)
-    if config.get("init_from"):
-        exports.load_checked(config.init_from, kind="dmae", field="config.init_from")
+from dmae_jax.data import datasets
+from dmae_jax.models import ModelParts, create_dmae
+from dmae_jax.train import common, optim
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params, *, steps_per_epoch: int,
                    total_steps: int):
     """(AdamW, lr schedule) of pretraining; `params` may be abstract (shapes only):
     `dmae_jax.aot` compiles this very step."""
-    from dmae_jax.train import optim
-
     schedule = optim.lr_schedule(
         base_lr=config.optim.base_lr, global_batch_size=config.batch_size,
         total_steps=total_steps,
@@ -87,8 +55,6 @@ def make_loss_fn(config: ml_collections.ConfigDict, parts):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pretrains DMAE and writes `workdir/export` (the encoder-decoder's parameters)."""
-    from dmae_jax.models import ModelParts, create_dmae
-
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
@@ -208,9 +174,7 @@ def _reconstruction_writer(config, workdir, parts, writer):
     reconstruction from it; the whole noisy image; DMAE's reconstruction of it with nothing
     masked (DMAE as a one-step denoiser).
     """
-    import json
-
-    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.data import pipeline  # Grain: where data is read (not in compile-only mode)
 
     if not config.eval_every_steps:
         return None

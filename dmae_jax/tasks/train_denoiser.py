@@ -8,7 +8,7 @@ decay) after an optional linear warm-up, and an exponential moving average of th
 exported. Eval steps write the one-shot denoising MSE at config.eval_sigmas and a PNG grid
 (clean / noisy / denoised per sigma).
 
-  python -m dmae_jax.main --config=configs/denoiser_digits.py --workdir=runs/denoise/ddpm
+  python -m dmae_jax.main --config=configs/train_denoiser_digits.py --workdir=runs/denoise/ddpm
 """
 
 from __future__ import annotations
@@ -21,62 +21,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmae_jax import checkpoints, exports, metrics, parallel, visualize
-from dmae_jax import checks as C
-from dmae_jax.train import common
-
-
-def validate_training_fields(config: ml_collections.ConfigDict) -> None:
-    """The fields both denoiser trainers share (data, batch, loop, AdamW, EMA)."""
-    from dmae_jax.data import datasets
-    from dmae_jax.models import DTYPES
-
-    C.one_of(config, "data.dataset", datasets.DATASETS)
-    C.one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
-    C.positive(config, "data.image_size")
-    C.one_of(config, "model.dtype", tuple(DTYPES))
-    C.positive(config, "batch_size")
-    C.positive(config, "accum_steps")
-    if not config.get("total_steps"):
-        C.positive(config, "num_epochs")
-    C.positive(config, "optim.lr")
-    C.positive(config, "optim.weight_decay", allow_zero=True)
-    C.positive(config, "optim.warmup_steps", allow_zero=True)
-    C.in_range(config, "optim.b1", 0.0, 1.0)
-    C.in_range(config, "optim.b2", 0.0, 1.0)
-    C.in_range(config, "ema_decay", 0.0, 1.0)
-    C.training_loop(config)
-    common.check_profile_steps(config.get("profile_steps"))
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every field of `train_denoiser` before any work."""
-    from dmae_jax.diffusion import loading
-    from dmae_jax.models.unet import UNET_PRESETS
-
-    C.one_of(config, "task", ("train_denoiser",))
-    validate_training_fields(config)
-    C.one_of(config, "model.preset", sorted(UNET_PRESETS))
-    unet_config = UNET_PRESETS[config.model.preset]
-    if config.data.image_size != unet_config.image_size:
-        raise C.ConfigError(
-            f"config.data.image_size must be the UNet preset's resolution "
-            f"({unet_config.image_size} for {config.model.preset!r}): a DDPM trains at its "
-            f"own size, got {config.data.image_size}")
-    loading.check_sigmas(unet_config, C.sigmas(config, "eval_sigmas"), "config.eval_sigmas")
-    C.positive(config, "num_grid_images")
-    C.positive(config, "eval_batch_size")
+from dmae_jax import checkpoints, checks, exports, metrics, parallel, visualize
+from dmae_jax.data import datasets
+from dmae_jax.diffusion import denoise, losses
+from dmae_jax.models import DTYPES, ModelParts
+from dmae_jax.models import unet as unet_lib
+from dmae_jax.models.unet import UNET_PRESETS, UNet
+from dmae_jax.train import common, optim
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """DDPM training of `config.model.preset`; exports the EMA weights (or the raw ones)."""
-    from dmae_jax.diffusion import losses
-    from dmae_jax.diffusion.loading import unet_schedule
-    from dmae_jax.models import DTYPES, ModelParts
-    from dmae_jax.models import unet as unet_lib
-    from dmae_jax.models.unet import UNET_PRESETS, UNet
-    from dmae_jax.train import optim
-
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
@@ -87,7 +42,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     # ------------------------------------------------------------------ Model.
     unet_config = UNET_PRESETS[config.model.preset]
-    schedule = unet_schedule(unet_config)
+    schedule = unet_config.schedule()
     model = UNet(unet_config, dtype=DTYPES[config.model.dtype], rngs=nnx.Rngs(config.seed))
     parts = ModelParts.split(model)
     common.log_parameter_overview(parts.params, f"UNet {config.model.preset}")
@@ -158,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _eval_images(config, n: int) -> np.ndarray:
     """The first n images of the eval split, [n, S, S, 3] in [0, 1]."""
-    from dmae_jax.data import datasets, pipeline
+    from dmae_jax.data import pipeline  # Grain: where data is read
 
     source = datasets.load_source(
         config.data.dataset, config.data.eval_split,
@@ -170,12 +125,10 @@ def _eval_images(config, n: int) -> np.ndarray:
 
 def _denoising_writer(config, workdir, parts, unet_config, schedule, writer, exported):
     """Eval hook: one-shot denoising MSE at each eval sigma and a PNG grid of examples."""
-    from dmae_jax.diffusion import denoise
-
     if not config.eval_every_steps:
         return None
     images = _eval_images(config, config.eval_batch_size)
-    sigmas = C.sigmas(config, "eval_sigmas")
+    sigmas = checks.sigmas(config, "eval_sigmas")
     rng = jax.random.key(config.seed + 1)
 
     @jax.jit

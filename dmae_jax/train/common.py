@@ -3,7 +3,8 @@
 Each trainer (`pretrain.py`, `finetune.py`, `train_denoiser.py`, `calibrate_denoiser.py`) is
 one `run(config, workdir)` that reads top to bottom like big_vision's train.py: mesh, data,
 model, optimizer, step, checkpoint restore, then the `for step ...` loop in plain sight
-(the workdir's lock is taken by the run path, `dmae_jax.main`, with `storage.WorkdirLock`).
+(the workdir's lock is taken once by the run path, `dmae_jax.tasks.execute`, with
+`storage.WorkdirLock`).
 Nothing here calls back into a trainer.
 
 State is one pytree: `{"params", "opt_state", "step", "rng"}`, plus `"ema"` (an exponential
@@ -31,14 +32,14 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from dmae_jax import parallel
-from dmae_jax.errors import ConfigError
+from dmae_jax import checks, parallel
+from dmae_jax.errors import UserError
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient became NaN/inf; the run stops and keeps its last good save."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or the gradient became NaN/inf; the run stops before saving that step."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,8 +297,8 @@ class Progress:
 
     The first step after a start or a resume includes compilation, so it reports its own
     duration instead of a rate, and the rate and ETA of later lines count from its end.
-    A non-finite loss or gradient norm stops the run (`NonFiniteLossError`) naming the last
-    good checkpoint.
+    A non-finite loss or gradient norm stops the run (`NonFiniteLossError`) before that
+    step is saved.
     """
 
     def __init__(self, writer: Any, ckpt, *, first_step: int, total_steps: int,
@@ -314,8 +315,9 @@ class Progress:
             self.ckpt.wait()
             raise NonFiniteLossError(
                 f"loss={values['loss']} grad_norm={values['grad_norm']} at step {step}: "
-                f"stopping; the last good checkpoint is step {self.ckpt.latest_step()} in "
-                f"{self.ckpt.directory}. Lower the learning rate or use float32 compute.")
+                f"stopping without saving it. Rerunning resumes from the newest checkpoint in "
+                f"{self.ckpt.directory} whose checksums verify (a corrupt one is set aside); "
+                "if the loss diverges again, lower the learning rate or use float32 compute.")
         now = time.time()
         if not self.first_reported:
             speed = f"first step {now - self.t0:.1f}s (with compilation)"
@@ -348,7 +350,7 @@ class Profiler:
     """
 
     def __init__(self, profile_steps: Any, workdir: str):
-        self.start, self.stop = check_profile_steps(profile_steps)
+        self.start, self.stop = checks.profile_steps(profile_steps)
         self.directory = os.path.join(workdir, "profile")
         self._active = False
 
@@ -374,20 +376,6 @@ class Profiler:
     def __exit__(self, *exc) -> None:
         if self._active:
             self._finish(None)
-
-
-def check_profile_steps(profile_steps: Any) -> tuple[int, int]:
-    """(start, stop) of `config.profile_steps`, (0, 0) when off; a bad value is a ConfigError."""
-    if not profile_steps:
-        return 0, 0
-    value = tuple(profile_steps) if isinstance(profile_steps, (tuple, list)) else None
-    if (value is None or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or not 1 <= value[0] < value[1]):
-        raise ConfigError(
-            "config.profile_steps must be () (off) or a pair (start, stop) of steps with "
-            f"1 <= start < stop, e.g. (10, 15), got {profile_steps!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------

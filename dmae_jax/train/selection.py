@@ -10,13 +10,14 @@ still go to `<workdir>/export`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from etils import epath
+
+from dmae_jax import exports
 
 SELECTIONS = ("last", "best_vote")
 
@@ -34,16 +35,15 @@ class BestExport:
         self.meta = dict(meta)
         self.metric = metric
         self.best = -math.inf
-        meta_file = self.path / "meta.json"
-        if meta_file.exists():
-            previous = json.loads(meta_file.read_text()).get("selection", {})
+        if (self.path / "meta.json").exists():
+            previous = exports.read_meta(self.path, kind=self.meta["kind"],
+                                         field=f"{self.path} (the best export so far)"
+                                         ).get("selection", {})
             if previous.get("metric") == metric:
                 self.best = float(previous["value"])
 
     def update(self, step: int, value: float, params: Any) -> bool:
         """Exports `params` (global arrays) if `value` beats the best so far; True if it did."""
-        from dmae_jax import exports
-
         if not value > self.best:
             return False
         self.best = float(value)

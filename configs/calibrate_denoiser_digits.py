@@ -6,12 +6,13 @@ where it is not, plus the DDPM loss on clean images; sigma from the cascade's se
 {0.25, 0.5, 1.0}, one equal chunk of the batch per sigma (formulas:
 dmae_jax/diffusion/calibration.py). About 2.3 s/step on 2 idle cores, 300 steps in ~12 minutes:
 
-  python -m dmae_jax.main --config=configs/calibrate_digits.py --workdir=runs/denoise/calib \
-      --config.denoiser=runs/denoise/ddpm/export --config.classifier=runs/denoise/clf/export
+  python -m dmae_jax.main --config=configs/calibrate_denoiser_digits.py \
+      --workdir=runs/denoise/calib --config.denoiser=runs/denoise/ddpm/export \
+      --config.classifier=runs/denoise/clf/export
 
 Eval prints, per sigma, majority-vote accuracy and the over-confident / over-smoothed rates
 (vote share above / at most p0) on every eval_skip-th test image. On digits (clean ViT-mu
-classifier, 97.6%; the configs/denoiser_digits.py UNet; every 2nd test image, N = 200) it
+classifier, 97.6%; the configs/train_denoiser_digits.py UNet; every 2nd test image, N = 200) it
 raised the cascade's ACR from 1.187 to 1.215 and its clean accuracy from 92.6% to 93.9%.
 """
 

@@ -9,7 +9,7 @@ About 100 images/s on 2 idle cores (1.3 s/step), so 1500 steps take ~32 minutes;
 images, [0, 1] units) at sigma 0.25 / 0.5 / 1.0: step 500: 0.0029 / 0.0090 / 0.0276,
 step 1000: 0.0019 / 0.0054 / 0.0156, step 1500: 0.0017 / 0.0049 / 0.0135.
 
-  python -m dmae_jax.main --config=configs/denoiser_digits.py --workdir=runs/denoise/ddpm
+  python -m dmae_jax.main --config=configs/train_denoiser_digits.py --workdir=runs/denoise/ddpm
 
 Eval steps print the one-shot denoising MSE at sigma 0.25 / 0.5 / 1.0 and write
 workdir/denoising/step_*.png (rows: clean, then noisy and denoised per sigma). The export
