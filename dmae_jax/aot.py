@@ -31,13 +31,22 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import optax
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from dmae_jax import config as config_lib
-from dmae_jax import errors, tasks
+from dmae_jax import defaults, errors, parallel, tasks
 from dmae_jax.data import datasets
 from dmae_jax.errors import ConfigError
+from dmae_jax.models import ModelParts, create_classifier, create_dmae, resolve_model_config
+from dmae_jax.models.dmae import num_kept
+from dmae_jax.smoothing import Settings, sampling
+from dmae_jax.tasks import finetune, pretrain
+from dmae_jax.train import common
 
 # libtpu reads these at start-up: off a TPU VM it cannot find the first two and prints
 # warnings; the third lets several compile-only processes (tests, a table) load it at once.
@@ -167,8 +176,6 @@ def blocks_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) ->
 
 def dmae_forward_flops(cfg: dict, mask_ratio: float) -> float:
     """Forward FLOPs of DMAE on one image: encoder on the visible tokens, decoder on all."""
-    from dmae_jax.models.dmae import num_kept
-
     num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
     kept = num_kept(num_patches, mask_ratio)
     patch_dim = cfg["patch_size"] ** 2 * 3
@@ -335,11 +342,6 @@ def abstract_parts(create: Callable[[], Any]):
     position embeddings) is computed for real, inside a jit whose parameter initialisers XLA
     removes as dead code, so the compiled step sees the same constants as in training.
     """
-    import jax
-    from flax import nnx
-
-    from dmae_jax.models import ModelParts
-
     abstract = nnx.eval_shape(create)
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2])()
@@ -378,8 +380,6 @@ def _steps(config, num_examples: int) -> tuple[int, int]:
 def _model_parts(create: Callable[[], Any], concrete: bool):
     if not concrete:
         return abstract_parts(create)
-    from dmae_jax.models import ModelParts
-
     model = create()
     return ModelParts.split(model), model
 
@@ -392,11 +392,6 @@ def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
     initialises them for a real run (the GPU check). `config` may be unresolved: its derived
     fields are filled here as the run path fills them.
     """
-    from flax import nnx
-
-    from dmae_jax.models import create_classifier, create_dmae, resolve_model_config
-    from dmae_jax.tasks import finetune, pretrain
-
     config = config_lib.resolve(config)
     num_examples, num_classes = _dataset(config.data.dataset)
     per_epoch, total = _steps(config, num_examples)
@@ -426,19 +421,11 @@ def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
 
 def train_mesh(config, devices: Sequence):
     """The trainers' ("data", "fsdp") mesh over the slice's devices."""
-    from dmae_jax import parallel
-
     return parallel.make_mesh(config.mesh.fsdp, devices=devices)
 
 
 def compile_train(config, topology: Topology, devices: Sequence | None = None) -> CompileReport:
     """Compiles the config's training step for the slice and returns the compiler's figures."""
-    import jax
-    import jax.numpy as jnp
-
-    from dmae_jax import parallel
-    from dmae_jax.train import common
-
     devices = topology_devices(topology) if devices is None else list(devices)
     n = len(devices)
     batch, accum = config.batch_size, config.accum_steps
@@ -484,9 +471,6 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
 
 def _update_cost(tx, state, shardings) -> tuple[float, float]:
     """(FLOPs, XLA seconds) per chip of the optimizer update alone (gradients as parameters)."""
-    import jax
-    import optax
-
     def update(params, opt_state):
         updates, opt_state = tx.update(params, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
@@ -525,14 +509,6 @@ def compile_certify(config, topology: Topology, variant: str,
     Certification runs per host (each host certifies its own images on its local chips), so
     the step is compiled for the chips of one host of the slice.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dmae_jax import defaults
-    from dmae_jax.models import create_classifier, resolve_model_config
-    from dmae_jax.smoothing import Settings, sampling
-
     devices = topology_devices(topology) if devices is None else list(devices)
     host = [d for d in devices if d.process_index == devices[0].process_index]
     batch = config.batch_size
@@ -598,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     A bad config, flag, topology or variant is one `error:` line and exit status 2; a step
     that does not fit the chips prints the report, then what to change, and exits with 3.
     """
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "JAX_PLATFORMS" not in os.environ:  # before any backend starts: no TPU is attached
+        jax.config.update("jax_platforms", "cpu")
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "Path to the config file (any pretrain/finetune/certify config).",
         lock_config=True)

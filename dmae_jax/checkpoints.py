@@ -44,11 +44,6 @@ class CorruptCheckpointError(CheckpointError):
     """A step's files are not the bytes that were saved (their checksums differ)."""
 
 
-def _options(max_to_keep: int, *, read_only: bool = False) -> ocp.CheckpointManagerOptions:
-    return ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
-                                        create=not read_only, read_only=read_only)
-
-
 def check_fingerprint(workdir: str, fingerprint: Mapping[str, Any]) -> None:
     """Refuses (CheckpointError naming the fields) a run whose config differs from the one
     the newest readable checkpoint of `workdir` was written with; writes nothing.
@@ -59,19 +54,16 @@ def check_fingerprint(workdir: str, fingerprint: Mapping[str, Any]) -> None:
     directory = storage.absolute(workdir) / "checkpoints"
     if not directory.exists():
         return
-    manager = ocp.CheckpointManager(directory, options=_options(1, read_only=True),
-                                    item_names=("state", "extra"))
-    try:
-        for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                   reverse=True)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        for step in steps:
             try:
-                extra = manager.restore(step, args=ocp.args.Composite(
-                    extra=ocp.args.JsonRestore()))["extra"]
+                extra = reader.restore(directory / str(step) / "extra")
             except Exception:  # noqa: BLE001 - unreadable: the restore sets it aside
                 continue
             _compare_fingerprint(extra, _canonical(fingerprint), directory / str(step))
             return
-    finally:
-        manager.close()
 
 
 def _canonical(fingerprint: Mapping[str, Any]) -> dict:
@@ -119,8 +111,11 @@ class TrainCheckpointer:
     def __init__(self, workdir: str, *, max_to_keep: int = 3, fingerprint: Mapping[str, Any]):
         self.directory = storage.absolute(workdir) / "checkpoints"
         self.fingerprint = _canonical(fingerprint)
-        self.manager = ocp.CheckpointManager(self.directory, options=_options(max_to_keep),
-                                             item_names=("state", "extra"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True),
+            item_names=("state", "extra"))
         self._saved: list[int] = []  # steps saved here whose checksums are not recorded yet
 
     def latest_step(self) -> int | None:

@@ -49,6 +49,8 @@ class ConvertError(UserError, ValueError):
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Loads a .pth file as {timm key: float32 array}, unwrapping {'model': ...} and 'module.'."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConvertError(f"--checkpoint {path} is a directory, not a .pth file")
     if not os.path.isfile(path):
         raise ConvertError(f"checkpoint file not found: {path}")
     try:

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from dmae_jax import storage
 from dmae_jax.errors import CheckpointError, ConfigError
@@ -59,8 +60,6 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[
 
 def gather(tree: Any) -> Any:
     """Every array fully addressable here: sharded global arrays are all-gathered."""
-    from jax.experimental import multihost_utils
-
     def full(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return multihost_utils.process_allgather(x, tiled=True)

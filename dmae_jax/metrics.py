@@ -29,8 +29,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
+
+from dmae_jax import storage
 
 EVENTS_FILE = "events.out.tfevents.dmae_jax"
 _FILE_VERSION = "brain.Event:2"
@@ -137,8 +140,6 @@ class _RewrittenObject:
 
     @staticmethod
     def existing(path: str) -> bytes:
-        from dmae_jax import storage
-
         try:
             return storage.read_bytes(path)
         except FileNotFoundError:
@@ -154,8 +155,6 @@ class _RewrittenObject:
 
     def flush(self, force: bool = False) -> None:
         if self._dirty and (force or time.monotonic() - self._uploaded >= self._interval):
-            from dmae_jax import storage
-
             try:
                 storage.write_atomic(self.path, bytes(self._data))
             except Exception as e:  # a storage hiccup must not stop training; retried later
@@ -302,8 +301,6 @@ class NullWriter:
 
 def create_writer(workdir: str) -> SummaryWriter | NullWriter:
     """The run's TensorBoard writer on process 0 (events in `workdir`), a no-op elsewhere."""
-    import jax
-
     if jax.process_index() > 0:
         return NullWriter()
     try:

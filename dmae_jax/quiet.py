@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
+from absl import logging as absl_logging
+
 # Messages (prefixes or fragments) of third-party log records that are dropped.
 NOISE = (
     "OpenCV is not installed",  # TFDS decodes with PIL instead: same pixels.
@@ -32,8 +34,6 @@ class _DropNoise(logging.Filter):
 def install() -> None:
     """Silences TensorFlow's C++ logging and the NOISE log records (idempotent)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from absl import logging as absl_logging
-
     # Libraries log through absl's logger or their own Python loggers; all of it reaches the
     # terminal through absl's handler, so the filter sits on both.
     for target in (absl_logging.get_absl_logger(), absl_logging.get_absl_handler()):

@@ -22,6 +22,7 @@ recomputed from them at another alpha would be optional stopping.
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
 import json
@@ -344,8 +345,6 @@ def at_alpha(path: str | os.PathLike, rows: Rows, alpha: float) -> list[dict[str
 
 def write_csv(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
     """The table as CSV: log, images, abstain, one column per radius, ACR."""
-    import csv
-
     radii = records[0]["radii"] if records else []
     text = io.StringIO(newline="")
     writer = csv.writer(text)

@@ -300,7 +300,7 @@ def test_bad_training_config_names_the_field(data_dir, field, value, message):
     ("num_noise_samples", 0, "config.num_noise_samples must be an integer >= 1, got 0"),
     ("lambda_ac", -1.0, "config.lambda_ac must be >= 0, got -1.0"),
     ("denoiser", "/no/such/export", "config.denoiser = '/no/such/export' does not exist"),
-    ("data.image_size", 5, "cannot be reflection-padded to the UNet's 8"),
+    ("data.image_size", 5, "config.data.image_size must be an integer in [8, 512] for digits"),
 ])
 def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifier_export,
                                                 field, value, message):
@@ -309,6 +309,15 @@ def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifie
     with pytest.raises(ValueError) as e:
         checks.calibrate_denoiser(config)
     assert message in str(e.value)
+
+
+def test_the_unet_takes_images_its_size_or_larger_or_reflection_paddable_to_it():
+    big = unet_lib.UNET_PRESETS["256x256_diffusion_uncond"]
+    assert big.pad_to(224) == 256 and big.pad_to(256) is None and big.pad_to(300) is None
+    big.check_image_size(224)  # ImageNet crops, padded by 16 on each side
+    for size in (225, 60):  # an odd difference; padding wider than the image
+        with pytest.raises(ValueError, match="cannot be reflection-padded to the UNet's 256"):
+            big.check_image_size(size)
 
 
 def test_calibration_refuses_a_denoiser_as_classifier_and_zero_calibration_weights(

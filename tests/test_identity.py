@@ -232,6 +232,48 @@ def test_unreadable_latest_checkpoint_resumes_from_the_previous_one(tmp_path, co
     assert _checkpointer(workdir).restore(_abstract())[0] == 4
 
 
+def test_a_flipped_bit_is_found_by_the_checksums_and_only_by_them(tmp_path, capsys):
+    import jax
+
+    from dmae_jax.checkpoints import CHECKSUMS
+
+    def state(step):  # random values: stored as they are, not compressed away
+        return {"w": np.random.default_rng(step).standard_normal(4096).astype(np.float32),
+                "step": np.int32(step)}
+
+    workdir = str(tmp_path)
+    ckpt = _checkpointer(workdir)
+    for step in (2, 4):
+        ckpt.save(step, state(step), {"position": step})
+    ckpt.close()
+    sums = os.path.join(workdir, "checkpoints", "4", CHECKSUMS)
+    assert os.path.exists(sums)
+    # 8 bytes flipped in the middle of the step's largest file, where its array values are
+    # stored: every file still parses.
+    root = os.path.join(workdir, "checkpoints", "4", "state")
+    largest = max((os.path.join(d, f) for d, _, files in os.walk(root) for f in files),
+                  key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        data = f.read(8)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            state(0))
+    # The control: without its recorded checksums the changed step restores as if intact,
+    # as another model (with a warning that it is unverified).
+    os.rename(sums, str(tmp_path / "sums"))
+    step, restored, _ = _checkpointer(workdir).restore(abstract)
+    assert step == 4 and not np.array_equal(np.asarray(restored["w"]), state(4)["w"])
+    assert "has no checksums" in capsys.readouterr().err
+    os.rename(str(tmp_path / "sums"), sums)
+    step, restored, _ = _checkpointer(workdir).restore(abstract)
+    assert step == 2 and np.array_equal(np.asarray(restored["w"]), state(2)["w"])
+    warning = capsys.readouterr().err
+    assert "bytes changed since it was saved: state/" in warning and "\n" not in warning.strip()
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_unreadable", "4"))
+
+
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     from dmae_jax.errors import CheckpointError
 

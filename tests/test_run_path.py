@@ -120,3 +120,99 @@ def test_a_refused_training_run_leaves_the_workdir_config_as_it_was(tmp_path):
     assert "was written for a different configuration: sigma = 0.25 there, 0.5 here" \
         in _one_error_line(other)
     assert json.loads(_snapshot([config_json])[config_json])["sigma"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, tiny_classifiers):
+    """Inputs a user may hand a command by mistake: a log with a non-UTF-8 byte, a log whose
+    identity record is not JSON, a DMAE export of another architecture than digits'."""
+    from flax import nnx
+
+    from dmae_jax import defaults, exports
+    from dmae_jax.models import create_dmae
+
+    root = tmp_path_factory.mktemp("damaged")
+    header = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+    bad_bytes = root / "bytes.tsv"
+    bad_bytes.write_bytes(header.encode() + b"0\t1\t1\t0.5\t1\t0:00:01\xff\n")
+    cert = root / "cert"
+    cert.mkdir()
+    log = cert / "certify_sigma_0.25.tsv"
+    log.write_text(header.replace("\n", "\tsigma\tnA\tcAHat\tn\tpA_lower\tcounts"
+                                        "\tabstained_early\timage\n"))
+    (cert / "certify_sigma_0.25.tsv.identity.json").write_text("{not json")
+    model = defaults.model("tiny", img_size=16, patch_size=4, decoder_width=64,
+                           decoder_depth=1, decoder_heads=4)
+    dmae = str(root / "dmae_tiny")
+    exports.save(dmae, nnx.state(create_dmae(model, rngs=nnx.Rngs(0)), nnx.Param)
+                 .to_pure_dict(), {"kind": "dmae", "model": model.to_dict()})
+    return {"bytes": str(bad_bytes), "log": str(log), "cert": str(cert), "dmae": dmae,
+            "out": str(root / "no" / "such" / "dir" / "r.json"), "dir": str(root)}
+
+
+def test_every_command_reports_each_user_error_in_one_line(tmp_path, tiny_classifiers,
+                                                           damaged):
+    data_dir, exports_at = tiny_classifiers
+    work = str(tmp_path / "w")
+    main = [sys.executable, "-m", "dmae_jax.main", f"--workdir={work}"]
+    report = [sys.executable, "-m", "dmae_jax.report"]
+    aot = [sys.executable, "-m", "dmae_jax.aot"]
+    cases = [
+        (main + ["--config=configs"], "--config=configs is a directory"),
+        (main + ["--config=configs/pretrain_digits.py", "config.sigma=0.5"],
+         "unexpected argument 'config.sigma=0.5': flags start with '--'"),
+        (main + ["--config=configs/pretrain_digits.py", "\u2014config.sigma=0.5"],
+         "(U+2014), not '--'"),
+        (main + ["--config=configs/pretrain_digits.py", "--config.data.image_size=100000",
+                 "--config.model.img_size=100000"],
+         "config.data.image_size must be an integer in [8, 512] for digits"),
+        (main + ["--config=configs/finetune_digits.py", f"--config.init_from={damaged['dmae']}"],
+         "is a DMAE with model.width = 192, this run's config.model.width is 128"),
+        (main[:-1] + [f"--workdir={damaged['cert']}", f"--config={CERTIFY}",
+                      f"--config.checkpoint={exports_at[0.25]}",
+                      f"--config.data.data_dir={data_dir}"],
+         ".identity.json is damaged ("),
+        (report, "the following arguments are required: logs"),
+        (report + [damaged["bytes"]], f"cannot read {damaged['bytes']}"),
+        (report + [damaged["log"]], ".identity.json is damaged ("),
+        (report + [damaged["bytes"], "--json", damaged["out"]], "does not exist"),
+        (report + [damaged["bytes"], "--csv", damaged["dir"]], "is a directory"),
+        ([sys.executable, "-m", "dmae_jax.prepare"],
+         "the following arguments are required: --dataset"),
+        ([sys.executable, "-m", "dmae_jax.prepare", "--dataset=digits", "--image_size=100000",
+          f"--data_dir={tmp_path / 'tfds'}"],
+         "--image_size must be an integer in [8, 512] for digits"),
+        ([sys.executable, "-m", "dmae_jax.convert", "--model=base"],
+         "the following arguments are required: --checkpoint, --out"),
+        ([sys.executable, "-m", "dmae_jax.diffusion.convert", f"--checkpoint={tmp_path}",
+          "--preset=digits", f"--out={tmp_path / 'o'}"], "is a directory, not a .pt file"),
+        (aot + ["--topology=v4-8"], "--config=configs/NAME.py and --topology=v4-32 are required"),
+        (aot + ["--config=configs/pretrain_digits.py", "--config.sigmaa=1", "--topology=v4-8"],
+         "--config.sigmaa: the config has no field 'sigmaa'"),
+        (aot + ["--config=configs/pretrain_digits.py", "--topology=v4-12"],
+         "--topology 'v4-12': v4 slices come in"),
+        (aot + ["--config=configs/pretrain_digits.py", "--topology=v4-8", "extra"],
+         "unexpected argument 'extra'"),
+    ]
+    procs = [_start(cmd) for cmd, _ in cases]
+    for proc, (cmd, expected) in zip(procs, cases, strict=True):
+        out, err = proc.communicate(timeout=600)
+        line = _one_error_line(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+        assert expected in line, (cmd, line)
+    assert not os.path.exists(work), "a refused run created its workdir"
+    assert open(damaged["log"] + ".identity.json").read() == "{not json"
+
+
+def test_preparing_a_download_without_network_stops_at_once():
+    import time
+
+    from dmae_jax import prepare
+
+    start = time.monotonic()
+    with pytest.raises(prepare.PrepareError, match="which cannot be reached"):
+        prepare.DOWNLOAD_HOSTS["unreachable"] = ("192.0.2.1", 443)  # TEST-NET-1: no route
+        try:
+            prepare._check_network("unreachable", timeout=2.0)
+        finally:
+            del prepare.DOWNLOAD_HOSTS["unreachable"]
+    assert time.monotonic() - start < 10

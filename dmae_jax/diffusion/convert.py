@@ -12,6 +12,7 @@ used; a missing or unknown key or a shape mismatch is an error naming the key.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,12 +126,12 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 def load_torch_state_dict(path: str) -> dict[str, Any]:
     """Reads a plain state_dict file without PyTorch (`dmae_jax.pth`); clear error otherwise."""
+    if os.path.isdir(path):
+        raise ConversionError(f"--checkpoint {path!r} is a directory, not a .pt file")
     try:
         obj = pth.load(path)
     except FileNotFoundError:
         raise ConversionError(f"--checkpoint {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConversionError(f"--checkpoint {path!r} is a directory, not a .pt file") from None
     except pth.CheckpointFormatError as e:  # includes a pickle that asks for code to run
         reason = str(e).strip().splitlines()[0]
         raise ConversionError(

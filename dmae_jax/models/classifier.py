@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmae_jax import exports
 from dmae_jax.exports import match_tree
 from dmae_jax.models import vit
 from dmae_jax.models.parts import ModelParts
@@ -175,8 +176,6 @@ def from_export(directory: str, *, field: str) -> tuple[ModelParts, dict]:
     `field` names the config field in errors. Built as `create_classifier` builds it, then
     every parameter is replaced by the export's (checked entry by entry).
     """
-    from dmae_jax import exports
-
     params, meta = exports.load_checked(directory, kind="classifier", field=field)
     model = create_classifier(meta["model"], meta["num_classes"], rngs=nnx.Rngs(0))
     return ModelParts.split(model).with_params(params, where=f"{field} = {directory!r}"), meta

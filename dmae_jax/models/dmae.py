@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmae_jax import exports
 from dmae_jax.models import vit
 from dmae_jax.models.parts import ModelParts
 
@@ -306,8 +307,6 @@ def from_export(directory: str, *, field: str) -> tuple[ModelParts, dict]:
     Built for real, not abstractly: its fixed position embeddings are not parameters, so
     they are not in the export. `field` names the config field in errors.
     """
-    from dmae_jax import exports
-
     params, meta = exports.load_checked(directory, kind="dmae", field=field)
     parts = ModelParts.split(create_dmae(meta["model"], rngs=nnx.Rngs(0)))
     return parts.with_params(params, where=f"{field} = {directory!r}"), meta

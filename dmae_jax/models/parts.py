@@ -7,6 +7,8 @@ from typing import Any
 
 from flax import nnx
 
+from dmae_jax.exports import match_tree
+
 
 @dataclasses.dataclass
 class ModelParts:
@@ -32,6 +34,4 @@ class ModelParts:
 
     def with_params(self, params: Any, *, where: str) -> ModelParts:
         """These parts with `params` instead, checked entry by entry against the model's shapes."""
-        from dmae_jax.exports import match_tree
-
         return dataclasses.replace(self, params=match_tree(self.params, params, where=where))

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmae_jax import exports
 from dmae_jax.diffusion.schedule import DiffusionSchedule, make_schedule, timestep_for_sigma
 from dmae_jax.models.parts import ModelParts
 
@@ -511,8 +512,6 @@ def from_export(directory: str, *, field: str,
     initialised): every parameter comes from the export, checked entry by entry. `field`
     names the config field in errors.
     """
-    from dmae_jax import exports
-
     params, meta = exports.load_checked(directory, kind="unet", field=field)
     config = UNetConfig.from_dict(meta["config"])
     parts = ModelParts.split(nnx.eval_shape(lambda: UNet(config, dtype=dtype, rngs=nnx.Rngs(0))))

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmae_jax import defaults
+from dmae_jax.data.resize import resize_bicubic_torch
 from dmae_jax.errors import ConfigError
 
 VARIANTS: dict[str, dict] = {
@@ -86,8 +88,6 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
     None fields take `dmae_jax.defaults.model`'s values, and width / depth / num_heads the
     variant's.
     """
-    from dmae_jax import defaults
-
     for name in REQUIRED_FIELDS:
         if model_cfg.get(name, None) is None:
             raise ConfigError(f"model.{name} is required")
@@ -153,10 +153,6 @@ def resize_to(images: jax.Array, img_size: int, upsample: str = "bicubic") -> ja
     `upsample` is a key of UPSAMPLE (antialiased or not)."""
     if images.shape[1:3] == (img_size, img_size):
         return images
-    # Imported here: the resize lives in the data package, which the models must not require
-    # when inputs already have the model's size (the common case).
-    from dmae_jax.data.resize import resize_bicubic_torch
-
     if upsample not in UPSAMPLE:
         raise ValueError(f"upsample must be one of {sorted(UPSAMPLE)}, got {upsample!r}")
     return resize_bicubic_torch(images, (img_size, img_size), antialias=UPSAMPLE[upsample])
@@ -196,8 +192,6 @@ def interpolate_pos_embed(pos_embed: jax.Array, grid_size: int) -> jax.Array:
         raise ValueError(f"pos_embed has {num_tokens} patch tokens, not a square grid")
     if old == grid_size:
         return pos_embed
-    from dmae_jax.data.resize import resize_bicubic_torch
-
     dim = pos_embed.shape[-1]
     grid = pos_embed[:, 1:].reshape(1, old, old, dim).astype(jnp.float32)
     grid = resize_bicubic_torch(grid, (grid_size, grid_size))

@@ -1,1 +1,1 @@
-"""Training: optimizers, losses and the pretraining / fine-tuning loops."""
+"""What the trainers (`dmae_jax/tasks/`) call: step, restore, lock, optimizers, losses, Mixup."""

@@ -1,11 +1,10 @@
 """The helpers every trainer calls: state, step, restore, stop signals, progress, profiler.
 
-Each trainer (`pretrain.py`, `finetune.py`, `train_denoiser.py`, `calibrate_denoiser.py`) is
-one `run(config, workdir)` that reads top to bottom like big_vision's train.py: mesh, data,
-model, optimizer, step, checkpoint restore, then the `for step ...` loop in plain sight
-(the workdir's lock is taken once by the run path, `dmae_jax.tasks.execute`, with
-`storage.WorkdirLock`).
-Nothing here calls back into a trainer.
+Each trainer (`dmae_jax/tasks/`: `pretrain.py`, `finetune.py`, `train_denoiser.py`,
+`calibrate_denoiser.py`) is one `run(config, workdir)` that reads top to bottom like
+big_vision's train.py: mesh, data, model, optimizer, step, checkpoint restore, then the
+`for step ...` loop in plain sight (the run path, `dmae_jax.tasks.execute`, has taken the
+workdir's lock, `storage.WorkdirLock`, before). Nothing here calls back into a trainer.
 
 State is one pytree: `{"params", "opt_state", "step", "rng"}`, plus `"ema"` (an exponential
 moving average of the params) for the denoisers. Params are the pure nested dict of
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dmae_jax import checks, parallel
@@ -272,8 +272,6 @@ class StopSignals:
             return self._received is not None
         if not sync:
             return False
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.array([self._received is not None]))
         return bool(np.any(flags))
 
