@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dmae_jax import config as config_lib
-from dmae_jax import errors, parallel, quiet, tasks
+from dmae_jax import errors, quiet
 from dmae_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to the config file.",
@@ -43,9 +43,12 @@ def main(argv) -> None:
         # only with --verbosity=0.
         logging.set_verbosity(logging.WARNING)
         quiet.install()
+    # Imported in stages, each once the previous one has passed: parsing the flags needs no
+    # JAX (a mistyped flag costs a fraction of a second), validation needs the models' rules
+    # (Flax), and the rest of the run path imports Orbax, SciPy and the task's libraries.
+    from dmae_jax import parallel, tasks
+
     task, config = tasks.prepare(config, _WORKDIR.value)
-    # The rest of the run path, and what it imports (Orbax, SciPy, the task's libraries),
-    # only once the config is valid: a typo costs only what validation imports.
     from dmae_jax.tasks import execute
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -88,7 +88,7 @@ def check(config: ml_collections.ConfigDict, log_path: str, *,
     fine-tuned at.
     """
     identity, paths = certification_identity(config)
-    has_rows = bool(runner.logged_indices(log_path)) if storage.exists(log_path) else False
+    has_rows = bool(runner.logged_indices(log_path))  # the log and its part files
     recorded = logs.read_identity_record(log_path)
     if has_rows and recorded is None:
         if storage.exists(log_path + ".config.json"):
