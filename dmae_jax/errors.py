@@ -72,7 +72,8 @@ def one_line(error: BaseException) -> str | None:
     Our own errors derive from `UserError` (the innermost one is reported: config_flags
     re-raises a config file's error with the traceback text in its message); a full disk
     is recognised anywhere in the exception's chain, since libraries (Orbax, TensorStore)
-    wrap the OSError.
+    wrap the OSError. The chain is the one a traceback shows: `raise ... from None` ends it
+    (a message that restates an inner error, e.g. with the field as the user names it).
     """
     message, chain, seen = None, error, set()
     while chain is not None and id(chain) not in seen:
@@ -85,7 +86,7 @@ def one_line(error: BaseException) -> str | None:
         elif message is None and _is_disk_full(chain):
             message = ("cannot write to disk: No space left on device (or quota exceeded); "
                        "free space and rerun the same command to resume")
-        chain = chain.__cause__ or chain.__context__
+        chain = chain.__cause__ or (None if chain.__suppress_context__ else chain.__context__)
     return message
 
 
@@ -116,11 +117,50 @@ class ArgumentParser(argparse.ArgumentParser):
     `reporting`) instead of argparse's usage text and exit status 2."""
 
     def __init__(self, **kwargs):
+        self._required_flags: list[argparse.Action] = []
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (python -m {self.prog.removeprefix('python -m ')} "
                           "--help lists the arguments)")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.required and action.option_strings:
+            self._required_flags.append(action)
+        return action
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace=None):
+        """argparse's, where an argument no flag of ours takes is named (`no_stray_arguments`),
+        also when it left a required flag missing (`dataset=digits` for `--dataset=digits`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        no_stray_arguments([a for a in args if a[:1] in _DASHES])
+        try:
+            parsed, extra = self.parse_known_args(args, namespace)
+        except ConfigError:
+            extra = self._not_taken(args)
+            if not any(not a.startswith("-") for a in extra):
+                raise
+        # Named outside the handler: `one_line` reports the innermost error of a chain.
+        no_stray_arguments([a for a in extra if not a.startswith("-")])
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def _not_taken(self, args: list[str]) -> list[str]:
+        """The arguments no flag takes, parsing with the required flags made optional."""
+        for action in self._required_flags:
+            action.required = False
+        try:
+            return self.parse_known_args(args)[1]
+        except ConfigError:
+            return []
+        finally:
+            for action in self._required_flags:
+                action.required = True
+
+
+_DASHES = "\u2013\u2014\u2212"  # en dash, em dash, minus sign: what rendered docs show for --
 
 
 def no_stray_arguments(arguments: Sequence[str]) -> None:
@@ -128,7 +168,7 @@ def no_stray_arguments(arguments: Sequence[str]) -> None:
     if not arguments:
         return
     stray = arguments[0]
-    dash = next((c for c in stray[:2] if c in "\u2013\u2014\u2212"), None)
+    dash = next((c for c in stray[:2] if c in _DASHES), None)
     if dash is not None:
         why = (f"it starts with {dash!r} (U+{ord(dash):04X}), not '--': pasted from rendered "
                "text? Type the two hyphens")

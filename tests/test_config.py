@@ -12,6 +12,7 @@ import pytest
 
 from dmae_jax import checks, defaults, tasks
 from dmae_jax import config as config_lib
+from dmae_jax.errors import ConfigError
 from tests import helpers
 
 CONFIG_FILES = sorted(os.path.relpath(p, helpers.REPO)
@@ -263,6 +264,17 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         "error: cannot write to disk: [Errno 28] No space left on device; free space and "
         "rerun the same command to resume\n")
 
+    # A message that restates an inner error (`raise ... from None`) is the one reported.
+    try:
+        try:
+            raise ConfigError("config.sigma must be > 0, got -1.0")
+        except ConfigError as inner:
+            raise ConfigError(str(inner).replace("config.", "config.pretrain.")) from None
+    except ConfigError as restated:
+        with pytest.raises(SystemExit):
+            raising(restated)()
+    assert capsys.readouterr().err == "error: config.pretrain.sigma must be > 0, got -1.0\n"
+
     bug = ValueError("cannot reshape array of size 128 into shape (8,5,5)")
     with pytest.raises(ValueError, match="cannot reshape"):
         raising(bug)()
@@ -331,3 +343,13 @@ def test_closed_event_loop_and_full_disk_reports_are_dropped_other_ones_kept():
     for report in (closed, full, other):
         hook(report)
     assert seen == [other]
+
+
+def test_validation_knows_the_engines_noises():
+    from dmae_jax.smoothing import settings
+
+    assert checks.CERTIFY_NOISES == settings.NOISES
+    config = config_lib.resolve(defaults.certify("digits", 0.25))
+    config.noise = "exact"
+    with pytest.raises(ConfigError, match=r"config.noise must be one of \['float', 'sound'\]"):
+        checks.certification(config, exports=False)

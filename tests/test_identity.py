@@ -153,6 +153,27 @@ def test_a_log_without_identity_is_adopted_with_a_warning(tmp_path):
     assert logs.read_identity(log_path) is not None
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"notes": {}}', b'{"identity": 3}',
+                                     b'{"identity": {}, "x": "\xff"}'])
+def test_a_damaged_identity_record_is_an_error_not_a_missing_one(tmp_path, content):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25))
+    log_path = _started_log(tmp_path, config)
+    with open(logs.identity_path(log_path), "wb") as f:
+        f.write(content)
+    with pytest.raises(IdentityError, match=r"\.identity\.json is damaged \(.*restore the file "
+                                            "from a copy, or certify anew"):
+        identity.check(config, log_path)
+    with open(logs.identity_path(log_path), "rb") as f:
+        assert f.read() == content  # never "delete it and anything resumes"
+
+
+def test_warnings_go_to_stderr(tmp_path, capsys):
+    config = _certify_config(_fake_export(tmp_path / "ft", 0.25), sigma=0.5)
+    identity.check(config, str(tmp_path / "log.tsv"))  # the default warn
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("warning: config.checkpoint = ")
+
+
 # ---------------------------------------------------------------------------------------
 # Training workdirs: config fingerprint, keep_ckpts, unreadable checkpoints.
 # ---------------------------------------------------------------------------------------

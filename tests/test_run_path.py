@@ -55,11 +55,11 @@ def test_a_refused_certification_leaves_the_running_one_its_records_and_rows(
     log = os.path.join(work, "certify_sigma_0.25.tsv")
     records = [log, log + ".identity.json", log + ".config.json"]
 
-    def command(n: int) -> list[str]:
+    def command(n: int, data: str = data_dir) -> list[str]:
         return helpers.main_command(
             CERTIFY, work, f"--config.n={n}", "--config.n0=10", "--config.max=12",
             "--config.batch_size=100", f"--config.checkpoint={exports_at[0.25]}",
-            f"--config.data.data_dir={data_dir}")
+            f"--config.data.data_dir={data}")
 
     a = _start(command(200))
     try:
@@ -70,10 +70,14 @@ def test_a_refused_certification_leaves_the_running_one_its_records_and_rows(
         a.send_signal(signal.SIGSTOP)
         before = _snapshot(records)
         assert json.loads(before[log + ".identity.json"])["identity"]["n"] == 200
-        b = helpers.run(command(300), check=False)
+        # B's data directory does not exist: had B read data before the lock, it would have
+        # prepared digits there (the busy log is said before any data or model is loaded).
+        unread = str(tmp_path / "tfds_of_b")
+        b = helpers.run(command(300, unread), check=False)
         assert f"{log} is being written by another certification run (pid {a.pid} " \
             in _one_error_line(b)
         assert _snapshot(records) == before, "the refused run wrote A's records or rows"
+        assert not os.path.exists(unread)
     finally:
         a.send_signal(signal.SIGCONT)
     out, err = a.communicate(timeout=900)
@@ -177,13 +181,24 @@ def test_every_command_reports_each_user_error_in_one_line(tmp_path, tiny_classi
         (report + [damaged["log"]], ".identity.json is damaged ("),
         (report + [damaged["bytes"], "--json", damaged["out"]], "does not exist"),
         (report + [damaged["bytes"], "--csv", damaged["dir"]], "is a directory"),
+        (report + [damaged["bytes"], "--plot", damaged["out"]], "does not exist"),
+        (report + [damaged["bytes"], "\u2014json=r.json"], "(U+2014), not '--'"),
+        (report + [damaged["bytes"], "--jsn=r.json"], "unrecognized arguments: --jsn=r.json"),
         ([sys.executable, "-m", "dmae_jax.prepare"],
          "the following arguments are required: --dataset"),
         ([sys.executable, "-m", "dmae_jax.prepare", "--dataset=digits", "--image_size=100000",
           f"--data_dir={tmp_path / 'tfds'}"],
          "--image_size must be an integer in [8, 512] for digits"),
+        ([sys.executable, "-m", "dmae_jax.prepare", "dataset=digits"],
+         "unexpected argument 'dataset=digits': flags start with '--': --dataset=digits"),
+        ([sys.executable, "-m", "dmae_jax.prepare", "--dataset=digits", "\u2013image_size=8"],
+         "(U+2013), not '--'"),
         ([sys.executable, "-m", "dmae_jax.convert", "--model=base"],
          "the following arguments are required: --checkpoint, --out"),
+        ([sys.executable, "-m", "dmae_jax.convert", "--model=base", "checkpoint=x.pth"],
+         "unexpected argument 'checkpoint=x.pth'"),
+        ([sys.executable, "-m", "dmae_jax.diffusion.convert", "--preset=digits", "stray"],
+         "unexpected argument 'stray'"),
         ([sys.executable, "-m", "dmae_jax.diffusion.convert", f"--checkpoint={tmp_path}",
           "--preset=digits", f"--out={tmp_path / 'o'}"], "is a directory, not a .pt file"),
         (aot + ["--topology=v4-8"], "--config=configs/NAME.py and --topology=v4-32 are required"),
@@ -216,3 +231,40 @@ def test_preparing_a_download_without_network_stops_at_once():
         finally:
             del prepare.DOWNLOAD_HOSTS["unreachable"]
     assert time.monotonic() - start < 10
+
+
+def test_a_disk_filled_during_training_is_one_line_and_keeps_the_checkpoints(tmp_path):
+    """Pretraining on a 64 MiB file system (tmpfs, in a mount namespace of its own) that is
+    filled up once the first checkpoint is on it: the run stops with the one line, without
+    Orbax's, TensorStore's or asyncio's tracebacks, and the saved checkpoint stays."""
+    import shlex
+
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs user and mount namespaces "
+                    "(unshare -rm)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    work = f"{disk}/w"
+    train = shlex.join(helpers.main_command(
+        "configs/pretrain_digits.py", work, "--config.total_steps=400",
+        "--config.ckpt_every_steps=2", "--config.log_every_steps=2",
+        "--config.eval_every_steps=0", "--config.batch_size=16",
+        f"--config.data.data_dir={tmp_path / 'tfds'}"))
+    script = f"""
+        mount -t tmpfs -o size=64m tmpfs {disk}
+        {train} &
+        run=$!
+        until [ -e {work}/checkpoints/2/checksums.json ] || ! kill -0 $run 2>/dev/null; do
+            sleep 0.2
+        done
+        dd if=/dev/zero of={disk}/filler bs=1M 2>/dev/null
+        wait $run
+        status=$?
+        echo "checkpoints: $(ls {work}/checkpoints)"
+        exit $status
+    """
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=helpers.REPO,
+                          env=helpers.env(), capture_output=True, text=True, timeout=900)
+    line = _one_error_line(proc)
+    assert line.startswith("error: cannot write to disk: ") and "rerun the same command" in line
+    assert "2" in proc.stdout.split("checkpoints:")[1].split(), proc.stdout[-2000:]
