@@ -51,11 +51,13 @@ def _check_tensorflow(name: str) -> None:
             "(or pip install tensorflow-cpu); training and certification do not need it")
 
 
-def _check_network(name: str, timeout: float = NETWORK_TIMEOUT_S) -> None:
-    """PrepareError unless the host `name` downloads from answers within `timeout` seconds
-    (name resolution included, which a socket timeout does not bound)."""
+def _check_network(name: str) -> None:
+    """PrepareError unless the host `name` downloads from answers within
+    `NETWORK_TIMEOUT_S` seconds (name resolution included, which a socket timeout does not
+    bound)."""
     if name not in DOWNLOAD_HOSTS:
         return
+    timeout = NETWORK_TIMEOUT_S
     host, port = DOWNLOAD_HOSTS[name]
     outcome: list[BaseException | None] = []
 
