@@ -236,7 +236,16 @@ def estimate(workdir: str, data_dir: str | None, n_estimate: int, batch_size: in
     result = {"command": "python -m benchmarks.certify_compute --estimate "
                          f"--workdir={workdir} --n-estimate={n_estimate} --seed={seed}",
               "date": str(datetime.date.today()), "n0": N0, "indices": indices, "sigmas": {}}
+    if os.path.exists(ESTIMATES):  # a killed estimate resumes at the sigma it had not saved
+        with open(ESTIMATES, encoding="utf-8") as f:
+            saved = json.load(f)
+        if {k: saved.get(k) for k in ("command", "n0", "indices")} == {
+                k: result[k] for k in ("command", "n0", "indices")}:
+            result["sigmas"] = saved["sigmas"]
     for sigma in SIGMAS:
+        if f"{sigma:g}" in result["sigmas"]:
+            print(f"sigma {sigma:g}: saved already", flush=True)
+            continue
         start = time.time()
         fn, meta = load_classifier(os.path.join(workdir, f"finetune_{sigma}", "export"))
         fn = place_replicated(fn)
@@ -247,6 +256,8 @@ def estimate(workdir: str, data_dir: str | None, n_estimate: int, batch_size: in
         result["sigmas"][f"{sigma:g}"] = {
             "label": labels, "c_hat": c_hat.tolist(),
             "nA": counts[np.arange(len(images)), c_hat].tolist(), "n": n_estimate}
+        with open(ESTIMATES, "w", encoding="utf-8") as f:  # each sigma saved as it is done
+            json.dump(result, f)
         print(f"sigma {sigma:g}: {len(images)} images x {N0 + n_estimate} samples in "
               f"{time.time() - start:.0f} s", flush=True)
     return result
@@ -321,10 +332,7 @@ def main(argv=None) -> int:
             parser.error("--estimate needs --workdir (the digits pipeline's workdir)")
         if args.n_estimate < 10_000:
             parser.error(f"--n-estimate must be >= 10000, got {args.n_estimate}")
-        saved = estimate(args.workdir, args.data_dir, args.n_estimate, args.batch_size,
-                         args.seed)
-        with open(ESTIMATES, "w", encoding="utf-8") as f:
-            json.dump(saved, f)
+        estimate(args.workdir, args.data_dir, args.n_estimate, args.batch_size, args.seed)
         print(f"wrote {ESTIMATES}")
         return 0
     names = args.distributions.split(",")
