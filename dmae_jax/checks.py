@@ -130,7 +130,9 @@ def profile_steps(value: Any) -> tuple[int, int]:
 def training_loop(config) -> None:
     """The loop fields every trainer shares: step counts, periods, checkpoints, profiling."""
     integer(config, "seed", low=0)
-    for field in ("log_every_steps", "ckpt_every_steps", "keep_ckpts", "accum_steps"):
+    # steps_per_call: the pretraining and fine-tuning loops only.
+    loop_fields = ("log_every_steps", "ckpt_every_steps", "keep_ckpts", "accum_steps")
+    for field in loop_fields + (("steps_per_call",) if "steps_per_call" in config else ()):
         integer(config, field)
     for field, zero in (("eval_every_steps", "for no evaluation"),
                         ("total_steps", "to train num_epochs")):

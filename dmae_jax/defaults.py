@@ -89,6 +89,8 @@ def pretrain(dataset: str = "imagenet2012", variant: str = "base") -> ml_collect
     cfg.eval_batch_size = 128     # eval images of the masked-patch MSE (the first num_grid_images
                                   # are shown)
     _loop(cfg, num_epochs=1100)
+    cfg.steps_per_call = 1        # optimizer steps per dispatch (> 1: a device loop over as
+                                  # many stacked batches, for small models on CPUs)
     return cfg
 
 
@@ -125,6 +127,8 @@ def finetune(dataset: str = "imagenet2012", variant: str = "base",
     cfg.select = "last"           # last | best_vote (also workdir/best/export: the params of
                                   # the best eval_vote_acc, i.e. selected ON THE EVAL SPLIT)
     _loop(cfg, num_epochs=100)
+    cfg.steps_per_call = 1        # optimizer steps per dispatch (> 1: a device loop over as
+                                  # many stacked batches, for small models on CPUs)
     return cfg
 
 
@@ -267,6 +271,9 @@ def digits_pretrain() -> ml_collections.ConfigDict:
     cfg.num_epochs = 60
     cfg.optim.update(base_lr=1.5e-3, warmup_epochs=2)
     cfg.update(log_every_steps=50, ckpt_every_steps=200, eval_every_steps=200)
+    # A step of this model is ~0.1 s on two cores: per-step dispatch, host transfers and the
+    # host thread waking between steps were a tenth of it.
+    cfg.steps_per_call = 10
     return cfg
 
 
@@ -286,6 +293,7 @@ def digits_finetune(sigma: float = 0.25) -> ml_collections.ConfigDict:
     cfg.optim.update(base_lr=1e-2, warmup_epochs=1, layer_decay=0.75)
     cfg.eval_batch_size = 296 - 296 % 8
     cfg.update(log_every_steps=50, ckpt_every_steps=230, eval_every_steps=460)  # eval: 20 epochs
+    cfg.steps_per_call = 10       # as digits_pretrain
     return cfg
 
 

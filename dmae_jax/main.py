@@ -56,6 +56,9 @@ def main(argv) -> None:
 
 
 def _run() -> None:
+    from dmae_jax import host
+
+    host.configure()  # before JAX starts its threads
     errors.quiet_disk_full_reports()
     app.run(errors.reporting(main), flags_parser=config_lib.flags_parser(_CONFIG))
 

@@ -128,7 +128,7 @@ def test_two_processes_with_two_devices_match_one_process_with_four(tmp_path, da
 
 def test_nonfinite_loss_stops_before_saving_and_names_no_unverified_step(tmp_path, data_dir,
                                                                         monkeypatch):
-    from dmae_jax import parallel
+    from dmae_jax.data import pipeline
     from dmae_jax.tasks import pretrain
     from dmae_jax.train import common
 
@@ -137,15 +137,16 @@ def test_nonfinite_loss_stops_before_saving_and_names_no_unverified_step(tmp_pat
     config.update(total_steps=10, log_every_steps=1, ckpt_every_steps=2, eval_every_steps=0,
                   batch_size=16)
     config.model.update(depth=1, decoder_depth=1)  # compiles in a fraction of the time
-    real, calls = parallel.global_batch, []
+    real, calls = pipeline.TrainIterator.__next__, []
 
-    def poisoned_after_four(batch, mesh):
+    def poisoned_after_four(iterator):
         calls.append(1)
+        batch = real(iterator)
         if len(calls) > 4:
             batch = dict(batch, image=np.full_like(batch["image"], np.nan))
-        return real(batch, mesh)
+        return batch
 
-    monkeypatch.setattr(parallel, "global_batch", poisoned_after_four)
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", poisoned_after_four)
     with pytest.raises(common.NonFiniteLossError) as e:
         pretrain.run(config, str(tmp_path))
     message = str(e.value)

@@ -8,6 +8,13 @@ by (seed, epoch, record index)), are therefore the same for any number of proces
 workers; only who computes which rows changes. The iterator's position is the number of
 global batches produced, which is all a checkpoint needs to resume exactly.
 
+An in-memory source (`datasets.ArraySource`, e.g. digits) without augmentation is read
+without Grain: each epoch's permutation is taken once from the same Grain shuffle and a
+batch is one NumPy gather from the image array, in the training loop's own thread. The
+batches are the ones the Grain pipeline makes, value for value; per-record Python (128
+records per digits step, in a prefetch thread that competed with XLA's threads for two
+cores) is gone.
+
 Batches leave as NumPy: images float32 [b, H, W, 3] in [0, 1] (uint8 / 255, as torchvision's
 ToTensor), labels int32 [b]. `parallel.global_batch` turns them into global `jax.Array`s.
 """
@@ -91,6 +98,18 @@ class _TrainOrder(grain.MapDataset):
         position = step_in_epoch * self._global + self._offset + row
         return epoch, int(self._parent[epoch * self._n + position])
 
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Record index at every position of `epoch`'s order, int64 [N]."""
+        start = epoch * self._n
+        return np.fromiter((self._parent[start + i] for i in range(self._n)), np.int64,
+                           count=self._n)
+
+    def batch_records(self, step: int, permutation: np.ndarray) -> np.ndarray:
+        """Record indices of this process's rows of global batch `step` (`permutation`: its
+        epoch's), in the order `__getitem__` gives them."""
+        start = (step % self._steps_per_epoch) * self._global + self._offset
+        return permutation[start:start + self._local]
+
 
 class _Augment:
     """(epoch, record index) -> {'image': uint8 [S, S, 3], 'label': int32}, augmented."""
@@ -158,12 +177,18 @@ class TrainIterator:
         self.augment = augment
         self.image_size = image_size
         self.worker_count = worker_count
-        order = _TrainOrder(
+        self._order = _TrainOrder(
             self.num_records, global_batch_size, self.local_batch_size, self.process_index, seed
         )
-        self._batches = order.map(_Augment(source, augment, image_size, seed)).batch(
+        self._batches = self._order.map(_Augment(source, augment, image_size, seed)).batch(
             self.local_batch_size, drop_remainder=True
         )
+        # The Grain-free path (module docstring): records that are the batch as stored.
+        self._arrays = source if (
+            augment == "none" and isinstance(getattr(source, "images", None), np.ndarray)
+            and source.images.shape[1:] == (image_size, image_size, 3)
+            and getattr(source, "name", None) not in aug.RESIZE_CROP_DATASETS) else None
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its order)
         self._next_batch = 0
         self._iterator = None
         if start_state is not None:
@@ -178,11 +203,28 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
-            self._iterator = iter(self._grain_dataset(self._next_batch))
-        batch = next(self._iterator)
+        if self._arrays is not None:
+            batch = self._gather(self._next_batch)
+        else:
+            if self._iterator is None:
+                self._iterator = iter(self._grain_dataset(self._next_batch))
+            batch = next(self._iterator)
         self._next_batch += 1
         return {"image": _to_float(batch["image"]), "label": np.array(batch["label"])}
+
+    def next_batches(self, count: int) -> dict[str, np.ndarray]:
+        """The next `count` batches, stacked: 'image' f32 [count, b, S, S, 3], 'label' i32
+        [count, b] (what `count` calls of `next` return)."""
+        batches = [next(self) for _ in range(count)]
+        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+    def _gather(self, step: int) -> dict[str, np.ndarray]:
+        """Global batch `step` of an in-memory source: {'image': uint8, 'label': int32}."""
+        epoch = step // self.steps_per_epoch
+        if self._permutation is None or self._permutation[0] != epoch:
+            self._permutation = (epoch, self._order.permutation(epoch))
+        records = self._order.batch_records(step, self._permutation[1])
+        return {"image": self._arrays.images[records], "label": self._arrays.labels[records]}
 
     def _grain_dataset(self, start: int) -> grain.IterDataset:
         """Grain pipeline from global batch `start` on, prefetching in threads or workers."""

@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     shardings = common.state_shardings(make_state, params, mesh)
     train_step = common.make_train_step(
         loss_fn, tx, mesh=mesh, state_sharding=shardings, accum_steps=config.accum_steps,
-        lr_fn=schedule)
+        lr_fn=schedule, steps_per_call=config.steps_per_call)
 
     # ------------------------------------------------------------------ Checkpoint.
     ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
@@ -105,14 +105,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     with (common.StopSignals() as stop, contextlib.closing(ckpt),
           contextlib.closing(writer),
           common.Profiler(config.get("profile_steps"), workdir) as profiler):
-        for step in range(first_step + 1, total_steps + 1):
-            profiler.step(step, state)
-            state, measurements = train_step(state, parallel.global_batch(next(data_iter), mesh))
+        for first, step in common.calls(first_step, total_steps, config.steps_per_call,
+                                        (config.ckpt_every_steps, config.eval_every_steps),
+                                        profiler.ends):
+            profiler.step(first, state)
+            state, measurements = common.run_steps(
+                train_step, state, data_iter.next_batches(step - first + 1), mesh,
+                config.steps_per_call)
             save = common.every(step, config.ckpt_every_steps, total_steps)
-            log = save or step == first_step + 1 or step % config.log_every_steps == 0
-            stopping = stop.requested(sync=log)
-            if log or stopping:
-                progress.report(step, measurements)
+            logged = common.log_steps(first, step, first_step, config.log_every_steps)
+            stopping = stop.requested(sync=save or bool(logged))
+            progress.report_steps(logged, measurements, first, step, save or stopping)
             if save or stopping:
                 ckpt.save(step, state, {"data_iter": data_iter.get_state()})
             if stopping:

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dmae_jax import checks, parallel
 from dmae_jax.errors import UserError
@@ -71,6 +72,7 @@ def make_train_step(
     lr_fn: Callable[[jax.Array], jax.Array] | None = None,
     ema_decay: float = 0.0,
     frozen_sharding: Any = None,
+    steps_per_call: int = 1,
 ) -> Callable[..., tuple[dict, dict]]:
     """The jitted, donated, mesh-sharded step: `(state, batch[, frozen]) -> (state, metrics)`.
 
@@ -87,6 +89,16 @@ def make_train_step(
 
     With `ema_decay > 0` the state's "ema" follows ema <- decay * ema + (1 - decay) * params
     after every update.
+
+    With `steps_per_call` K > 1 one call runs several steps: `(state, batches, count[,
+    frozen]) -> (state, metrics)`, batches stacked [K, B, ...] of which the first `count`
+    (a traced int32, 1 <= count <= K) are trained on in order, metrics stacked [K] (rows
+    past `count` are zeros). `run_steps` feeds it. The steps run in a while loop whose trip
+    count is traced, so every K > 1 and every `count` compile to one program that computes
+    the same values: a run resumed at any step, or cut into calls at other steps, is
+    bit-identical to an uninterrupted one. XLA compiles the loop body apart from a lone
+    step, so K = 1 and K > 1 may round differently (the digits pretraining step does, in
+    the last bits; the fine-tuning step does not).
     """
     batch_sharding = parallel.batch_sharding(mesh)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -131,15 +143,88 @@ def make_train_step(
                 lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
         return new_state, metrics
 
-    in_shardings = (state_sharding, batch_sharding)
-    if frozen_sharding is not None:
-        in_shardings += (frozen_sharding,)
+    frozen_shardings = () if frozen_sharding is None else (frozen_sharding,)
+    if steps_per_call > 1:
+        return _jit_several_steps(step, steps_per_call, mesh=mesh, state_sharding=state_sharding,
+                                  frozen_shardings=frozen_shardings)
     return jax.jit(
         step,
-        in_shardings=in_shardings,
+        in_shardings=(state_sharding, batch_sharding, *frozen_shardings),
         out_shardings=(state_sharding, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def _jit_several_steps(step: Callable, steps_per_call: int, *, mesh: Mesh, state_sharding: Any,
+                       frozen_shardings: tuple) -> Callable[..., tuple[dict, dict]]:
+    """`step` run `count` times per call over stacked batches (make_train_step's K > 1)."""
+
+    def steps(state, batches, count, *frozen):
+        def body(i, carry):
+            state, stacked = carry
+            batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False),
+                                 batches)
+            state, metrics = step(state, batch, *frozen)
+            return state, jax.tree.map(lambda rows, m: rows.at[i].set(m), stacked, metrics)
+
+        first = jax.tree.map(lambda x: x[0], batches)
+        shapes = jax.eval_shape(step, state, first, *frozen)[1]
+        stacked = jax.tree.map(lambda s: jnp.zeros((steps_per_call, *s.shape), s.dtype), shapes)
+        return jax.lax.fori_loop(0, count, body, (state, stacked))
+
+    return jax.jit(
+        steps,
+        in_shardings=(state_sharding, stacked_batch_sharding(mesh), parallel.replicated(mesh),
+                      *frozen_shardings),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches stacked [K, B, ...]: the batch axis (1) split as `parallel.batch_sharding`."""
+    return NamedSharding(mesh, P(None, *parallel.batch_sharding(mesh).spec))
+
+
+def run_steps(train_step: Callable, state: dict, batches: dict[str, np.ndarray], mesh: Mesh,
+              steps_per_call: int, *frozen) -> tuple[dict, dict]:
+    """Trains on this process's batches stacked [n, b, ...] (n <= steps_per_call) with a
+    make_train_step function; returns the state and the metrics of every step, [n]."""
+    count = len(next(iter(batches.values())))
+    if steps_per_call == 1:
+        if count != 1:
+            raise ValueError(f"one step per call, got {count} batches")
+        state, metrics = train_step(
+            state, parallel.global_batch({k: v[0] for k, v in batches.items()}, mesh), *frozen)
+        return state, jax.tree.map(lambda m: m[None], metrics)
+    if not 1 <= count <= steps_per_call:
+        raise ValueError(f"1 to {steps_per_call} batches per call, got {count}")
+    padded = {k: np.concatenate([v, np.zeros((steps_per_call - count, *v.shape[1:]), v.dtype)])
+              if count < steps_per_call else v for k, v in batches.items()}
+    sharding = stacked_batch_sharding(mesh)
+    stacked = {k: jax.make_array_from_process_local_data(sharding, v)
+               for k, v in padded.items()}
+    state, metrics = train_step(state, stacked, jnp.int32(count), *frozen)
+    return state, jax.tree.map(lambda m: m[:count], metrics)
+
+
+def calls(first_step: int, total_steps: int, steps_per_call: int, periods: Sequence[int] = (),
+          ends: Sequence[int] = ()) -> Iterator[tuple[int, int]]:
+    """(first, last) steps of each call that trains steps first_step + 1 .. total_steps.
+
+    A call runs at most `steps_per_call` steps and ends on every multiple of each of
+    `periods` (where the loop saves or evaluates), on every step of `ends` and at
+    total_steps, so those happen between calls at the same steps as with one step per call.
+    """
+    step = first_step
+    while step < total_steps:
+        last = min(step + steps_per_call, total_steps)
+        for period in periods:
+            if period:
+                last = min(last, (step // period + 1) * period)
+        last = min([last] + [end for end in ends if step < end])
+        yield step + 1, last
+        step = last
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
@@ -293,8 +378,10 @@ class StopSignals:
 class Progress:
     """One progress line per log step: step, loss, lr, images/s and ETA; scalars to the writer.
 
-    The first step after a start or a resume includes compilation, so it reports its own
-    duration instead of a rate, and the rate and ETA of later lines count from its end.
+    The first call after a start or a resume includes compilation, so its first line reports
+    that call's duration instead of a rate, and the rate and ETA of later lines count from
+    its end. `done` is the last step the device has finished when the line is printed (the
+    last step of the call that trained `step`).
     A non-finite loss or gradient norm stops the run (`NonFiniteLossError`) before that
     step is saved.
     """
@@ -306,8 +393,21 @@ class Progress:
         self.t0, self.step0 = time.time(), first_step
         self.first_reported = False
 
-    def report(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    def report_steps(self, steps: Sequence[int], metrics: Mapping[str, jax.Array], first: int,
+                     last: int, with_last: bool) -> None:
+        """Reports `steps` of the call that trained first..last (`metrics` stacked [last -
+        first + 1], as `run_steps` returns them), and `last` too if `with_last` (a save or
+        a stop)."""
+        steps = list(steps) + ([last] if with_last and last not in steps else [])
+        if steps:
+            rows = jax.device_get(metrics)
+            for step in steps:
+                self.report(step, {k: v[step - first] for k, v in rows.items()}, done=last)
+
+    def report(self, step: int, metrics: Mapping[str, jax.Array], done: int | None = None
+               ) -> None:
         """Fetches `metrics` of `step`, checks them, prints the line, writes the scalars."""
+        done = step if done is None else done
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
             self.ckpt.wait()
@@ -318,13 +418,16 @@ class Progress:
                 "if the loss diverges again, lower the learning rate or use float32 compute.")
         now = time.time()
         if not self.first_reported:
-            speed = f"first step {now - self.t0:.1f}s (with compilation)"
-            self.t0, self.step0, self.first_reported = now, step, True
+            steps = "first step" if done == self.step0 + 1 else f"first {done - self.step0} steps"
+            speed = f"{steps} {now - self.t0:.1f}s (with compilation)"
+            self.t0, self.step0, self.first_reported = now, done, True
+        elif done == self.step0:  # another line of the first call: no rate yet
+            speed = ""
         else:
-            rate = (step - self.step0) / max(now - self.t0, 1e-9)
+            rate = (done - self.step0) / max(now - self.t0, 1e-9)
             values["images_per_sec"] = rate * self.batch
             speed = (f"{values['images_per_sec']:.1f} img/s "
-                     f"ETA {_fmt((self.total - step) / rate)}")
+                     f"ETA {_fmt((self.total - done) / rate)}")
         self.writer.write_scalars(step, values)
         extras = " ".join(
             f"{k}={v:.4g}" for k, v in sorted(values.items())
@@ -332,7 +435,14 @@ class Progress:
         )
         _say(f"step {step}/{self.total} loss={values['loss']:.4f}"
              + (f" lr={values['lr']:.3g}" if "lr" in values else "")
-             + f" {speed} {extras}")
+             + (f" {speed}" if speed else "") + f" {extras}")
+
+
+def log_steps(first: int, last: int, first_step: int, log_every_steps: int) -> list[int]:
+    """The steps of a call (first..last) that print a progress line: the first step after a
+    start or resume (`first_step` + 1) and every `log_every_steps`-th."""
+    return [step for step in range(first, last + 1)
+            if step == first_step + 1 or step % log_every_steps == 0]
 
 
 def _fmt(seconds: float) -> str:
@@ -351,6 +461,12 @@ class Profiler:
         self.start, self.stop = checks.profile_steps(profile_steps)
         self.directory = os.path.join(workdir, "profile")
         self._active = False
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Steps after which a call must end, so that the trace starts and stops between
+        calls (`calls`)."""
+        return (self.start - 1, self.stop - 1) if self.start else ()
 
     def step(self, step: int, state: Any) -> None:
         """Called before step `step` runs; `state` is what the previous step returned."""
