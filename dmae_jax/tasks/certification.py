@@ -16,6 +16,8 @@ and subset), records the identity and the config next to the log, then calls `ru
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 
 import jax
@@ -66,11 +68,21 @@ def load_classifier(path: str, *, field: str = "config.checkpoint", dtype: str |
         model = classifier.create_classifier({**meta["model"], "dtype": dtype},
                                              meta["num_classes"], rngs=nnx.Rngs(0))
         parts = type(parts).split(model).with_params(parts.params, where=f"{field} = {path!r}")
+    architecture = json.dumps([meta["model"], meta["num_classes"], dtype], sort_keys=True)
+    if architecture not in _APPLY:
+        _APPLY[architecture] = functools.partial(_apply, parts)
+    return (jax.tree_util.Partial(_APPLY[architecture],
+                                  jax.tree.map(jax.numpy.asarray, parts.params)), meta)
 
-    def apply(params, images):
-        return parts.bind(params)(images)
 
-    return jax.tree_util.Partial(apply, jax.tree.map(jax.numpy.asarray, parts.params)), meta
+# One apply function per architecture. The sampler compiles its step once per logits_fn
+# structure, which holds the function: classifiers that share it (the pipeline's three
+# sigmas and its cascade) share one compiled step instead of compiling one each.
+_APPLY: dict[str, functools.partial] = {}
+
+
+def _apply(parts, params, images):
+    return parts.bind(params)(images)
 
 
 def _logits_fns_for(config, classifier_fns, sigmas) -> list:

@@ -7,6 +7,7 @@ restarts from its last checkpoint, a killed certification from its last logged i
 
   workdir/pretrain/                DMAE pretraining (export/, reconstructions/)
   workdir/finetune_<sigma>/        classifier fine-tuned from the DMAE encoder, per sigma
+                                   (every sigma in one loop, each run as it runs alone)
   workdir/certify/certify_sigma_<sigma>.tsv   CERTIFY at each sigma
   workdir/certify/cascade_<...>.tsv           the multi-scale cascade over all sigmas
   workdir/finetune_<sigma>_random_init/, certify/certify_sigma_<sigma>_random_init.tsv
@@ -14,7 +15,8 @@ restarts from its last checkpoint, a killed certification from its last logged i
                                    random initialisation and its certification, per sigma
   workdir/report.md, certified_accuracy.png, reconstructions.png
 
-Each stage is a run of its own through the run path (`dmae_jax.tasks.execute.run`): its
+Each stage is a run of its own through the run path (`dmae_jax.tasks.execute.run`; the
+fine-tunings, trained in one loop, through `execute.run_together`): its
 config is checked, its workdir or log locked, a resume under another configuration refused
 and its config recorded exactly as when `main` starts it. The pipeline's own workdir is
 locked for the whole pipeline.
@@ -81,12 +83,14 @@ def _finished(export_dir: str) -> bool:
     return storage.exists(os.path.join(export_dir, "meta.json"))
 
 
-def _finetune_stage(config, sigma: float, init_from: str, ft_dir: str) -> str:
-    """Fine-tunes at sigma unless its export exists; returns the export directory."""
-    export = os.path.join(ft_dir, "export")
-    if not _finished(export):
-        execute.run(_finetune_config(config, sigma, init_from), ft_dir)
-    return export
+def _finetune_stage(config, runs: list[tuple[float, str, str]]) -> None:
+    """Fine-tunes every (sigma, init_from, workdir) of `runs` whose export does not exist
+    yet, all in one loop (`finetune.run_together`: same data, keys and step as each alone)."""
+    todo = [(_finetune_config(config, sigma, init_from), ft_dir)
+            for sigma, init_from, ft_dir in runs
+            if not _finished(os.path.join(ft_dir, "export"))]
+    if todo:
+        execute.run_together([cfg for cfg, _ in todo], [ft_dir for _, ft_dir in todo])
 
 
 def _certify_stage(config, cert_dir: str, **updates) -> str:
@@ -100,13 +104,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs every stage that has not finished yet, then writes the report."""
     sigmas = checks.sigmas(config, "sigmas")
     baselines = sigmas if config.random_init_baseline else ()
-    names = (["pretrain DMAE"] + [f"fine-tune sigma={s}" for s in sigmas]
+    listed = ", ".join(str(s) for s in sigmas)
+    names = (["pretrain DMAE",
+              f"fine-tune sigma={listed}" + (" from DMAE and random init" if baselines else "")]
              + [f"certify sigma={s}" for s in sigmas] + ["certify cascade"]
-             + [f"random-init baseline sigma={s}" for s in baselines] + ["report"])
+             + [f"certify random-init baseline sigma={s}" for s in baselines] + ["report"])
     # Each stage's share of the digits default's time on 2 idle cores (pretraining 67 s,
-    # a fine-tuning ~85 s, a certification ~16 s, a baseline ~100 s).
-    stages = _Stages(names, [4] + [5] * len(sigmas) + [1] * len(sigmas) + [1]
-                     + [6] * len(baselines) + [0.2])
+    # a fine-tuning ~85 s, a certification ~16 s).
+    stages = _Stages(names, [4, 5 * (len(sigmas) + len(baselines))] + [1] * len(sigmas) + [1]
+                     + [1] * len(baselines) + [0.2])
     storage.makedirs(workdir)
     k = 0
 
@@ -116,12 +122,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
         execute.run(config_lib.stage(config.pretrain), pre_dir)
     k += 1
 
-    exports = {}
-    for sigma in sigmas:
-        stages.start(k)
-        exports[sigma] = _finetune_stage(config, sigma, os.path.join(pre_dir, "export"),
-                                         os.path.join(workdir, f"finetune_{sigma}"))
-        k += 1
+    # Every fine-tuning in one loop: the DMAE-initialised classifier at each sigma and, with
+    # random_init_baseline, DMAE's claim at every sigma: the same fine-tuning from a random
+    # initialisation.
+    ft_dirs = {sigma: os.path.join(workdir, f"finetune_{sigma}") for sigma in sigmas}
+    baseline_dirs = {sigma: os.path.join(workdir, f"finetune_{sigma}_random_init")
+                     for sigma in baselines}
+    stages.start(k)
+    _finetune_stage(config, [(s, os.path.join(pre_dir, "export"), d) for s, d in ft_dirs.items()]
+                    + [(s, "", d) for s, d in baseline_dirs.items()])
+    exports = {sigma: os.path.join(d, "export") for sigma, d in ft_dirs.items()}
+    k += 1
 
     cert_dir = os.path.join(workdir, "certify")
     logs = {}
@@ -139,12 +150,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     k += 1
 
     for sigma in baselines:
-        # DMAE's claim at every sigma: the same fine-tuning from a random initialisation.
         stages.start(k)
-        export = _finetune_stage(config, sigma, "",
-                                 os.path.join(workdir, f"finetune_{sigma}_random_init"))
         logs[f"sigma={sigma}, random init"] = _certify_stage(
-            config, cert_dir, task="certify", sigma=sigma, checkpoint=export,
+            config, cert_dir, task="certify", sigma=sigma,
+            checkpoint=os.path.join(baseline_dirs[sigma], "export"),
             log_name=f"certify_sigma_{sigma}_random_init.tsv")
         k += 1
 

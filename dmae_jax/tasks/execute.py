@@ -8,8 +8,10 @@ writes the records; every process checks, so all of them refuse alike.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -25,6 +27,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """The whole path for one run: prepare, then `execute`."""
     task, config = tasks.prepare(config, workdir)
     execute(task, config, workdir)
+
+
+def run_together(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
+    """The whole path for fine-tunings trained in one loop (`finetune.run_together`): each
+    prepared, locked, checked and recorded as `run` does it alone, all before any trains."""
+    from dmae_jax.tasks import finetune
+
+    prepared = [tasks.prepare(config, workdir)
+                for config, workdir in zip(configs, workdirs, strict=True)]
+    with contextlib.ExitStack() as stack:
+        for (task, config), workdir in zip(prepared, workdirs, strict=True):
+            if task.module != finetune.__name__:
+                raise ValueError(f"only fine-tunings train together, got task {task.name!r}")
+            logging.info("task %s, workdir %s\n%s", task.name, workdir, config)
+            stack.enter_context(_lock(task, config, workdir))
+        for (_, config), workdir in zip(prepared, workdirs, strict=True):
+            checkpoints.check_fingerprint(workdir, common.fingerprint(config))
+        if jax.process_index() == 0:
+            for (_, config), workdir in zip(prepared, workdirs, strict=True):
+                config_lib.save_resolved(config, os.path.join(workdir, "config.json"))
+        finetune.run_together([config for _, config in prepared], workdirs)
 
 
 def execute(task: tasks.Task, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -12,6 +12,8 @@ freezes the encoder instead (LARS on the head, as MAE's linear probing).
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,31 @@ def make_loss_fn(config: ml_collections.ConfigDict, parts, num_classes: int):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Fine-tunes a classifier; writes `workdir/export` (kind "classifier")."""
+    run_together([config], [workdir])
+
+
+# Fields in which fine-tunings trained together may differ: what each run's loss and
+# initial parameters depend on, nothing the data order, the keys or the schedule do.
+TOGETHER_FIELDS = ("sigma", "eta", "init_from")
+
+
+def run_together(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]) -> None:
+    """Fine-tunes one classifier per config in one loop; each workdir gets what `run` writes
+    there (checkpoints, events, evaluations, export) and resumes as `run` does. The run path
+    (`dmae_jax.tasks.execute.run_together`) has checked each config, taken each workdir's
+    lock and recorded each config.
+
+    The configs may differ only in `TOGETHER_FIELDS` (e.g. the pipeline's sigmas): the runs
+    then read the same batches in the same order and draw the same keys at every step, so
+    one input pipeline and one dispatch serve them all, and the step holds one step per run,
+    each computing exactly what it computes alone (`common.make_train_step`). They must
+    resume from the same step; when the newest checkpoints differ (a kill that landed
+    while the runs were saving), each run is trained on alone from its own.
+    """
+    config = configs[0]  # what every run shares: data, batch, schedule, loop, seed
+    _check_together(configs)
+    several = len(configs) > 1
+
     # ------------------------------------------------------------------ Mesh.
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, "config.batch_size", config.accum_steps)
@@ -93,90 +120,138 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     data_iter, steps_per_epoch, total_steps = (
         data.iterator, data.steps_per_epoch, data.total_steps)
 
-    # ------------------------------------------------------------------ Model.
-    model = create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed))
-    if config.init_from:
-        dmae_params, _ = exports.load_checked(
-            config.init_from, kind="dmae", field="config.init_from")
-        if config.linear_probe:  # + pretrained norm, head std 0.01, BatchNorm head
-            linprobe.make_probe(model, dmae_params, jax.random.key(config.seed))
-        else:
-            classifier_lib.init_from_dmae(model, dmae_params)
-        logging.info("encoder initialised from %s", config.init_from)
-    if config.linear_probe:  # BatchNorm statistics of the frozen features, once
-        stats_data = common.train_data(config)
-        probe_stats = linprobe.estimate_statistics(
-            ModelParts.split(model), stats_data.iterator, num_batches=config.probe_stat_batches,
-            sigma=config.sigma, rng=jax.random.key(config.seed + 1), mesh=mesh)
-        stats_data.iterator.close()
-        linprobe.set_statistics(model, *probe_stats)
-    parts = ModelParts.split(model)
-    common.log_parameter_overview(parts.params, "classifier")
+    # ------------------------------------------------------------------ Models.
+    parts, probe_stats, num_layers = [], [], 0
+    for cfg in configs:
+        model = create_classifier(cfg.model, num_classes, rngs=nnx.Rngs(cfg.seed))
+        num_layers = len(model.blocks)
+        if cfg.init_from:
+            dmae_params, _ = exports.load_checked(
+                cfg.init_from, kind="dmae", field="config.init_from")
+            if cfg.linear_probe:  # + pretrained norm, head std 0.01, BatchNorm head
+                linprobe.make_probe(model, dmae_params, jax.random.key(cfg.seed))
+            else:
+                classifier_lib.init_from_dmae(model, dmae_params)
+            logging.info("encoder initialised from %s", cfg.init_from)
+        stats = None
+        if cfg.linear_probe:  # BatchNorm statistics of the frozen features, once
+            stats_data = common.train_data(cfg)
+            stats = linprobe.estimate_statistics(
+                ModelParts.split(model), stats_data.iterator,
+                num_batches=cfg.probe_stat_batches, sigma=cfg.sigma,
+                rng=jax.random.key(cfg.seed + 1), mesh=mesh)
+            stats_data.iterator.close()
+            linprobe.set_statistics(model, *stats)
+        parts.append(ModelParts.split(model))
+        probe_stats.append(stats)
+    common.log_parameter_overview(parts[0].params, "classifier"
+                                  + (f" (x{len(configs)}, trained together)" if several else ""))
 
     # ------------------------------------------------------------------ Optimizer.
-    tx, schedule = make_optimizer(config, parts.params, num_layers=len(model.blocks),
-                                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    optimizers = [make_optimizer(cfg, p.params, num_layers=num_layers,
+                                 steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                  for cfg, p in zip(configs, parts, strict=True)]
+    txs = tuple(tx for tx, _ in optimizers)
     logging.info("parameter groups:\n%s", optim.describe_param_groups(
-        parts.params, layer_decay=config.optim.layer_decay, num_layers=len(model.blocks)))
+        parts[0].params, layer_decay=config.optim.layer_decay, num_layers=num_layers))
 
     # ------------------------------------------------------------------ Step.
-    loss_fn = make_loss_fn(config, parts, num_classes)
-
-    def make_state(params):
-        return common.init_state(params, tx, jax.random.key(config.seed))
-
-    shardings = common.state_shardings(make_state, parts.params, mesh)
+    loss_fns = tuple(make_loss_fn(cfg, p, num_classes)
+                     for cfg, p in zip(configs, parts, strict=True))
+    make_states = [functools.partial(common.init_state, tx=tx, rng=jax.random.key(cfg.seed))
+                   for cfg, tx in zip(configs, txs, strict=True)]
+    shardings = tuple(common.state_shardings(make, p.params, mesh)
+                      for make, p in zip(make_states, parts, strict=True))
     train_step = common.make_train_step(
-        loss_fn, tx, mesh=mesh, state_sharding=shardings, accum_steps=config.accum_steps,
-        lr_fn=schedule, steps_per_call=config.steps_per_call)
+        loss_fns, txs, mesh=mesh, state_sharding=shardings, accum_steps=config.accum_steps,
+        lr_fn=tuple(schedule for _, schedule in optimizers),
+        steps_per_call=config.steps_per_call)
 
     # ------------------------------------------------------------------ Evaluation.
-    writer = metrics.create_writer(workdir)
-    export_meta = {"kind": "classifier", "model": config.model.to_dict(),
-                   "num_classes": num_classes, "sigma": config.sigma,
-                   "dataset": config.data.dataset}
-    export_params = ((lambda p: linprobe.fold(exports.to_host(p), *probe_stats))
-                     if config.linear_probe else (lambda p: p))
-    best = (selection.BestExport(workdir, export_meta, export_params)
-            if config.select == "best_vote" else None)
-    evaluate = make_evaluator(config, parts, mesh, num_classes, writer, best=best)
+    writers = [metrics.create_writer(w) for w in workdirs]
+    export_metas = [{"kind": "classifier", "model": cfg.model.to_dict(),
+                     "num_classes": num_classes, "sigma": cfg.sigma,
+                     "dataset": cfg.data.dataset} for cfg in configs]
+    export_params = [(lambda p, s=stats: linprobe.fold(exports.to_host(p), *s))
+                     if stats is not None else (lambda p: p) for stats in probe_stats]
+    names = [f"sigma={cfg.sigma}" + ("" if cfg.init_from else ", random init")
+             if several else "" for cfg in configs]
+    evaluators = [make_evaluator(
+        cfg, p, mesh, num_classes, writer, name=name,
+        best=(selection.BestExport(w, meta, export) if cfg.select == "best_vote" else None))
+        for cfg, p, writer, name, w, meta, export in zip(
+            configs, parts, writers, names, workdirs, export_metas, export_params, strict=True)]
 
     # ------------------------------------------------------------------ Checkpoint.
-    ckpt = checkpoints.TrainCheckpointer(workdir, max_to_keep=config.keep_ckpts,
-                                         fingerprint=common.fingerprint(config))
-    state, first_step = common.restore_or_init(ckpt, make_state, parts.params, shardings,
-                                               data_iter, total_steps)
+    ckpts = [checkpoints.TrainCheckpointer(w, max_to_keep=cfg.keep_ckpts,
+                                           fingerprint=common.fingerprint(cfg))
+             for cfg, w in zip(configs, workdirs, strict=True)]
+    restored = [common.restore_or_init(ckpt, make, p.params, sh, data_iter, total_steps)
+                for ckpt, make, p, sh in zip(ckpts, make_states, parts, shardings, strict=True)]
+    states = tuple(state for state, _ in restored)
+    first_step = restored[0][1]
+    if any(step != first_step for _, step in restored):
+        for closing in (*ckpts, *writers, data_iter):
+            closing.close()
+        for cfg, w in zip(configs, workdirs, strict=True):
+            run_together([cfg], [w])
+        return
 
     # ------------------------------------------------------------------ Loop.
-    progress = common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
-                               global_batch_size=config.batch_size)
-    with (common.StopSignals() as stop, contextlib.closing(ckpt),
-          contextlib.closing(writer),
-          common.Profiler(config.get("profile_steps"), workdir) as profiler):
+    progresses = [common.Progress(writer, ckpt, first_step=first_step, total_steps=total_steps,
+                                  global_batch_size=config.batch_size, name=name)
+                  for writer, ckpt, name in zip(writers, ckpts, names, strict=True)]
+    with contextlib.ExitStack() as stack:
+        for resource in (contextlib.closing(c) for c in (*ckpts, *writers)):
+            stack.enter_context(resource)
+        stop = stack.enter_context(common.StopSignals())
+        profiler = stack.enter_context(common.Profiler(config.get("profile_steps"),
+                                                       workdirs[0]))
         for first, step in common.calls(first_step, total_steps, config.steps_per_call,
                                         (config.ckpt_every_steps, config.eval_every_steps),
                                         profiler.ends):
-            profiler.step(first, state)
-            state, measurements = common.run_steps(
-                train_step, state, data_iter.next_batches(step - first + 1), mesh,
+            profiler.step(first, states)
+            states, measurements = common.run_steps(
+                train_step, states, data_iter.next_batches(step - first + 1), mesh,
                 config.steps_per_call)
             save = common.every(step, config.ckpt_every_steps, total_steps)
             logged = common.log_steps(first, step, first_step, config.log_every_steps)
             stopping = stop.requested(sync=save or bool(logged))
-            progress.report_steps(logged, measurements, first, step, save or stopping)
+            for progress, run_metrics in zip(progresses, measurements, strict=True):
+                progress.report_steps(logged, run_metrics, first, step, save or stopping)
             if save or stopping:
-                ckpt.save(step, state, {"data_iter": data_iter.get_state()})
+                for ckpt, state in zip(ckpts, states, strict=True):
+                    ckpt.save(step, state, {"data_iter": data_iter.get_state()})
             if stopping:
-                stop.exit(step, ckpt)
-            if evaluate and common.every(step, config.eval_every_steps, total_steps):
-                evaluate(step, state)
-        path = exports.save_final(workdir, export_params(state["params"]), export_meta)
-    logging.info("exported classifier parameters to %s", path)
+                for ckpt in ckpts[1:]:
+                    ckpt.wait()
+                stop.exit(step, ckpts[0])
+            if common.every(step, config.eval_every_steps, total_steps):
+                for evaluate, state in zip(evaluators, states, strict=True):
+                    if evaluate:
+                        evaluate(step, state)
+        for w, export, meta, state in zip(workdirs, export_params, export_metas, states,
+                                          strict=True):
+            path = exports.save_final(w, export(state["params"]), meta)
+            logging.info("exported classifier parameters to %s", path)
 
 
-def make_evaluator(config, parts, mesh, num_classes: int, writer, best=None):
+def _check_together(configs: Sequence[ml_collections.ConfigDict]) -> None:
+    """Fine-tunings trained together may differ only in TOGETHER_FIELDS."""
+    shared = [{k: v for k, v in common.fingerprint(c).items() if k not in TOGETHER_FIELDS}
+              for c in configs]
+    for i, other in enumerate(shared[1:], start=1):
+        if other != shared[0]:
+            fields = sorted(k for k in shared[0].keys() | other.keys()
+                            if shared[0].get(k) != other.get(k))
+            raise ValueError(f"fine-tunings trained together may differ only in "
+                             f"{TOGETHER_FIELDS}; configs 0 and {i} differ in {fields}")
+
+
+def make_evaluator(config, parts, mesh, num_classes: int, writer, best=None, name: str = ""):
     """Eval hook: clean, one-noise-draw and majority-vote accuracy on every `eval_skip`-th
-    image of the eval split (official order); `best` (a BestExport) keeps the best vote."""
+    image of the eval split (official order); `best` (a BestExport) keeps the best vote;
+    `name` starts its printed line (which run, when several train together)."""
     from dmae_jax.data import pipeline  # Grain: where data is read (not in compile-only mode)
 
     if not config.eval_every_steps:
@@ -221,8 +296,8 @@ def make_evaluator(config, parts, mesh, num_classes: int, writer, best=None):
                    "eval_vote_acc": total[3] / n}
         writer.write_scalars(step, metrics)
         if jax.process_index() == 0:
-            print(f"step {step} eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
-                  flush=True)
+            print(f"{name}{': ' if name else ''}step {step} eval: "
+                  + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
         if best is not None and best.update(step, metrics["eval_vote_acc"], state["params"]):
             logging.info("best eval_vote_acc so far: exported to %s", best.path)
 

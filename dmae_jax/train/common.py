@@ -63,17 +63,17 @@ def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array, *,
 
 
 def make_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
+    loss_fn: LossFn | tuple[LossFn, ...],
+    tx: optax.GradientTransformation | tuple[optax.GradientTransformation, ...],
     *,
     mesh: Mesh,
     state_sharding: Any,
     accum_steps: int = 1,
-    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+    lr_fn: Callable[[jax.Array], jax.Array] | tuple | None = None,
     ema_decay: float = 0.0,
     frozen_sharding: Any = None,
     steps_per_call: int = 1,
-) -> Callable[..., tuple[dict, dict]]:
+) -> Callable[..., tuple[Any, Any]]:
     """The jitted, donated, mesh-sharded step: `(state, batch[, frozen]) -> (state, metrics)`.
 
     `loss_fn(params, batch, rng[, frozen]) -> (loss, aux)`. `frozen` (given when
@@ -99,8 +99,41 @@ def make_train_step(
     bit-identical to an uninterrupted one. XLA compiles the loop body apart from a lone
     step, so K = 1 and K > 1 may round differently (the digits pretraining step does, in
     the last bits; the fine-tuning step does not).
+
+    Several runs in one program: with `loss_fn`, `tx` and `lr_fn` tuples (one entry per
+    run) and `state_sharding` a tuple of their state shardings, the state and the metrics
+    are tuples, and every run is trained on the same batch by its own loss and optimizer.
+    The program holds one step per run, not a batched one: each computes what its own
+    make_train_step computes (for the digits fine-tunings at three sigmas, bit for bit; a
+    test checks it), while the runs share one dispatch, one batch and one input pipeline.
     """
     batch_sharding = parallel.batch_sharding(mesh)
+    if isinstance(loss_fn, tuple):
+        lr_fns = lr_fn if isinstance(lr_fn, tuple) else (lr_fn,) * len(loss_fn)
+        steps = [_step_fn(f, t, accum_steps=accum_steps, lr_fn=lr, ema_decay=ema_decay)
+                 for f, t, lr in zip(loss_fn, tx, lr_fns, strict=True)]
+
+        def step(states, batch, *frozen):
+            out = [one(state, batch, *frozen) for one, state in zip(steps, states, strict=True)]
+            return tuple(o[0] for o in out), tuple(o[1] for o in out)
+    else:
+        step = _step_fn(loss_fn, tx, accum_steps=accum_steps, lr_fn=lr_fn, ema_decay=ema_decay)
+
+    frozen_shardings = () if frozen_sharding is None else (frozen_sharding,)
+    if steps_per_call > 1:
+        return _jit_several_steps(step, steps_per_call, mesh=mesh, state_sharding=state_sharding,
+                                  frozen_shardings=frozen_shardings)
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding, *frozen_shardings),
+        out_shardings=(state_sharding, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def _step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int,
+             lr_fn: Callable[[jax.Array], jax.Array] | None, ema_decay: float) -> Callable:
+    """make_train_step's step of one run, not jitted: `(state, batch[, frozen])`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch, *frozen):
@@ -143,16 +176,7 @@ def make_train_step(
                 lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
         return new_state, metrics
 
-    frozen_shardings = () if frozen_sharding is None else (frozen_sharding,)
-    if steps_per_call > 1:
-        return _jit_several_steps(step, steps_per_call, mesh=mesh, state_sharding=state_sharding,
-                                  frozen_shardings=frozen_shardings)
-    return jax.jit(
-        step,
-        in_shardings=(state_sharding, batch_sharding, *frozen_shardings),
-        out_shardings=(state_sharding, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    return step
 
 
 def _jit_several_steps(step: Callable, steps_per_call: int, *, mesh: Mesh, state_sharding: Any,
@@ -383,12 +407,12 @@ class Progress:
     its end. `done` is the last step the device has finished when the line is printed (the
     last step of the call that trained `step`).
     A non-finite loss or gradient norm stops the run (`NonFiniteLossError`) before that
-    step is saved.
+    step is saved. `name` starts every line (which run, when several train together).
     """
 
     def __init__(self, writer: Any, ckpt, *, first_step: int, total_steps: int,
-                 global_batch_size: int):
-        self.writer, self.ckpt = writer, ckpt
+                 global_batch_size: int, name: str = ""):
+        self.writer, self.ckpt, self.name = writer, ckpt, name
         self.total, self.batch = total_steps, global_batch_size
         self.t0, self.step0 = time.time(), first_step
         self.first_reported = False
@@ -433,7 +457,8 @@ class Progress:
             f"{k}={v:.4g}" for k, v in sorted(values.items())
             if k not in ("loss", "lr", "images_per_sec")
         )
-        _say(f"step {step}/{self.total} loss={values['loss']:.4f}"
+        _say(f"{self.name}{': ' if self.name else ''}step {step}/{self.total} "
+             f"loss={values['loss']:.4f}"
              + (f" lr={values['lr']:.3g}" if "lr" in values else "")
              + (f" {speed}" if speed else "") + f" {extras}")
 
