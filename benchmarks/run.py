@@ -1,19 +1,24 @@
-r"""Side-by-side benchmarks against PyTorch: matmul peak, pretraining step, certification.
+r"""Side-by-side benchmarks against PyTorch: matmul peak, training steps, certification.
 
-  python -m benchmarks.run [--json FILE] [--quick] [--only pretrain,certify]
+  python -m benchmarks.run [--json FILE] [--quick] [--only pretrain,finetune,certify]
 
 Every figure is measured in this one run, ours and PyTorch's alternating repetition by
 repetition (so a burst of load from another process hits both sides), after warm-up; the
 tables give the median and the spread (min-max) of the repetitions. Our side is the real
-code path: `dmae_jax.train.common.make_train_step` with the pretraining AdamW, and
-`dmae_jax.smoothing.certify.sample_counts`; PyTorch's side is the official architecture
-(`tests/torch_dmae.py`), eager, forward + backward + `torch.optim.AdamW` for pretraining and
-Cohen et al.'s `_sample_noise` loop for certification. MFU is the model's analytic matmul
-FLOP rate divided by the JAX matmul peak measured in the same run. One JAX device.
-Every row records the 1-minute load average before and after it (os.getloadavg): a figure
-taken while other processes ran is marked as such, not mistaken for this machine's speed.
-About 16 minutes on 2 cores shared with load 9 (roughly a quarter of that idle); `--quick`
-(no ViT-B/16, fewer repetitions) 2 to 5 minutes.
+code path of a config: the digits rows train `configs/digits.py`'s pretraining and
+fine-tuning steps as the trainers do (`aot.train_pieces`: the trainers' own loss and
+optimizer; `common.make_train_step` with the config's `steps_per_call`, fed by
+`common.run_steps`), and the process starts with `dmae_jax.host.configure` as
+`dmae_jax.main` does; certification is `dmae_jax.smoothing.certify.sample_counts`.
+PyTorch's side is the official architecture (`tests/torch_dmae.py`), eager: forward +
+backward + `torch.optim.AdamW` with the official parameter groups (pretraining: timm's
+weight-decay split; fine-tuning: two noisy copies, label smoothing, the consistency loss and
+MAE's layer-wise lr decay), and Cohen et al.'s `_sample_noise` loop for certification. MFU
+is the model's analytic matmul FLOP rate divided by the JAX matmul peak measured in the same
+run. One JAX device. Every row records the 1-minute load average before and after it
+(os.getloadavg): a figure taken while other processes ran is marked as such, not mistaken
+for this machine's speed. About 16 minutes on 2 cores shared with load 9 (roughly a quarter
+of that idle); `--quick` (no ViT-B/16, fewer repetitions) 2 to 5 minutes.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from dmae_jax import host
+
+host.configure()  # as dmae_jax.main: before JAX starts its threads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 # -------------------------------------------------------------------------------------------
 # Timing.
@@ -79,23 +88,20 @@ def time_interleaved(
 
 
 # FLOP counts (matmuls only): the same analytic counts the compile-only mode reports MFU with.
-from dmae_jax.aot import (  # noqa: E402
-    TRAIN_FLOPS_FACTOR,
-    classifier_forward_flops,
-    dmae_forward_flops,
-)
+from dmae_jax.aot import classifier_forward_flops  # noqa: E402
 
 # -------------------------------------------------------------------------------------------
 # Model configurations.
 # -------------------------------------------------------------------------------------------
 
-PRETRAIN_CASES = {
-    # configs/pretrain_digits.py
-    "cpu": dict(variant="mu", img_size=16, patch_size=4, decoder_width=128, decoder_depth=2,
-                decoder_heads=4, batch=128),
-    # The paper's ViT-B/16 DMAE (MAE decoder 512/8/16) at 224.
-    "vitb": dict(variant="base", img_size=224, patch_size=16, decoder_width=512,
-                 decoder_depth=8, decoder_heads=16, batch=8),
+# (config file, stage of an end_to_end config or None, overrides): the configs the rows train.
+TRAIN_CASES = {
+    # configs/digits.py's pretraining: ViT "mu", 16x16, 50% masking, pixel targets, batch 128.
+    "pretrain cpu": ("configs/digits.py", "pretrain", {}),
+    # Its fine-tuning at sigma 0.25: 64 images x 2 noisy copies, consistency loss.
+    "finetune cpu": ("configs/digits.py", "finetune", {"sigma": 0.25}),
+    # The paper's DMAE-B/16 (MAE decoder 512/8/16) at 224, batch 8.
+    "pretrain vitb": ("configs/vit_base.py", None, {"batch_size": 8}),
 }
 CERTIFY_CASES = {
     # The classifier of the CPU config (configs/digits.py fine-tuning), 10 classes.
@@ -105,7 +111,6 @@ CERTIFY_CASES = {
                  num=16),
 }
 SIGMA = 0.25
-MASK_RATIO = 0.75
 
 
 def _model_cfg(case: dict, dtype: str = "float32") -> dict:
@@ -153,52 +158,65 @@ def _one_device_mesh():
                 axis_types=(AxisType.Auto,) * 2)
 
 
-def jax_pretrain_step(case: dict) -> Callable[[], None]:
-    """One real DMAE training step (make_train_step, AdamW) per call, blocking."""
-    from flax import nnx
+def train_config(name: str):
+    """The resolved config of TRAIN_CASES[name]."""
+    import importlib.util
 
-    from dmae_jax import parallel
-    from dmae_jax.models import ModelParts, create_dmae
-    from dmae_jax.train import common, optim
+    from dmae_jax import config as config_lib
 
+    path, stage, overrides = TRAIN_CASES[name]
+    spec = importlib.util.spec_from_file_location("config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config = config[stage] if stage else config
+    config.update(overrides)
+    return config_lib.resolve(config)
+
+
+def jax_train_steps(config, steps: int) -> Callable[[], None]:
+    """`steps` real training steps of `config` per call, blocking: the trainer's step
+    (`aot.train_pieces`), `config.steps_per_call` of them per dispatch."""
+    from dmae_jax import aot, parallel
+    from dmae_jax.train import common
+
+    pieces = aot.train_pieces(config, concrete=True)
     mesh = _one_device_mesh()
-    parts = ModelParts.split(create_dmae(_model_cfg(case), rngs=nnx.Rngs(0)))
-    schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=case["batch"],
-                                 total_steps=10_000, warmup_steps=100)
-    tx = optim.pretrain_optimizer(parts.params, schedule=schedule)
-
-    def loss_fn(params, batch, rng):
-        out = parts.bind(params)(batch["image"], sigma=SIGMA, mask_ratio=MASK_RATIO, rng=rng)
-        return out.loss, {}
-
-    make_state = lambda p: common.init_state(p, tx, jax.random.key(0))  # noqa: E731
-    shardings = parallel.state_shardings(jax.eval_shape(make_state, parts.params), mesh)
-    state = [jax.jit(make_state, out_shardings=shardings)(parts.params)]
-    step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
-                                  lr_fn=schedule)
-    size = case["img_size"]
-    images = np.random.default_rng(0).random((case["batch"], size, size, 3), np.float32)
-    batch = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
+    make_state = lambda p: common.init_state(p, pieces.tx, jax.random.key(0))  # noqa: E731
+    shardings = parallel.state_shardings(jax.eval_shape(make_state, pieces.parts.params), mesh)
+    state = [jax.jit(make_state, out_shardings=shardings)(pieces.parts.params)]
+    per_call = config.get("steps_per_call", 1)
+    step = common.make_train_step(pieces.loss_fn, pieces.tx, mesh=mesh, state_sharding=shardings,
+                                  lr_fn=pieces.lr_fn, steps_per_call=per_call)
+    size, b = config.data.image_size, config.batch_size
+    rng = np.random.default_rng(0)
+    batches = {"image": rng.random((steps, b, size, size, 3), np.float32)}
+    if pieces.labels:
+        batches["label"] = rng.integers(0, 10, (steps, b)).astype(np.int32)
 
     def run() -> None:
-        state[0], metrics = step(state[0], batch)
+        for first in range(0, steps, per_call):
+            call = {k: v[first:first + per_call] for k, v in batches.items()}
+            state[0], metrics = common.run_steps(step, state[0], call, mesh, per_call)
         jax.block_until_ready((state[0], metrics))
 
     return run
 
 
-def torch_pretrain_step(case: dict) -> Callable[[], None]:
+def torch_pretrain_step(config) -> Callable[[], None]:
     """One eager PyTorch step of the official DMAE: forward, backward, AdamW (timm groups)."""
     import torch
 
+    from dmae_jax.models import resolve_model_config
     from tests.torch_dmae import TorchDMAE
 
-    cfg = _model_cfg(case)
+    cfg = resolve_model_config(config.model)
     torch.manual_seed(0)
     model = TorchDMAE(
         img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["width"],
         depth=cfg["depth"], num_heads=cfg["num_heads"], decoder_embed_dim=cfg["decoder_width"],
         decoder_depth=cfg["decoder_depth"], decoder_num_heads=cfg["decoder_heads"],
+        norm_pix_loss=cfg["norm_pix_loss"],
     ).train()
     # timm.optim.optim_factory.add_weight_decay, as the official main_pretrain.py.
     decay, no_decay = [], []
@@ -206,28 +224,87 @@ def torch_pretrain_step(case: dict) -> Callable[[], None]:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                             {"params": decay, "weight_decay": 0.05}],
-                            lr=1.5e-4 * case["batch"] / 256, betas=(0.9, 0.95))
-    size = case["img_size"]
-    images = torch.rand(case["batch"], 3, size, size)
+                             {"params": decay, "weight_decay": config.optim.weight_decay}],
+                            lr=config.optim.base_lr * config.batch_size / 256,
+                            betas=(config.optim.b1, config.optim.b2))
+    size = config.data.image_size
+    images = torch.rand(config.batch_size, 3, size, size)
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = model(images, mask_ratio=MASK_RATIO, sigma=SIGMA)
+        loss, _, _ = model(images, mask_ratio=config.mask_ratio, sigma=config.sigma)
         loss.backward()
         opt.step()
 
     return run
 
 
-def bench_pretrain(name: str, case: dict, reps: int, steps: int) -> dict[str, Any]:
-    """Images/s of our step and PyTorch's, and our MFU inputs (FLOPs per image)."""
-    fns = {"ours": jax_pretrain_step(case), "torch": torch_pretrain_step(case)}
-    runs = {k: (lambda fn=fn: [fn() for _ in range(steps)]) for k, fn in fns.items()}
-    images = float(case["batch"] * steps)
-    timings = time_interleaved(runs, {"ours": images, "torch": images}, warmup=1, reps=reps)
-    flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(_model_cfg(case), MASK_RATIO)
-    return {"case": name, "timings": timings, "flops_per_image": flops, "batch": case["batch"]}
+def torch_finetune_step(config) -> Callable[[], None]:
+    """One eager PyTorch step of the official fine-tuning (engine_finetune.py with the
+    consistency loss): m noisy copies, label-smoothing cross-entropy + lambda KL + eta H,
+    backward, AdamW with MAE's layer-wise lr decay groups (util/lr_decay.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dmae_jax.models import resolve_model_config
+    from tests.torch_dmae import TorchViTClassifier
+
+    cfg = resolve_model_config(config.model)
+    torch.manual_seed(0)
+    model = TorchViTClassifier(
+        img_size=cfg["img_size"], patch_size=cfg["patch_size"], num_classes=10,
+        embed_dim=cfg["width"], depth=cfg["depth"], num_heads=cfg["num_heads"]).train()
+    num_layers = cfg["depth"] + 1
+    groups: dict[tuple[int, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        top = name.split(".")[0]
+        layer = (0 if top in ("cls_token", "pos_embed", "patch_embed")
+                 else int(name.split(".")[1]) + 1 if top == "blocks" else num_layers)
+        groups.setdefault((layer, p.ndim > 1 and top not in ("cls_token", "pos_embed")),
+                          []).append(p)
+    lr = config.optim.base_lr * config.batch_size / 256
+    opt = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": config.optim.weight_decay if decays else 0.0,
+          "lr": lr * config.optim.layer_decay ** (num_layers - layer)}
+         for (layer, decays), ps in groups.items()],
+        lr=lr, betas=(config.optim.b1, config.optim.b2))
+    m, size = config.num_noise_samples, config.data.image_size
+    images = torch.rand(config.batch_size, 3, size, size)
+    labels = torch.randint(0, 10, (config.batch_size,))
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        x, y = images.repeat(m, 1, 1, 1), labels.repeat(m)
+        logits = model(x + torch.randn_like(x) * config.sigma)
+        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+        # DMAE util/consistency.consistency_loss (loss="default").
+        chunks = logits.chunk(m)
+        avg = sum(F.softmax(c, dim=1) for c in chunks) / m
+        kl = sum(F.kl_div(F.log_softmax(c, dim=1), avg, reduction="none").sum(1)
+                 for c in chunks) / m
+        entropy = (-avg * torch.log(avg.clamp(min=1e-20))).sum(1)
+        (loss + (config.lbd * kl + config.eta * entropy).mean()).backward()
+        opt.step()
+
+    return run
+
+
+def bench_train(name: str, reps: int, steps: int) -> dict[str, Any]:
+    """Images/s of our training steps and PyTorch's, and our MFU inputs (FLOPs per image)."""
+    from dmae_jax import aot
+
+    config = train_config(name)
+    torch_step = torch_pretrain_step if config.task == "pretrain" else torch_finetune_step
+    fns = {"ours": jax_train_steps(config, steps), "torch": torch_step(config)}
+    torch_steps = fns["torch"]
+    fns["torch"] = lambda: [torch_steps() for _ in range(steps)]
+    images = float(config.batch_size * steps)
+    timings = time_interleaved(fns, {"ours": images, "torch": images}, warmup=1, reps=reps)
+    flops = aot.train_pieces(config).flops_per_image
+    return {"case": name, "timings": timings, "flops_per_image": flops,
+            "batch": config.batch_size, "steps_per_call": config.get("steps_per_call", 1)}
 
 
 # -------------------------------------------------------------------------------------------
@@ -380,10 +457,13 @@ def markdown(results: dict[str, Any]) -> str:
         if f"jax_{name}" in mm:
             row(f"matmul {results['matmul_size']}^3 {name} (GFLOP/s)", mm[f"jax_{name}"],
                 mm[f"torch_{name}"], "FLOP/s", None, load=results.get("matmul_load"))
-    for r in results.get("pretrain", []):
+    for r in results.get("train", []):
         t = r["timings"]
-        row(f"pretrain step {r['case']} batch {r['batch']} (images/s)", t["ours"], t["torch"],
-            "", r["flops_per_image"], load=r.get("load"))
+        what, case = r["case"].split()
+        per_call = r["steps_per_call"]
+        row(f"{what} step {case} batch {r['batch']}"
+            + (f", {per_call} steps per call" if per_call > 1 else "") + " (images/s)",
+            t["ours"], t["torch"], "", r["flops_per_image"], load=r.get("load"))
     overheads = []
     for r in results.get("certify", []):
         t = r["timings"]
@@ -447,15 +527,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", help="write the raw timings to this file")
     parser.add_argument("--quick", action="store_true",
                         help="CPU-config models only, fewer repetitions")
-    parser.add_argument("--only", default="pretrain,certify",
-                        help="comma-separated subset of pretrain,certify (matmul always runs)")
+    parser.add_argument("--only", default="pretrain,finetune,certify",
+                        help="comma-separated subset of pretrain,finetune,certify (matmul "
+                             "always runs)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="PyTorch intra-op threads (default: the usable cores)")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 5; quick 3)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    if not only <= {"pretrain", "certify"}:
-        parser.error(f"--only must name pretrain and/or certify, got {args.only!r}")
+    if not only <= {"pretrain", "finetune", "certify"}:
+        parser.error(f"--only must name some of pretrain, finetune, certify, got {args.only!r}")
 
     import torch
 
@@ -476,17 +557,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["matmul"] = bench_matmul(results["matmul_size"], max(reps, 5))
     results["matmul_load"] = (load0, os.getloadavg()[0])
     done(results["matmul"])
-    if "pretrain" in only:
-        results["pretrain"] = []
-        for name in cases:
-            say(f"pretraining step: {name}")
-            steps = 5 if name == "cpu" else 1
-            load0 = os.getloadavg()[0]
-            results["pretrain"].append(
-                bench_pretrain(name, PRETRAIN_CASES[name], min(reps, 3) if name == "vitb"
-                               else reps, steps))
-            results["pretrain"][-1]["load"] = (load0, os.getloadavg()[0])
-            done(results["pretrain"][-1]["timings"])
+    results["train"] = []
+    for name in TRAIN_CASES:
+        what, case = name.split()
+        if what not in only or case not in cases:
+            continue
+        say(f"{what} step: {case}")
+        load0 = os.getloadavg()[0]
+        # The digits rows: one call of the config's steps_per_call steps per repetition.
+        results["train"].append(bench_train(name, min(reps, 3) if case == "vitb" else reps,
+                                            10 if case == "cpu" else 1))
+        results["train"][-1]["load"] = (load0, os.getloadavg()[0])
+        done(results["train"][-1]["timings"])
     if "certify" in only:
         results["certify"] = []
         for name in cases:

@@ -270,6 +270,41 @@ def test_worker_processes_produce_the_same_batches():
         np.testing.assert_array_equal(x["label"], y["label"])
 
 
+class RecordsOnly:
+    """`source` seen as a plain random-access sequence of records (no `images` array)."""
+
+    def __init__(self, source):
+        self.source, self.name = source, source.name
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return self.source[index]
+
+
+@pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
+def test_in_memory_source_without_augmentation_gives_the_grain_pipelines_batches(
+        process_index, process_count):
+    source = synthetic_source(n=21, size=8)
+    args = dict(augment="none", process_index=process_index, process_count=process_count)
+    fast, grain_made = train(source, **args), train(RecordsOnly(source), **args)
+    assert fast._arrays is not None and grain_made._arrays is None, "paths not as tested"
+    # 2 batches per epoch: 5 epochs, each a fresh permutation.
+    for a, b in zip(take(fast, 4) + [fast.next_batches(6)], take(grain_made, 4)
+                    + [grain_made.next_batches(6)], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+    state = fast.get_state()
+    expected = fast.next_batches(3)
+    resumed = train(source, **args, start_state=state).next_batches(3)
+    assert expected["image"].shape == (3, 8 // process_count, 8, 8, 3)
+    np.testing.assert_array_equal(resumed["image"], expected["image"])
+    np.testing.assert_array_equal(resumed["label"], expected["label"])
+
+
 def test_invalid_arguments_are_named():
     source = synthetic_source()
     with pytest.raises(ValueError, match="multiple of process_count=3, got 8"):

@@ -86,11 +86,14 @@ def test_core_imports_and_runs_without_tensorflow_tfds_grain_clu_torch(tmp_path)
             pieces = aot.train_pieces(resolved)
             assert pieces.loss_fn is not None
 
-        # The real jitted, donated training step (make_train_step + AdamW) on a tiny DMAE.
-        case = dict(variant="mu", img_size=8, patch_size=4, decoder_width=16,
-                    decoder_depth=1, decoder_heads=2, batch=4)
-        step = bench.jax_pretrain_step(case)
-        step()
+        # The real jitted, donated training steps (make_train_step + AdamW, several steps
+        # per call as the digits configs run them) on a tiny DMAE.
+        from dmae_jax import config as config_lib, defaults
+        config = defaults.digits_pretrain()
+        config.data.update(dataset="cifar10", image_size=8)  # step counts without reading data
+        config.model.update(img_size=8, decoder_width=16, decoder_depth=1, decoder_heads=2)
+        config.update(batch_size=4, steps_per_call=2)
+        bench.jax_train_steps(config_lib.resolve(config), 3)()
 
         # CERTIFY with a tiny ViT classifier.
         cfg = models.resolve_model_config(dict(variant="mu", img_size=8, patch_size=4))

@@ -174,8 +174,9 @@ def run_together(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
                      "dataset": cfg.data.dataset} for cfg in configs]
     export_params = [(lambda p, s=stats: linprobe.fold(exports.to_host(p), *s))
                      if stats is not None else (lambda p: p) for stats in probe_stats]
-    names = [f"sigma={cfg.sigma}" + ("" if cfg.init_from else ", random init")
-             if several else "" for cfg in configs]
+    mixed_inits = len({cfg.init_from for cfg in configs}) > 1
+    names = [f"sigma={cfg.sigma}" + (", random init" if mixed_inits and not cfg.init_from
+                                     else "") if several else "" for cfg in configs]
     evaluators = [make_evaluator(
         cfg, p, mesh, num_classes, writer, name=name,
         best=(selection.BestExport(w, meta, export) if cfg.select == "best_vote" else None))
