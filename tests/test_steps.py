@@ -29,7 +29,8 @@ def _pretrain_steps(steps_per_call: int):
     from dmae_jax import config as config_lib
     from dmae_jax import parallel
     from dmae_jax.models import ModelParts, create_dmae
-    from dmae_jax.train import common, pretrain
+    from dmae_jax.tasks import pretrain
+    from dmae_jax.train import common
     from tests.test_train import load_config
 
     config = config_lib.resolve(load_config("configs/pretrain_digits.py"))
@@ -80,11 +81,11 @@ def test_steps_cut_into_calls_anywhere_train_bit_for_bit_alike():
 
 
 # Fine-tunes 1-block digits classifiers (configs/finetune_digits.py) at the given sigmas
-# together, as the pipeline does; one sigma is a fine-tuning on its own (`finetune.run`).
+# together through the run path, as the pipeline does; one sigma is a fine-tuning on its own.
 FINETUNE = """
 import sys
 from dmae_jax import config as config_lib
-from dmae_jax.train import finetune
+from dmae_jax.tasks import execute
 from tests.test_train import load_config
 
 workdirs, sigmas, data_dir = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
@@ -96,7 +97,7 @@ for sigma in sigmas:
     config.update(total_steps=8, log_every_steps=1, ckpt_every_steps=2, eval_every_steps=4,
                   eval_batch_size=16, eval_noise_draws=2, batch_size=16, steps_per_call=2)
     configs.append(config_lib.resolve(config))
-finetune.run_together(configs, workdirs)
+execute.run_together(configs, workdirs)
 """
 
 
