@@ -140,9 +140,18 @@ def test_compare_runs_the_random_init_baseline_at_every_sigma_and_reports_each(
     stages = {"pretrain": fake_pretrain, "finetune": fake_finetune, "certify": fake_certify,
               "cascade": fake_certify}
     monkeypatch.setattr(execute, "run", lambda cfg, workdir: stages[cfg.task](cfg, workdir))
+    together = []
+
+    def fake_run_together(cfgs, workdirs):
+        together.append(len(cfgs))
+        for cfg, workdir in zip(cfgs, workdirs, strict=True):
+            fake_finetune(cfg, workdir)
+
+    monkeypatch.setattr(execute, "run_together", fake_run_together)
     work = str(tmp_path / "digits")
     end_to_end.run(config, work)
 
+    assert together == [6], "every fine-tuning, DMAE-initialised and baseline, in one loop"
     finetunes = [c[1:] for c in calls if c[0] == "finetune"]
     pre_export = os.path.join(work, "pretrain", "export")
     for sigma in (0.25, 0.5, 1.0):
