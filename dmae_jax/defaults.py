@@ -33,6 +33,12 @@ def model(variant: str = "base", **overrides) -> ml_collections.ConfigDict:
         upsample="bicubic",       # resize of other-size inputs: bicubic (PyTorch A=-0.75, no
                                   # antialias: torchvision < 0.17, the papers') |
                                   # bicubic_antialias (torchvision >= 0.17 Resize)
+        attention="auto",         # auto (einsum on CPU, xla on TPU, cudnn on GPU for bf16) |
+                                  # einsum | xla | cudnn | pallas (TPU flash kernel)
+        attention_logits="float32",  # dtype the einsum/xla paths store logits and softmax
+                                  # weights in: float32 | bfloat16 (with dtype=bfloat16)
+        matmul_precision="auto",  # auto (highest for float32, default for bfloat16) |
+                                  # default | high | highest
     ))
     cfg.update(overrides)
     return cfg

@@ -30,7 +30,9 @@ class Classifier(nnx.Module):
                  num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
                  drop_path_rate: float, global_pool: bool, normalization: str,
                  dtype=jnp.float32, remat: bool = False, in_chans: int = 3,
-                 upsample: str = "bicubic", rngs: nnx.Rngs):
+                 upsample: str = "bicubic", attention_impl: str = "einsum",
+                 attention_logits=jnp.float32, matmul_precision: str | None = None,
+                 rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -46,6 +48,8 @@ class Classifier(nnx.Module):
         if upsample not in vit.UPSAMPLE:
             raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
         self.upsample = upsample
+        # A `jax.default_matmul_precision` value (None: JAX's default) for every call.
+        self.matmul_precision = matmul_precision
 
         # timm 0.5.4 init (trunc_normal_(std=.02) with absolute cutoffs +-2 is a plain normal
         # at this std); the conv keeps PyTorch's default init, as in timm.
@@ -63,7 +67,8 @@ class Classifier(nnx.Module):
         self.pos_embed = nnx.Param(normal(rngs.params(), (1, 1 + self.grid_size**2, width)))
         self.blocks = vit.make_blocks(
             depth, width, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
-            kernel_init=normal, dtype=dtype, rngs=rngs)
+            kernel_init=normal, dtype=dtype, attention_impl=attention_impl,
+            logits_dtype=attention_logits, rngs=rngs)
         # Pooling, its LayerNorm and the head run in float32: they are cheap, and logits
         # feed the smoothing vote.
         if global_pool:
@@ -74,6 +79,7 @@ class Classifier(nnx.Module):
         self.head = nnx.Linear(width, num_classes,
                                kernel_init=nnx.initializers.normal(2e-5), rngs=rngs)
 
+    @vit.with_matmul_precision
     def features(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """[0, 1] images [B, H, W, C] -> pooled, normalised features [B, D] float32."""
         x = vit.resize_to(images.astype(jnp.float32), self.img_size, self.upsample)
@@ -86,6 +92,7 @@ class Classifier(nnx.Module):
             return self.fc_norm(x[:, 1:].astype(jnp.float32).mean(axis=1))
         return self.norm(x[:, 0].astype(jnp.float32))
 
+    @vit.with_matmul_precision
     def __call__(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """[0, 1] images [B, H, W, C] -> logits [B, K] float32; drop path only when rng given."""
         return self.head(self.features(images, rng=rng))
@@ -155,8 +162,9 @@ def encoder_mismatch(model_cfg: Mapping[str, Any], dmae_model_cfg: Mapping[str, 
 
 
 def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
-                      rngs: nnx.Rngs) -> Classifier:
-    """Builds the fine-tuning ViT classifier described by a `model` config."""
+                      rngs: nnx.Rngs, platform: str | None = None) -> Classifier:
+    """Builds the fine-tuning ViT classifier described by a `model` config, for `platform`
+    (cpu, gpu or tpu; default: JAX's default backend), which resolves `model.attention`."""
     cfg = vit.resolve_model_config(model_cfg)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or num_classes < 1:
@@ -166,7 +174,7 @@ def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
         depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=int(num_classes),
         drop_path_rate=cfg["drop_path_rate"], global_pool=cfg["global_pool"],
         normalization=cfg["normalization"], dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"],
-        upsample=cfg["upsample"], rngs=rngs,
+        upsample=cfg["upsample"], rngs=rngs, **vit.attention_settings(cfg, platform),
     )
 
 

@@ -118,7 +118,9 @@ class DMAE(nnx.Module):
                  width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
                  decoder_width: int, decoder_depth: int, decoder_heads: int,
                  norm_pix_loss: bool, normalization: str, dtype=jnp.float32,
-                 remat: bool = False, upsample: str = "bicubic", rngs: nnx.Rngs):
+                 remat: bool = False, upsample: str = "bicubic", attention_impl: str = "einsum",
+                 attention_logits=jnp.float32, matmul_precision: str | None = None,
+                 rngs: nnx.Rngs):
         if img_size % patch_size != 0:
             raise ValueError(
                 f"img_size {img_size} is not divisible by patch_size {patch_size}"
@@ -135,6 +137,9 @@ class DMAE(nnx.Module):
         if upsample not in vit.UPSAMPLE:
             raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
         self.upsample = upsample
+        # A `jax.default_matmul_precision` value (None: JAX's default) for every call.
+        self.matmul_precision = matmul_precision
+        blocks = dict(attention_impl=attention_impl, logits_dtype=attention_logits)
 
         # Official init: xavier_uniform Linear (zero bias), the patch conv as a Linear on its
         # (D, C*p*p) view, cls and mask tokens N(0, 0.02).
@@ -152,7 +157,7 @@ class DMAE(nnx.Module):
             jnp.asarray(vit.sincos_2d_posemb(self.grid_size, width))[None])
         self.blocks = vit.make_blocks(
             depth, width, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=0.0,
-            kernel_init=xavier, dtype=dtype, rngs=rngs)
+            kernel_init=xavier, dtype=dtype, rngs=rngs, **blocks)
         self.norm = vit.layer_norm(width, dtype, rngs)
 
         self.decoder_embed = vit.Dense(width, decoder_width, kernel_init=xavier, dtype=dtype,
@@ -163,7 +168,7 @@ class DMAE(nnx.Module):
             jnp.asarray(vit.sincos_2d_posemb(self.grid_size, decoder_width))[None])
         self.decoder_blocks = vit.make_blocks(
             decoder_depth, decoder_width, decoder_heads, mlp_ratio=mlp_ratio,
-            drop_path_rate=0.0, kernel_init=xavier, dtype=dtype, rngs=rngs)
+            drop_path_rate=0.0, kernel_init=xavier, dtype=dtype, rngs=rngs, **blocks)
         self.decoder_norm = vit.layer_norm(decoder_width, dtype, rngs)
         self.decoder_pred = vit.Dense(decoder_width, patch_size * patch_size * in_chans,
                                        kernel_init=xavier, dtype=dtype, rngs=rngs)
@@ -176,6 +181,7 @@ class DMAE(nnx.Module):
         """[B, L, p*p*C] -> [B, H, W, C]."""
         return unpatchify(patches, self.patch_size, self.in_chans)
 
+    @vit.with_matmul_precision
     def preprocess(self, images: jax.Array) -> jax.Array:
         """[0, 1] images [B, H, W, C] -> normalised [B, img_size, img_size, C] float32."""
         x = vit.resize_to(images.astype(jnp.float32), self.img_size, self.upsample)
@@ -209,6 +215,7 @@ class DMAE(nnx.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:].astype(jnp.float32)
 
+    @vit.with_matmul_precision
     def __call__(self, images: jax.Array, *, sigma, mask_ratio: float,
                  rng: jax.Array | None = None, noise: jax.Array | None = None,
                  ids_shuffle: jax.Array | None = None) -> DMAEOutput:
@@ -232,8 +239,9 @@ class DMAE(nnx.Module):
             noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
         noisy = images if noise is None else images + sigma * noise.astype(jnp.float32)
         # Resize after the noise, as the official code: the noise lives at the input size.
-        both = self.preprocess(jnp.concatenate([images, noisy], axis=0))
-        clean, noisy = both[:batch], both[batch:]
+        # Each batch on its own: a concatenation along the batch axis, which data parallelism
+        # splits over devices, would move images between them.
+        clean, noisy = self.preprocess(images), self.preprocess(noisy)
 
         if ids_shuffle is None:
             if rng_mask is not None:
@@ -249,6 +257,7 @@ class DMAE(nnx.Module):
         loss = reconstruction_loss(pred, self.patchify(clean), self.norm_pix_loss)
         return DMAEOutput(loss=loss, pred=pred, mask=mask)
 
+    @vit.with_matmul_precision
     def reconstruct(self, images_noisy: jax.Array, sigma: float | None = None) -> jax.Array:
         """Best-effort clean image [B, img_size, img_size, C] in [0, 1] from noisy [B, H, W, C].
 
@@ -262,6 +271,7 @@ class DMAE(nnx.Module):
         latent, _, ids_restore = self.forward_encoder(x, ids, self.num_patches)
         return self._to_pixels(self.forward_decoder(latent, ids_restore), x, sigma)
 
+    @vit.with_matmul_precision
     def pred_to_images(self, pred: jax.Array, images_noisy: jax.Array,
                        sigma: float | None = None) -> jax.Array:
         """Decoder output [B, L, p*p*C] -> images [B, img_size, img_size, C] in [0, 1].
@@ -289,8 +299,10 @@ class DMAE(nnx.Module):
         return jnp.clip(images, 0.0, 1.0)
 
 
-def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs) -> DMAE:
-    """Builds the DMAE pretraining model described by a `model` config."""
+def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs,
+                platform: str | None = None) -> DMAE:
+    """Builds the DMAE pretraining model described by a `model` config, for `platform`
+    (cpu, gpu or tpu; default: JAX's default backend), which resolves `model.attention`."""
     cfg = vit.resolve_model_config(model_cfg)
     return DMAE(
         img_size=cfg["img_size"], patch_size=cfg["patch_size"], width=cfg["width"],
@@ -298,6 +310,7 @@ def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs) -> DMAE:
         decoder_depth=cfg["decoder_depth"], decoder_heads=cfg["decoder_heads"],
         norm_pix_loss=cfg["norm_pix_loss"], normalization=cfg["normalization"],
         dtype=vit.DTYPES[cfg["dtype"]], remat=cfg["remat"], upsample=cfg["upsample"], rngs=rngs,
+        **vit.attention_settings(cfg, platform),
     )
 
 

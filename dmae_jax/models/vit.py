@@ -11,6 +11,13 @@ copy fusions that recomputed the whole chain of residual-stream cotangents of th
 blocks (a backward pass ~7-9x the forward instead of ~3-4x). Parameter names and shapes are
 unchanged (`Dense`/`LayerNorm` subclass Flax's modules; the patch embedding keeps its conv
 kernel [p, p, C, D]).
+
+Accelerators get their own attention (`model.attention`, see `ATTENTION`): q, k and v
+projected separately (no slices of a fused [B, N, 3, H, d] tensor) and the core computed by
+`jax.nn.dot_product_attention` (XLA, or cuDNN's fused kernel on GPU) or a Pallas flash kernel
+on TPU. With a bfloat16 compute dtype the weight gradients are computed and summed in float32
+(`project`), so the data-parallel all-reduce adds float32 partial sums, as the papers' DDP
+did; the activations' gradients stay in the compute dtype.
 Attribute names mirror timm's so that parameter paths read like the PyTorch state_dict keys
 (`blocks/3/attn/qkv/kernel` is `blocks.3.attn.qkv.weight`).
 
@@ -20,6 +27,7 @@ All randomness is explicit: modules never hold an `nnx.Rngs` at call time; calls
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +39,7 @@ from flax import nnx
 from dmae_jax import defaults
 from dmae_jax.data.resize import resize_bicubic_torch
 from dmae_jax.errors import ConfigError
+from dmae_jax.models import attention
 
 VARIANTS: dict[str, dict] = {
     "mu": {"width": 128, "depth": 4, "num_heads": 4},
@@ -70,6 +79,11 @@ def get_variant(name: str) -> dict:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# `model.matmul_precision`: the precision of every matmul of the model. "auto" is "highest"
+# for a float32 model (true float32 products: a TPU otherwise multiplies in one bfloat16
+# pass, an Ampere or later GPU in TF32) and JAX's default for a bfloat16 one (its operands
+# are bfloat16 already). XLA:CPU computes float32 products whatever the precision.
+MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
 # The fields that say which architecture a model is; every other field of a `model` config
 # has its default in `dmae_jax.defaults.model`.
 REQUIRED_FIELDS = ("variant", "img_size", "patch_size")
@@ -124,6 +138,20 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
         raise ConfigError(
             f"model.upsample must be one of {sorted(UPSAMPLE)}, got {cfg['upsample']!r}"
         )
+    for name, valid in (("attention", attention.ATTENTION),
+                        ("attention_logits", attention.ATTENTION_LOGITS),
+                        ("matmul_precision", MATMUL_PRECISIONS)):
+        if cfg[name] not in valid:
+            raise ConfigError(f"model.{name} must be one of {sorted(valid)}, got {cfg[name]!r}")
+    if cfg["attention_logits"] == "bfloat16":
+        if cfg["dtype"] != "bfloat16":
+            raise ConfigError("model.attention_logits='bfloat16' needs model.dtype='bfloat16', "
+                              f"got model.dtype={cfg['dtype']!r}")
+        if cfg["attention"] in ("cudnn", "pallas"):
+            raise ConfigError(
+                f"model.attention_logits='bfloat16' needs model.attention einsum, xla or auto "
+                f"(the {cfg['attention']} kernel never stores the logits), got "
+                f"{cfg['attention']!r}")
     rate = cfg["drop_path_rate"]
     if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
@@ -131,6 +159,41 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
     for name in ("norm_pix_loss", "global_pool", "remat"):
         cfg[name] = bool(cfg[name])
     return cfg
+
+
+def resolve_matmul_precision(name: str, dtype) -> str | None:
+    """The `jax.default_matmul_precision` value of `model.matmul_precision` = name
+    (None: JAX's default, one bfloat16 pass on TPU)."""
+    if name not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"model.matmul_precision must be one of {sorted(MATMUL_PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        return "highest" if jnp.dtype(dtype) == jnp.float32 else None
+    return name
+
+
+def attention_settings(cfg: Mapping[str, Any], platform: str | None) -> dict:
+    """The attention and precision arguments of a model built from a resolved config on
+    `platform` (None: JAX's default backend)."""
+    dtype = DTYPES[cfg["dtype"]]
+    return dict(
+        attention_impl=attention.resolve(cfg["attention"], platform or jax.default_backend(),
+                                         dtype),
+        attention_logits=attention.ATTENTION_LOGITS[cfg["attention_logits"]],
+        matmul_precision=resolve_matmul_precision(cfg["matmul_precision"], dtype),
+    )
+
+
+def with_matmul_precision(method):
+    """Runs a model method under the model's `matmul_precision` (a `jax.default_matmul_precision`
+    value, None for JAX's default): every matmul it traces takes it, its gradient's too."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with jax.default_matmul_precision(self.matmul_precision):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def get_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -225,12 +288,59 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> LayerNorm:
     )
 
 
+def project(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: str, dtype) -> jax.Array:
+    """einsum(spec, x, kernel) + bias in `dtype`, the kernel and bias float32 parameters.
+
+    With a lower-precision `dtype` the kernel's and bias's gradients are computed, and summed
+    over the batch, in float32 (bfloat16 products, float32 accumulation and output): the
+    gradient all-reduce of data parallelism then adds float32 partial sums, as the papers'
+    DDP did under fp16 autocast. Autodiff of the plain cast-and-multiply would produce the
+    weight gradient as a bfloat16 product and all-reduce it in bfloat16 before converting.
+    `spec` names each index once per operand ("mi,io->mo", "bnd,dhk->bnhk").
+    """
+    x = x.astype(dtype)
+    if jnp.dtype(dtype) == kernel.dtype:
+        return jnp.einsum(spec, x, kernel) + bias.astype(dtype)
+    precision = jax.config.jax_default_matmul_precision
+    return _mixed_project(x, kernel, bias, spec, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mixed_project(x, kernel, bias, spec, precision):
+    return (jnp.einsum(spec, x, kernel.astype(x.dtype), precision=precision)
+            + bias.astype(x.dtype))
+
+
+def _mixed_project_fwd(x, kernel, bias, spec, precision):
+    kernel_c = kernel.astype(x.dtype)
+    y = jnp.einsum(spec, x, kernel_c, precision=precision) + bias.astype(x.dtype)
+    return y, (x, kernel_c, bias)
+
+
+def _mixed_project_bwd(spec, precision, residuals, dy):
+    x, kernel_c, bias = residuals
+    operands, out = spec.split("->")
+    x_idx, k_idx = operands.split(",")
+    dx = jnp.einsum(f"{out},{k_idx}->{x_idx}", dy, kernel_c, precision=precision)
+    dkernel = jnp.einsum(f"{x_idx},{out}->{k_idx}", x, dy, precision=precision,
+                         preferred_element_type=jnp.float32)
+    dbias = jnp.sum(dy, axis=tuple(range(dy.ndim - bias.ndim)), dtype=jnp.float32)
+    return dx, dkernel.astype(bias.dtype), dbias.astype(bias.dtype)
+
+
+_mixed_project.defvjp(_mixed_project_fwd, _mixed_project_bwd)
+
+
 class Dense(nnx.Linear):
     """nnx.Linear (same `kernel`/`bias` params) computed as one 2-D matmul over flat tokens."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., Din] -> [..., Dout] in `self.dtype` (as a [prod(...), Din] @ [Din, Dout])."""
         dtype = self.dtype or x.dtype
+        if jnp.dtype(dtype) != self.kernel.dtype:
+            y = project(x.reshape(-1, x.shape[-1]), self.kernel[...], self.bias[...],
+                        "mi,io->mo", dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         kernel = self.kernel[...].astype(dtype)
         y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel
         if self.bias is not None:
@@ -284,6 +394,11 @@ class PatchEmbed(nnx.Module):
         dtype = self.proj.dtype or x.dtype
         patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b * (h // p) * (w // p), p * p * c).astype(dtype)
+        width = self.proj.kernel.shape[-1]
+        if jnp.dtype(dtype) != self.proj.kernel.dtype:
+            y = project(patches, self.proj.kernel[...].reshape(p * p * c, width),
+                        self.proj.bias[...], "mi,io->mo", dtype)
+            return y.reshape(b, (h // p) * (w // p), width)
         kernel = self.proj.kernel[...].astype(dtype)
         y = patches @ kernel.reshape(p * p * c, kernel.shape[-1])
         y = y + self.proj.bias[...].astype(dtype)
@@ -291,27 +406,47 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv projection [q | k | v] (timm `Attention`)."""
+    """Multi-head self-attention with a fused qkv projection [q | k | v] (timm `Attention`).
 
-    def __init__(self, dim: int, num_heads: int, *, kernel_init, dtype, rngs: nnx.Rngs):
+    `impl` is a resolved `model.attention` ("einsum", "xla", "cudnn" or "pallas") and
+    `logits_dtype` the dtype the einsum and xla paths store logits and weights in.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, kernel_init, dtype, impl: str = "einsum",
+                 logits_dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        if impl not in attention.ATTENTION or impl == "auto":
+            raise ValueError(f"impl must be one of {attention.ATTENTION[1:]}, got {impl!r}")
         self.num_heads = num_heads
+        self.impl = impl
+        self.logits_dtype = logits_dtype
         self.qkv = Dense(dim, 3 * dim, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
         self.proj = Dense(dim, dim, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, N, D] -> [B, N, D]; logits and softmax in float32."""
+        """[B, N, D] -> [B, N, D]."""
         b, n, d = x.shape
-        head_dim = d // self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-        # Plain einsum attention: for these short sequences its gradient is cheaper on
-        # XLA:CPU than jax.nn.dot_product_attention's.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * np.float32(head_dim**-0.5), axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-        return self.proj(out.reshape(b, n, d))
+        heads = self.num_heads
+        head_dim = d // heads
+        if self.impl == "einsum":
+            # Plain einsum attention on slices of the fused projection: for these short
+            # sequences its gradient is cheaper on XLA:CPU than jax.nn.dot_product_attention's.
+            qkv = self.qkv(x).reshape(b, n, 3, heads, head_dim)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+            out = attention.einsum_attention(q, k, v, logits_dtype=self.logits_dtype)
+            return self.proj(out.reshape(b, n, d))
+        # Accelerators: q, k and v each from its own slice of the fused kernel, in the layout
+        # the core takes; slicing the [B, N, 3, H, d] projection costs TPUs layout copies.
+        dtype = self.qkv.dtype or x.dtype
+        layout = attention.layout(self.impl)
+        kernel = self.qkv.kernel[...].reshape(d, 3, heads, head_dim)
+        bias = self.qkv.bias[...].reshape(3, heads, head_dim)
+        q, k, v = (project(x, kernel[:, i], bias[i], f"bnd,dhk->{layout}", dtype)
+                   for i in range(3))
+        out = attention.core(q, k, v, impl=self.impl, logits_dtype=self.logits_dtype)
+        return project(out, self.proj.kernel[...].reshape(heads, head_dim, d),
+                       self.proj.bias[...], f"{layout},hkd->bnd", dtype)
 
 
 class Mlp(nnx.Module):
@@ -330,10 +465,12 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + dp(attn(norm1(x))), then x + dp(mlp(norm2(x)))."""
 
     def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, kernel_init, dtype, rngs: nnx.Rngs):
+                 drop_path_rate: float = 0.0, kernel_init, dtype, attention_impl: str = "einsum",
+                 logits_dtype=jnp.float32, rngs: nnx.Rngs):
         self.drop_path_rate = drop_path_rate
         self.norm1 = layer_norm(dim, dtype, rngs)
-        self.attn = Attention(dim, num_heads, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, kernel_init=kernel_init, dtype=dtype,
+                              impl=attention_impl, logits_dtype=logits_dtype, rngs=rngs)
         self.norm2 = layer_norm(dim, dtype, rngs)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), kernel_init=kernel_init, dtype=dtype,
                        rngs=rngs)
@@ -363,11 +500,13 @@ def apply_blocks(blocks: Sequence[Block], x: jax.Array, rng: jax.Array | None,
 
 
 def make_blocks(depth: int, dim: int, num_heads: int, *, mlp_ratio: float,
-                drop_path_rate: float, kernel_init, dtype, rngs: nnx.Rngs) -> nnx.List:
+                drop_path_rate: float, kernel_init, dtype, attention_impl: str = "einsum",
+                logits_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.List:
     """`depth` blocks with drop-path rates rising linearly from 0 to `drop_path_rate` (timm)."""
     rates = np.linspace(0.0, drop_path_rate, depth) if depth > 0 else []
     return nnx.List([
         Block(dim, num_heads, mlp_ratio=mlp_ratio, drop_path_rate=float(rate),
-              kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+              kernel_init=kernel_init, dtype=dtype, attention_impl=attention_impl,
+              logits_dtype=logits_dtype, rngs=rngs)
         for rate in rates
     ])
