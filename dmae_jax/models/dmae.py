@@ -239,9 +239,9 @@ class DMAE(nnx.Module):
             noise = jax.random.normal(rng_noise, images.shape, jnp.float32)
         noisy = images if noise is None else images + sigma * noise.astype(jnp.float32)
         # Resize after the noise, as the official code: the noise lives at the input size.
-        # Each batch on its own: a concatenation along the batch axis, which data parallelism
-        # splits over devices, would move images between them.
-        clean, noisy = self.preprocess(images), self.preprocess(noisy)
+        # Both batches stacked on a new axis: concatenated along the batch axis, which data
+        # parallelism splits over devices, they would move between devices.
+        clean, noisy = jax.vmap(self.preprocess)(jnp.stack([images, noisy]))
 
         if ids_shuffle is None:
             if rng_mask is not None:

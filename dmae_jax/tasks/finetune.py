@@ -54,22 +54,62 @@ def make_optimizer(config: ml_collections.ConfigDict, params, *, num_layers: int
     return tx, schedule
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, parts, num_classes: int):
+def copy_blocks(config: ml_collections.ConfigDict, batch_shards: int) -> int:
+    """How many blocks the step's m * B noisy rows are laid out in (see `make_loss_fn`).
+
+    One block per batch shard keeps every image's copies on the device that holds the
+    image; it needs the Mixup/CutMix groups to lie inside a shard. Whole-batch mixing
+    (mixup_group_size 0) pairs images across devices, and linear probing's BatchNorm groups
+    are defined on the single-block layout: both use one block.
+    """
+    group = config.mixup_group_size
+    per_shard = config.batch_size // config.accum_steps // batch_shards
+    mixing = bool(config.mixup or config.cutmix)
+    if config.linear_probe or (mixing and (not group or per_shard % group)):
+        return 1
+    return batch_shards
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, parts, num_classes: int,
+                 batch_shards: int = 1):
     """`loss_fn(params, batch, rng) -> (loss, aux)` of the fine-tuning step (`parts`: the
-    classifier's `ModelParts`); `dmae_jax.aot` compiles this very loss."""
+    classifier's `ModelParts`); `dmae_jax.aot` compiles this very loss.
+
+    The m noisy copies of the batch's B images are m * B rows, laid out in
+    `copy_blocks(config, batch_shards)` blocks: block d holds the m copies of the d-th slice
+    of the batch, [x_d + e_1; x_d + e_2], as each GPU of the official DDP run repeated its own
+    images. With one block per batch shard (`batch_shards`: the devices the batch is split
+    over) no image moves between devices; with one block it is the official single-GPU
+    [x + e_1; x + e_2]. The noise of copy c of image i, the Mixup/CutMix draws and the loss do
+    not depend on the layout.
+    """
     m = config.num_noise_samples
     use_mix = bool(config.mixup or config.cutmix)
+    blocks = copy_blocks(config, batch_shards)
+
+    def repeat(x):  # [B, ...] -> [m * B, ...] in `blocks` blocks of [x_d; x_d; ...]
+        if blocks == 1:
+            return jnp.concatenate([x] * m)
+        x = x.reshape((blocks, 1, -1) + x.shape[1:])
+        return jnp.broadcast_to(x, (blocks, m) + x.shape[2:]).reshape((-1,) + x.shape[3:])
 
     def loss_fn(params, batch, rng):
         noise_rng, mix_rng, drop_rng = jax.random.split(rng, 3)
-        images = jnp.concatenate([batch["image"]] * m)        # [m*B, H, W, C]: [x; x]
-        labels = jnp.concatenate([batch["label"]] * m)
-        noisy = images + config.sigma * jax.random.normal(noise_rng, images.shape)
+        images, labels = repeat(batch["image"]), repeat(batch["label"])
+        # The noise of copy c of image i is element [c, i] of one [m, B, ...] draw, whatever
+        # the layout.
+        noise = jax.random.normal(noise_rng, (m,) + batch["image"].shape)
+        if blocks == 1:
+            noise = noise.reshape(images.shape)
+        else:
+            noise = noise.reshape((m, blocks, -1) + noise.shape[2:])
+            noise = jnp.swapaxes(noise, 0, 1).reshape(images.shape)
+        noisy = images + config.sigma * noise
         if use_mix:
             noisy, targets = mixup.mixup_fn(
                 noisy, labels, mix_rng, num_classes=num_classes, mixup_alpha=config.mixup,
                 cutmix_alpha=config.cutmix, label_smoothing=config.label_smoothing,
-                group_size=config.mixup_group_size, copies=m)
+                group_size=config.mixup_group_size, copies=m, blocks=blocks)
         else:
             targets = labels
         if config.linear_probe:
@@ -78,7 +118,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, parts, num_classes: int):
             logits = parts.bind(params)(noisy, rng=drop_rng)
         return losses.finetune_loss(
             logits, targets, m=m, lbd=config.lbd, eta=config.eta, con_reg=config.con_reg,
-            label_smoothing=config.label_smoothing)
+            label_smoothing=config.label_smoothing, blocks=blocks)
 
     return loss_fn
 
@@ -156,7 +196,7 @@ def run_together(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequenc
         parts[0].params, layer_decay=config.optim.layer_decay, num_layers=num_layers))
 
     # ------------------------------------------------------------------ Step.
-    loss_fns = tuple(make_loss_fn(cfg, p, num_classes)
+    loss_fns = tuple(make_loss_fn(cfg, p, num_classes, batch_shards=mesh.size)
                      for cfg, p in zip(configs, parts, strict=True))
     make_states = [functools.partial(common.init_state, tx=tx, rng=jax.random.key(cfg.seed))
                    for cfg, tx in zip(configs, txs, strict=True)]

@@ -65,13 +65,14 @@ def consistency_loss(
     """lbd * mean_i KL(pbar || p_i) + eta * H(pbar), averaged over the batch.
 
     logits: [m, B, K] (or a list of m arrays [B, K]), the outputs on m noisy copies of the same
-    B images. p_i = softmax(logits_i), pbar = mean_i p_i. As the official `util/consistency.py`:
+    B images; B may be several axes ([m, blocks, b, K]). p_i = softmax(logits_i),
+    pbar = mean_i p_i. As the official `util/consistency.py`:
     KL is PyTorch's kl_div(log_softmax(logits_i), pbar) summed over classes, the entropy uses
     log(max(pbar, 1e-20)), and gradients flow through pbar (no stop-gradient).
     """
     if not isinstance(logits, jax.Array):
         logits = jnp.stack(list(logits))
-    if logits.ndim != 3 or logits.shape[0] < 2:
+    if logits.ndim < 3 or logits.shape[0] < 2:
         raise ValueError(f"logits must be [m, B, K] with m >= 2, got shape {logits.shape}")
     log_p = _log_probs(logits)
     pbar = jnp.mean(jnp.exp(log_p), axis=0)  # [B, K]
@@ -89,16 +90,20 @@ def finetune_loss(
     eta: float,
     con_reg: bool,
     label_smoothing: float = 0.0,
+    blocks: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Classification loss over all m*B rows plus (if con_reg) consistency over the m copies.
 
     logits: [m*B, K] in the layout [copy0; copy1; ...] (the batch was `repeat`ed m times, as the
-    official code). targets: soft [m*B, K] (after Mixup/CutMix: SoftTargetCrossEntropy) or
-    integer labels [m*B] (label-smoothing cross-entropy if label_smoothing > 0, else plain).
+    official code), or in `blocks` such blocks, each the m copies of one slice of the images
+    (fine-tuning's layout for a batch split over devices). targets: soft [m*B, K] (after
+    Mixup/CutMix: SoftTargetCrossEntropy) or integer labels [m*B] (label-smoothing
+    cross-entropy if label_smoothing > 0, else plain), in the same layout.
     Returns (loss, {"loss_nat": classification term, "loss_reg": consistency term}).
     """
-    if m < 1 or logits.shape[0] % m:
-        raise ValueError(f"m must be >= 1 and divide the batch {logits.shape[0]}, got {m}")
+    if m < 1 or blocks < 1 or logits.shape[0] % (m * blocks):
+        raise ValueError(f"m ({m}) times blocks ({blocks}) must divide the batch "
+                         f"{logits.shape[0]}")
     if targets.ndim == 2:
         loss_nat = soft_target_cross_entropy(logits, targets)
     elif label_smoothing > 0:
@@ -108,7 +113,11 @@ def finetune_loss(
     if con_reg:
         if m < 2:
             raise ValueError(f"con_reg needs m >= 2 noisy copies, got m={m}")
-        loss_reg = consistency_loss(logits.reshape(m, -1, logits.shape[-1]), lbd=lbd, eta=eta)
+        if blocks == 1:
+            copies = logits.reshape(m, -1, logits.shape[-1])
+        else:  # [blocks, m, b, K] -> [m, blocks, b, K]: the block axis keeps its devices
+            copies = jnp.swapaxes(logits.reshape(blocks, m, -1, logits.shape[-1]), 0, 1)
+        loss_reg = consistency_loss(copies, lbd=lbd, eta=eta)
     else:
         loss_reg = jnp.zeros((), jnp.float32)
     return loss_nat + loss_reg, {"loss_nat": loss_nat, "loss_reg": loss_reg}

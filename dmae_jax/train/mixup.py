@@ -204,6 +204,7 @@ def mixup_fn(
     label_smoothing: float = 0.1,
     group_size: int = 0,
     copies: int = 1,
+    blocks: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """timm Mixup/CutMix of images [N, H, W, C] with labels [N] -> (images, soft targets [N, K]).
 
@@ -222,31 +223,40 @@ def mixup_fn(
     independent noises. A Mixup (not CutMix) batch lowers the effective noise std to
     sigma * sqrt(lam^2 + (1 - lam)^2); CutMix keeps sigma. Mixing before the noise, or each copy
     separately, would change the objective.
+
+    `blocks` > 1 (only with group_size > 0) takes the rows laid out as `blocks` consecutive
+    blocks, each the copies of one slice of the images ([x_1 + e1; x_1 + e2; x_2 + e1; ...],
+    fine-tuning's layout for a batch split over devices); every group must lie inside a
+    block, and group j of images gets the same draws as in the one-block layout.
     """
     kwargs = dict(num_classes=num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
                   prob=prob, switch_prob=switch_prob, mode=mode, correct_lam=correct_lam,
                   label_smoothing=label_smoothing)
     if group_size == 0:
+        if blocks != 1:
+            raise ValueError(f"whole-batch mixing (group_size 0) needs blocks = 1, got {blocks}")
         mixed, targets, _, _ = mix(images, labels, rng, **kwargs)
         return mixed, targets
     n = images.shape[0]
-    if copies < 1 or n % copies:
-        raise ValueError(f"copies must be >= 1 and divide the batch ({n}), got {copies}")
-    batch = n // copies
-    if group_size < 0 or batch % group_size:
-        raise ValueError(
-            f"group_size must be 0 or divide the {batch} images of each copy, got {group_size}")
-    groups = batch // group_size
+    if copies < 1 or blocks < 1 or n % (copies * blocks):
+        raise ValueError(f"copies ({copies}) times blocks ({blocks}) must divide the batch "
+                         f"({n})")
+    per_block = n // (copies * blocks)
+    if group_size < 0 or per_block % group_size:
+        raise ValueError(f"group_size must be 0 or divide the {per_block} images of each copy "
+                         f"in a block, got {group_size}")
+    groups = per_block // group_size  # per block
 
-    def to_groups(x):  # [copies * B, ...] -> [G, copies * g, ...]
-        x = x.reshape(copies, groups, group_size, *x.shape[1:])
-        return jnp.swapaxes(x, 0, 1).reshape(groups, copies * group_size, *x.shape[3:])
+    def to_groups(x):  # [blocks * copies * b, ...] -> [blocks * G, copies * g, ...]
+        x = x.reshape(blocks, copies, groups, group_size, *x.shape[1:])
+        return jnp.swapaxes(x, 1, 2).reshape(blocks * groups, copies * group_size,
+                                             *x.shape[4:])
 
     def from_groups(x):  # inverse of to_groups
-        x = x.reshape(groups, copies, group_size, *x.shape[2:])
-        return jnp.swapaxes(x, 0, 1).reshape(n, *x.shape[3:])
+        x = x.reshape(blocks, groups, copies, group_size, *x.shape[2:])
+        return jnp.swapaxes(x, 1, 2).reshape(n, *x.shape[4:])
 
-    keys = jax.random.split(rng, groups)
+    keys = jax.random.split(rng, blocks * groups)
     mixed, targets, _, _ = jax.vmap(lambda x, y, k: mix(x, y, k, **kwargs))(
         to_groups(images), to_groups(labels), keys)
     return from_groups(mixed), from_groups(targets)
