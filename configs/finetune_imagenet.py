@@ -7,13 +7,14 @@ applied after the noise with one draw per 32 images (the official per-GPU micro-
 label smoothing 0.1, consistency lambda = 2, eta = 0.5 (sigma 0.25, 0.5) or 0.1 (sigma 1.0).
 Input: timm's RandomResizedCrop(224, scale (0.08, 1), bicubic) + flip + RandAugment
 rand-m9-mstd0.5-inc1 (no random erasing: the official code drops it); evaluation on
-Resize(256) + CenterCrop(224). The papers ran under fp16 autocast; `dtype=bfloat16` is the
-accelerator equivalent (parameters, pooling, head and loss stay float32). One run per sigma:
+Resize(256) + CenterCrop(224). The papers ran under fp16 autocast; the default bfloat16
+compute is the accelerator equivalent (parameters, optimizer state, gradient all-reduce,
+pooling, head and loss stay float32); `dtype=float32` computes in float32 with true float32
+matmuls. One run per sigma:
 
   python -m dmae_jax.main --config=configs/finetune_imagenet.py:variant=base,sigma=0.25 \
       --workdir=gs://BUCKET/ft_base_025 --config.init_from=gs://BUCKET/dmae_base/export
-  python -m dmae_jax.main \
-      --config=configs/finetune_imagenet.py:variant=large,sigma=1.0,dtype=bfloat16 \
+  python -m dmae_jax.main --config=configs/finetune_imagenet.py:variant=large,sigma=1.0 \
       --workdir=gs://BUCKET/ft_large_100 --config.init_from=gs://BUCKET/dmae_large/export
 """
 
@@ -22,9 +23,9 @@ from dmae_jax import defaults
 
 
 def get_config(arg=None):
-    """variant=base|large, sigma=0.25|0.5|1.0, dtype=float32|bfloat16, runlocal (smoke run)."""
+    """variant=base|large, sigma=0.25|0.5|1.0, dtype=bfloat16|float32, runlocal (smoke run)."""
     args = config_lib.parse_arg(arg, variant=config_lib.OneOf("base", "large"), sigma=0.25,
-                                dtype=config_lib.OneOf("float32", "bfloat16"), runlocal=False)
+                                dtype=config_lib.OneOf("bfloat16", "float32"), runlocal=False)
     cfg = defaults.finetune(dataset="imagenet2012", variant=args.variant, sigma=args.sigma)
     cfg.model.dtype = args.dtype
     cfg.data.augment = "rrc_flip_randaug"

@@ -21,6 +21,9 @@ def get_config(arg=None):
     """DMAE-B/16; runlocal: a few-step smoke run."""
     args = config_lib.parse_arg(arg, runlocal=False)
     cfg = defaults.pretrain(dataset="imagenet2012", variant="base")
+    # The papers trained under fp16 autocast: bfloat16 compute, float32 parameters, optimizer
+    # state and gradient all-reduce. --config.model.dtype=float32 for float32 throughout.
+    cfg.model.dtype = "bfloat16"
     cfg.num_epochs = 1100
     cfg.data.worker_count = 16
     cfg.log_every_steps = 100

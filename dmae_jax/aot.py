@@ -58,21 +58,28 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip generation: HBM per chip and dense bf16 peak (Cloud TPU documentation)."""
+    """One TPU chip generation, from the Cloud TPU documentation of each generation: HBM,
+    dense bf16 peak, HBM bandwidth and inter-chip (ICI) bandwidth per chip."""
 
     name: str
     hbm_bytes: int
     peak_flops: float  # bf16 FLOP/s per chip
     chip_config: str  # libtpu's chip_config_name: "megacore" (2 TensorCores as one device)
     cores_per_chip: int  # what the "-N" of an accelerator type counts per chip
+    hbm_bandwidth: float  # bytes/s per chip
+    # Bytes/s one chip sends to the others during a collective: half the documented
+    # bidirectional ICI bandwidth (v5e 400, v5p 1200, v6e 800 GB/s), which is also the
+    # documented all-reduce bandwidth per pod over the pod's chips (v5e 51.2 TB/s / 256,
+    # v6e 102.4 TB/s / 256); v4's page gives only the latter (1.1 PB/s / 4096 chips).
+    ici_bandwidth: float
 
 
 # device_kind (as libtpu reports it) -> chip.
 CHIPS = {
-    "TPU v4": Chip("v4", 32 * GiB, 275e12, "megacore", 2),
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, "default", 1),
-    "TPU v5": Chip("v5p", 95 * GiB, 459e12, "megacore", 2),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, "default", 1),
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, "megacore", 2, 1200e9, 1.1e15 / 4096),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, "default", 1, 819e9, 200e9),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, "megacore", 2, 2765e9, 600e9),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, "default", 1, 1638e9, 400e9),
 }
 # The anchor every prediction is compared with: TPU v3, 32 GiB and 123 TFLOP/s bf16 per chip.
 V3_PEAK_FLOPS = 123e12
@@ -205,6 +212,118 @@ TRAIN_FLOPS_FACTOR = 3.0
 
 
 # ---------------------------------------------------------------------------------------------
+# Collectives in the compiled program.
+# ---------------------------------------------------------------------------------------------
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+             "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+@dataclasses.dataclass
+class Collectives:
+    """The collectives of one compiled SPMD program, per kind, per chip and per step.
+
+    `bytes` counts each collective's result on one chip; `sent` the bytes one chip sends for
+    it with the ring algorithm over its group of g chips (all-reduce 2 (g-1)/g of the array,
+    all-gather and all-to-all (g-1)/g of the result, reduce-scatter g-1 results, a
+    collective-permute its whole result). Collectives in a loop body count once per trip.
+    """
+
+    count: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVES, 0))
+    bytes: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVES, 0.0))
+    sent: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(COLLECTIVES, 0.0))
+    dtypes: dict = dataclasses.field(default_factory=lambda: {k: set() for k in COLLECTIVES})
+
+    def line(self) -> str:
+        """`collectives: all-reduce=N (X MiB, f32) all-gather=N (X MiB) ...`."""
+        parts = []
+        for kind in COLLECTIVES:
+            mib = f"{self.bytes[kind] / 2**20:.1f} MiB"
+            if kind == "all-reduce":
+                mib += ", " + ("+".join(sorted(self.dtypes[kind])) or "none")
+            parts.append(f"{kind}={self.count[kind]} ({mib})")
+        return "collectives: " + " ".join(parts)
+
+    def seconds(self, chip: Chip) -> float:
+        """Time to send every collective's bytes over the chip's ICI, none of it overlapped."""
+        return sum(self.sent.values()) / chip.ici_bandwidth
+
+
+def _arrays(shape: str) -> list[tuple[str, int]]:
+    """(element type, element count) of each array of an HLO shape (an array or a tuple)."""
+    out = []
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+        if dtype in _ITEMSIZE:
+            out.append((dtype, math.prod(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _group_size(attributes: str, num_devices: int) -> int:
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]<=", attributes)
+    if iota:
+        return int(iota.group(1))
+    listed = re.search(r"replica_groups=\{\{([\d,]+)\}", attributes)
+    return len(listed.group(1).split(",")) if listed else num_devices
+
+
+def count_collectives(hlo_text: str, num_devices: int) -> Collectives:
+    """The collectives of an optimised HLO module (`compiled.as_text()`), per chip.
+
+    A synchronous collective is one instruction; an asynchronous one (`all-gather-start` /
+    `-done`) counts at its `-done` (the result), with the group read from its `-start`.
+    """
+    instructions, trips, body_of = {}, {}, {}
+    computation = ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and not line.startswith(" "):
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        instructions[name] = (shape, opcode, rest, computation)
+        if opcode == "while":
+            body = re.search(r"body=%?([\w.\-]+)", rest)
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+            if body:
+                body_of[body.group(1)] = computation
+                trips[body.group(1)] = int(trip.group(1)) if trip else 1
+
+    def repeats(comp: str) -> int:
+        n = 1
+        while comp in trips:
+            n *= trips[comp]
+            comp = body_of[comp]
+        return n
+
+    out = Collectives()
+    for shape, opcode, rest, comp in instructions.values():
+        kind = opcode.removesuffix("-done")
+        if kind not in COLLECTIVES or opcode.endswith("-start"):
+            continue
+        attributes = rest
+        if opcode.endswith("-done"):
+            start = re.match(r"\s*%?([\w.\-]+)", rest)
+            attributes = instructions.get(start.group(1), ("", "", "", ""))[2] if start else ""
+        arrays = _arrays(shape)
+        size = sum(n * _ITEMSIZE[dtype] for dtype, n in arrays) * repeats(comp)
+        g = _group_size(attributes, num_devices)
+        share = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g,
+                 "all-to-all": (g - 1) / g, "reduce-scatter": g - 1,
+                 "collective-permute": 1.0}[kind]
+        out.count[kind] += repeats(comp)
+        out.bytes[kind] += size
+        out.sent[kind] += share * size
+        out.dtypes[kind].update(dtype for dtype, _ in arrays)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The report.
 # ---------------------------------------------------------------------------------------------
 
@@ -225,8 +344,26 @@ class CompileReport:
     code_bytes: int
     xla_flops: float  # per chip per step, as XLA counts them (with remat's recomputation)
     model_flops: float  # analytic matmul FLOPs per chip per step
-    step_seconds: float  # XLA's estimated step time
+    xla_seconds: float  # XLA's estimated step time, ConcatBitcast calls corrected
+    collectives: Collectives
     settings: dict = dataclasses.field(default_factory=dict)
+    concat_bitcasts: int = 0  # libtpu's ConcatBitcast calls (priced at -1 s each, added back)
+    instruction_seconds: float = math.nan  # the per-instruction estimates, summed
+    kernel_calls: int = 0  # fused-attention custom calls (Pallas): not priced by XLA
+    kernel_seconds: float = 0.0  # our estimate for them (HBM traffic / bandwidth)
+    kernel_bytes: float = 0.0  # their estimated HBM traffic
+    xla_attention_bytes: float = 0.0  # the xla path's [B, H, N, N] traffic, for comparison
+    reference: CompileReport | None = None  # a plain ViT step under the same cost model
+
+    @property
+    def step_seconds(self) -> float:
+        """Predicted compute time of a step: XLA's estimate plus the unpriced kernels'."""
+        return self.xla_seconds + self.kernel_seconds
+
+    @property
+    def comm_seconds(self) -> float:
+        """The collectives' bytes over the chip's ICI bandwidth, none of it overlapped."""
+        return self.collectives.seconds(self.topology.chip)
 
     @property
     def total_bytes(self) -> int:
@@ -241,7 +378,7 @@ class CompileReport:
 
     @property
     def items_per_sec_per_chip(self) -> float:
-        """Predicted throughput per chip from XLA's estimated step time."""
+        """Predicted throughput per chip from the predicted step time."""
         return self.items_per_step / self.num_chips / self.step_seconds
 
     @property
@@ -249,10 +386,23 @@ class CompileReport:
         """Model FLOP utilisation: analytic model FLOP/s per chip over the chip's bf16 peak."""
         return self.model_flops / self.step_seconds / self.topology.chip.peak_flops
 
+    def warnings(self) -> list[str]:
+        """Where the estimate is less trustworthy than it looks."""
+        out = []
+        gap = abs(self.instruction_seconds - self.xla_seconds) / self.xla_seconds
+        if gap > ESTIMATE_TOLERANCE:
+            out.append(
+                f"XLA's program estimate ({self.xla_seconds * 1e3:.1f} ms) and its "
+                f"per-instruction estimates summed ({self.instruction_seconds * 1e3:.1f} ms) "
+                f"differ by {100 * gap:.0f}%: read the step time as +-{100 * gap:.0f}%")
+        return out
+
     def format(self) -> str:
         """The human-readable block `python -m dmae_jax.aot` prints."""
         chip = self.topology.chip
         hbm = chip.hbm_bytes
+        s = self.settings
+        reduced = self.collectives.dtypes["all-reduce"] | self.collectives.dtypes["reduce-scatter"]
         lines = [
             f"{self.what} on {self.topology.accelerator_type} ({self.topology.topology_name}, "
             f"{self.num_chips} {chip.name} chips"
@@ -265,12 +415,45 @@ class CompileReport:
             f"({100 * self.total_bytes / hbm:.0f}%): " + ("fits" if self.fits else "DOES NOT FIT"),
             f"  FLOPs     {self.xla_flops:.3e} per step as XLA counts them, "
             f"{self.model_flops:.3e} model (matmul) FLOPs",
-            f"  step      {self.step_seconds * 1e3:.1f} ms (XLA's cost model)",
+            f"  numerics  {s.get('dtype')} compute, float32 parameters, gradients reduced in "
+            f"{'+'.join(sorted(reduced)) or '-'}; matmul precision "
+            f"{s.get('matmul_precision') or 'default'}; attention "
+            f"{s.get('attention')} ({s.get('attention_logits')} logits)",
+            f"  compute   {self.xla_seconds * 1e3:.1f} ms (XLA's cost model"
+            + (f"; its {self.concat_bitcasts} ConcatBitcast calls, priced at -1 s each, "
+               "added back" if self.concat_bitcasts else "") + ")",
+        ]
+        if self.kernel_calls:
+            lines.append(
+                f"  kernels   + {self.kernel_seconds * 1e3:.1f} ms: {self.kernel_calls} Pallas "
+                f"attention custom calls, which XLA's cost model cannot price; estimated "
+                f"from their HBM traffic, {_gib(self.kernel_bytes)} at "
+                f"{chip.hbm_bandwidth / 1e9:.0f} GB/s (the xla path's [B, H, N, N] arrays: "
+                f"{_gib(self.xla_attention_bytes)})")
+        sent = sum(self.collectives.sent.values())
+        lines += [
+            f"  comms     {self.comm_seconds * 1e3:.1f} ms if none of it overlaps compute: "
+            f"{sent / 2**20:.1f} MiB sent per chip at {chip.ici_bandwidth / 1e9:.0f} GB/s "
+            f"(ICI per chip, Cloud TPU documentation)",
+            self.collectives.line(),
+            f"  step      {self.step_seconds * 1e3:.1f} ms predicted (compute"
+            + (" + kernels" if self.kernel_calls else "") + ")",
             f"  predicted {self.items_per_sec_per_chip:,.0f} {self.item}/s per chip, "
             f"{self.items_per_sec_per_chip * self.num_chips:,.0f} {self.item}/s in all, "
             f"MFU {100 * self.mfu:.0f}% of {chip.peak_flops / 1e12:.0f} TFLOP/s bf16",
         ]
+        if self.reference is not None:
+            lines.append(self.reference_line())
+        lines += [f"  warning   {w}" for w in self.warnings()]
         return "\n".join(lines)
+
+    def reference_line(self) -> str:
+        """How this step compares with `reference`, a plain ViT step (`compile_reference`)."""
+        ref = self.reference
+        return (f"  reference {ref.what} on the same chips: {ref.step_seconds * 1e3:.1f} ms, "
+                f"MFU {100 * ref.mfu:.0f}%; this step takes "
+                f"{self.step_seconds / ref.step_seconds:.2f}x its time at "
+                f"{self.mfu / ref.mfu:.2f}x its MFU")
 
 
 def _gib(n: float) -> str:
@@ -279,55 +462,93 @@ def _gib(n: float) -> str:
 
 # libtpu's cost model gives these custom calls (concatenations it emits itself) a cost of
 # -1 s each in the program's `optimal_seconds`; their real cost is a small copy.
-_UNCOSTED_CALLS = ('custom_call_target="ConcatBitcast"',)
+_UNCOSTED_CALLS = 'custom_call_target="ConcatBitcast"'
+# Pallas kernels: custom calls XLA's cost model cannot price.
+_KERNEL_CALLS = 'custom_call_target="tpu_custom_call"'
+# How far XLA's two estimates of a step (the program's, the instructions' summed) may differ
+# before the report warns.
+ESTIMATE_TOLERANCE = 0.05
 
 
-def _cost(compiled) -> tuple[float, float]:
-    """(FLOPs, estimated seconds) per chip of a compiled program, from XLA's cost analysis."""
+def _clock_hz(chip: Chip) -> float:
+    """The TensorCore clock implied by the documented peak: 2 FLOPs per MAC per cycle of its
+    128x128 systolic arrays (v4, v5p: 8 per chip; v5e: 4; v6e: 2 of 256x256)."""
+    macs = {"v4": 8 * 128 * 128, "v5p": 8 * 128 * 128, "v5e": 4 * 128 * 128,
+            "v6e": 2 * 256 * 256}[chip.name]
+    return chip.peak_flops / (2 * macs)
+
+
+def _cost(compiled, chip: Chip) -> tuple[float, float, int, float]:
+    """(FLOPs, XLA's step seconds with the ConcatBitcast calls corrected, how many there
+    were, the per-instruction estimates summed) per chip of a compiled program."""
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0]
     if not cost or "flops" not in cost or "optimal_seconds" not in cost:
         raise RuntimeError("the compiler returned no cost analysis for this program")
-    seconds = float(cost["optimal_seconds"])
-    if seconds < 0:
-        text = compiled.as_text()
-        seconds += sum(text.count(call) for call in _UNCOSTED_CALLS)
+    text = compiled.as_text()
+    calls = text.count(_UNCOSTED_CALLS)
+    seconds = float(cost["optimal_seconds"]) + calls
     if not seconds > 0:
         raise RuntimeError(
-            f"XLA's cost model gave no usable step time ({cost['optimal_seconds']} s)")
-    return float(cost["flops"]), seconds
+            f"XLA's cost model gave no usable step time ({cost['optimal_seconds']} s with "
+            f"{calls} ConcatBitcast calls)")
+    cycles = sum(int(c) for c in re.findall(r'"estimated_cycles":"(\d+)"', text))
+    return float(cost["flops"]), seconds, calls, cycles / _clock_hz(chip)
 
 
-def _report(compiled, **kwargs) -> CompileReport:
+def _report(compiled, *, topology: Topology, num_chips: int, **kwargs) -> CompileReport:
     mem = compiled.memory_analysis()
     if mem is None:
         raise RuntimeError("the compiler returned no memory analysis for this program")
-    flops, seconds = _cost(compiled)
+    flops, seconds, calls, summed = _cost(compiled, topology.chip)
+    text = compiled.as_text()
     return CompileReport(
         argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
         temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-        code_bytes=mem.generated_code_size_in_bytes, xla_flops=flops, step_seconds=seconds,
-        **kwargs)
+        code_bytes=mem.generated_code_size_in_bytes, xla_flops=flops, xla_seconds=seconds,
+        concat_bitcasts=calls, instruction_seconds=summed,
+        collectives=count_collectives(text, num_chips), kernel_calls=text.count(_KERNEL_CALLS),
+        topology=topology, num_chips=num_chips, **kwargs)
 
 
-def _fit_advice(task: str, settings: dict) -> str:
-    """What to change when a step does not fit, in the order that costs the least speed."""
-    steps = []
+def _advice(task: str, settings: dict, topology: Topology) -> str:
+    return _fit_advice(task, settings, settings.get("state_bytes"), topology.chip.hbm_bytes)
+
+
+def _fit_advice(task: str, settings: dict, state_bytes: float | None = None,
+                hbm_bytes: float | None = None) -> str:
+    """What to change when a step does not fit, the largest overflowing part first.
+
+    `state_bytes` is the per-chip size of the parameters and optimizer state: when it takes
+    half the chip or more, sharding it (FSDP) comes first; otherwise the activations
+    overflow, and recomputing them (remat), smaller micro-batches (accumulation) or a
+    smaller batch come first.
+    """
     if task == "certify":
-        steps.append(f"--config.batch_size={max(settings['batch'] // 2, 1)} (noisy samples "
-                     "per step; certification results do not depend on it)")
-        steps.append("--config.compute_dtype=bfloat16")
+        steps = [f"--config.batch_size={max(settings['batch'] // 2, 1)} (noisy samples per "
+                 "step; certification results do not depend on it)"]
+        if settings.get("dtype") != "bfloat16":
+            steps.append("--config.compute_dtype=bfloat16")
         return "; or ".join(steps)
+    activations = []
     if settings.get("dtype") != "bfloat16":
-        steps.append("--config.model.dtype=bfloat16")
+        activations.append("--config.model.dtype=bfloat16 (halves the activations)")
     if not settings.get("remat"):
-        steps.append("--config.model.remat=True (recompute activations in the backward pass)")
-    steps.append(f"--config.mesh.fsdp={settings['fsdp'] * 2} (shard parameters and optimizer "
-                 "state over more chips)")
-    steps.append(f"--config.accum_steps={settings['accum'] * 2} (same global batch in more "
-                 "micro-batches)")
-    return "; or ".join(steps)
+        activations.append("--config.model.remat=True (recompute activations in the backward "
+                           "pass)")
+    activations.append(f"--config.accum_steps={settings['accum'] * 2} (same global batch in "
+                       "smaller micro-batches)")
+    activations.append(f"--config.batch_size={settings['batch'] // 2} (fewer images per step)")
+    state = [f"--config.mesh.fsdp={settings['fsdp'] * 2} (shard parameters and optimizer "
+             "state over more chips)"]
+    state_first = state_bytes is not None and hbm_bytes and state_bytes >= 0.5 * hbm_bytes
+    steps = state + activations if state_first else activations + state
+    what = ""
+    if state_bytes is not None:
+        what = (f"parameters and optimizer state take {_gib(state_bytes)} per chip, "
+                + ("the largest part: " if state_first else "the activations the rest: "))
+    return what + "; or ".join(steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,9 +605,11 @@ def _model_parts(create: Callable[[], Any], concrete: bool):
     return ModelParts.split(model), model
 
 
-def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
+def train_pieces(config, *, concrete: bool = False, platform: str | None = None,
+                 batch_shards: int = 1) -> TrainPieces:
     """The optimizer, loss and model of a `pretrain` or `finetune` config's training step,
-    built by the trainers' own `make_optimizer` and `make_loss_fn`.
+    built by the trainers' own `make_optimizer` and `make_loss_fn`, for `platform` (None:
+    JAX's default backend) and a batch split over `batch_shards` devices.
 
     Abstract parameters by default (compiling needs only their shapes); `concrete=True`
     initialises them for a real run (the GPU check). `config` may be unresolved: its derived
@@ -396,8 +619,8 @@ def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
     num_examples, num_classes = _dataset(config.data.dataset)
     per_epoch, total = _steps(config, num_examples)
     if config.task == "pretrain":
-        parts, _ = _model_parts(lambda: create_dmae(config.model, rngs=nnx.Rngs(config.seed)),
-                                concrete)
+        parts, _ = _model_parts(lambda: create_dmae(config.model, rngs=nnx.Rngs(config.seed),
+                                                    platform=platform), concrete)
         tx, schedule = pretrain.make_optimizer(config, parts.params, steps_per_epoch=per_epoch,
                                                total_steps=total)
         flops = TRAIN_FLOPS_FACTOR * dmae_forward_flops(resolve_model_config(config.model),
@@ -409,14 +632,14 @@ def train_pieces(config, *, concrete: bool = False) -> TrainPieces:
                          f"probing), got config.task={config.task!r}, linear_probe="
                          f"{config.get('linear_probe')}")
     parts, model = _model_parts(
-        lambda: create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed)),
-        concrete)
+        lambda: create_classifier(config.model, num_classes, rngs=nnx.Rngs(config.seed),
+                                  platform=platform), concrete)
     tx, schedule = finetune.make_optimizer(config, parts.params, num_layers=len(model.blocks),
                                            steps_per_epoch=per_epoch, total_steps=total)
     flops = config.num_noise_samples * TRAIN_FLOPS_FACTOR * classifier_forward_flops(
         resolve_model_config(config.model), num_classes)
-    return TrainPieces(parts, tx, finetune.make_loss_fn(config, parts, num_classes), schedule,
-                       flops, labels=True)
+    loss_fn = finetune.make_loss_fn(config, parts, num_classes, batch_shards=batch_shards)
+    return TrainPieces(parts, tx, loss_fn, schedule, flops, labels=True)
 
 
 def train_mesh(config, devices: Sequence):
@@ -434,7 +657,7 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
             f"config.batch_size must be a multiple of the {n} chips of {topology.accelerator_type}"
             f" times config.accum_steps ({accum}), got {batch}")
     mesh = train_mesh(config, devices)
-    pieces = train_pieces(config)
+    pieces = train_pieces(config, platform="tpu", batch_shards=n)
     parts, tx, loss_fn, lr_fn = pieces.parts, pieces.tx, pieces.loss_fn, pieces.lr_fn
     key = jax.random.key(config.seed)
     shapes = jax.eval_shape(lambda p: common.init_state(p, tx, key), parts.params)
@@ -450,7 +673,8 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
     step = common.make_train_step(loss_fn, tx, mesh=mesh, state_sharding=shardings,
                                   accum_steps=accum, lr_fn=lr_fn)
     settings = {"batch": batch, "fsdp": config.mesh.fsdp, "remat": bool(config.model.remat),
-                "accum": accum, "dtype": config.model.dtype}
+                "accum": accum, "dtype": config.model.dtype, **_numerics(config.model),
+                "state_bytes": _per_chip_bytes(state)}
     variant = config.model.variant
     name = "DMAE" if config.task == "pretrain" else "classifier"
     what = (f"{config.task} {name} {variant}/{config.model.patch_size} at {size}, batch {batch}"
@@ -463,14 +687,70 @@ def compile_train(config, topology: Topology, devices: Sequence | None = None) -
     if accum > 1:
         # XLA's cost analysis counts a loop body once: the micro-batch scan ran accum times.
         # Step = accum x (what was counted - the optimizer update) + the update.
-        update = _update_cost(tx, state, shardings)
-        report.xla_flops = accum * (report.xla_flops - update[0]) + update[0]
-        report.step_seconds = accum * (report.step_seconds - update[1]) + update[1]
+        flops, seconds, _, summed = _update_cost(tx, state, shardings, topology.chip)
+        report.xla_flops = accum * (report.xla_flops - flops) + flops
+        report.xla_seconds = accum * (report.xla_seconds - seconds) + seconds
+        report.instruction_seconds = accum * (report.instruction_seconds - summed) + summed
+    _price_kernels(report, _attention_layers(config, batch // n), training=True,
+                   remat=settings["remat"])
     return report
 
 
-def _update_cost(tx, state, shardings) -> tuple[float, float]:
-    """(FLOPs, XLA seconds) per chip of the optimizer update alone (gradients as parameters)."""
+def _numerics(model_cfg) -> dict:
+    """The report's numerics settings of a model config: resolved for a TPU."""
+    from dmae_jax.models import attention, vit
+
+    cfg = vit.resolve_model_config(model_cfg)
+    dtype = vit.DTYPES[cfg["dtype"]]
+    return {"attention": attention.resolve(cfg["attention"], "tpu", dtype),
+            "attention_logits": cfg["attention_logits"],
+            "matmul_precision": vit.resolve_matmul_precision(cfg["matmul_precision"], dtype)}
+
+
+def _per_chip_bytes(tree) -> int:
+    """Bytes per chip of a tree of sharded ShapeDtypeStructs."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _attention_layers(config, images_per_chip: int) -> list[tuple[int, int, int, int, int]]:
+    """(sequences, heads, tokens, head_dim, layers) per chip of a config's attention layers."""
+    from dmae_jax.models import dmae, resolve_model_config
+
+    cfg = resolve_model_config(config.model)
+    num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
+    width, heads = cfg["width"], cfg["num_heads"]
+    if config.task == "pretrain":
+        kept = dmae.num_kept(num_patches, config.mask_ratio)
+        dec, dec_heads = cfg["decoder_width"], cfg["decoder_heads"]
+        return [(images_per_chip, heads, 1 + kept, width // heads, cfg["depth"]),
+                (images_per_chip, dec_heads, 1 + num_patches, dec // dec_heads,
+                 cfg["decoder_depth"])]
+    copies = config.get("num_noise_samples", 1)
+    return [(images_per_chip * copies, heads, 1 + num_patches, width // heads, cfg["depth"])]
+
+
+def _price_kernels(report: CompileReport, layers, *, training: bool, remat: bool) -> None:
+    """Adds the Pallas attention kernels' estimated time (their HBM traffic at the chip's HBM
+    bandwidth) to a report whose program has them, and the xla path's traffic beside it."""
+    from dmae_jax.models import attention
+
+    if not report.kernel_calls:
+        return
+    dtype = report.settings.get("dtype", "float32")
+    itemsize = 2 if dtype == "bfloat16" else 4
+    passes = {"forward": 2 if remat else 1, "backward": 1 if training else 0}
+    report.kernel_bytes = attention.step_hbm_bytes(layers, "pallas", itemsize, **passes)
+    report.xla_attention_bytes = attention.step_hbm_bytes(layers, "xla", 4, **passes)
+    report.kernel_seconds = report.kernel_bytes / report.topology.chip.hbm_bandwidth
+
+
+def _update_cost(tx, state, shardings, chip: Chip) -> tuple[float, float, int, float]:
+    """`_cost` of the optimizer update alone (gradients as parameters)."""
+    import jax
+
     def update(params, opt_state):
         updates, opt_state = tx.update(params, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
@@ -478,7 +758,7 @@ def _update_cost(tx, state, shardings) -> tuple[float, float]:
     sh = (shardings["params"], shardings["opt_state"])
     compiled = jax.jit(update, in_shardings=sh, out_shardings=sh).lower(
         state["params"], state["opt_state"]).compile()
-    return _cost(compiled)
+    return _cost(compiled, chip)
 
 
 def _compile(lowered, task: str, settings: dict, what: str, topology: Topology):
@@ -490,7 +770,7 @@ def _compile(lowered, task: str, settings: dict, what: str, topology: Topology):
             raise DoesNotFitError(
                 f"{what} does not fit {topology.accelerator_type} ({topology.chip.name}, "
                 f"{_gib(topology.chip.hbm_bytes)} HBM per chip): {text.splitlines()[0][:300]}."
-                f" Try {_fit_advice(task, settings)}") from e
+                f" Try {_advice(task, settings, topology)}") from e
         raise
 
 
@@ -518,9 +798,11 @@ def compile_certify(config, topology: Topology, variant: str,
     num_classes = _dataset(config.data.dataset)[1]
     size = config.data.image_size
     name, _, patch = variant.partition("/")
-    model_cfg = defaults.model(name, img_size=size, patch_size=int(patch or 16))
+    # Built in the compute dtype, as the certification task builds it.
+    model_cfg = defaults.model(name, img_size=size, patch_size=int(patch or 16),
+                               dtype=config.compute_dtype)
     parts, _ = abstract_parts(lambda: create_classifier(model_cfg, num_classes,
-                                                        rngs=nnx.Rngs(0)))
+                                                        rngs=nnx.Rngs(0), platform="tpu"))
 
     def apply(params, images):
         return parts.bind(params)(images)
@@ -532,14 +814,20 @@ def compile_certify(config, topology: Topology, variant: str,
         compute_dtype=None if config.compute_dtype == "float32" else jnp.bfloat16)
     lowered = sampling.lower_count_step(
         certification, jax.tree_util.Partial(apply, parts.params), (size, size, 3))
-    settings = {"batch": batch, "dtype": config.compute_dtype}
+    settings = {"batch": batch, "dtype": config.compute_dtype, **_numerics(model_cfg)}
     what = (f"certify ViT {name}/{model_cfg.patch_size} classifier at {size}, {batch} noisy "
             f"samples per step, {config.compute_dtype}")
     compiled = _compile(lowered, "certify", settings, what, topology)
     flops = classifier_forward_flops(resolve_model_config(model_cfg), num_classes)
-    return _report(compiled, what=what, topology=topology, num_chips=len(host),
-                   items_per_step=batch, item="samples",
-                   model_flops=flops * batch / len(host), settings=settings)
+    report = _report(compiled, what=what, topology=topology, num_chips=len(host),
+                     items_per_step=batch, item="samples",
+                     model_flops=flops * batch / len(host), settings=settings)
+    cfg = resolve_model_config(model_cfg)
+    tokens = 1 + (size // cfg["patch_size"]) ** 2
+    _price_kernels(report, [(batch // len(host), cfg["num_heads"], tokens,
+                             cfg["width"] // cfg["num_heads"], cfg["depth"])],
+                   training=False, remat=False)
+    return report
 
 
 def compile_config(config, topology: Topology | str, *, variant: str | None = None,
@@ -564,6 +852,129 @@ def compile_config(config, topology: Topology | str, *, variant: str | None = No
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference: a plain ViT training step under the same cost model.
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_params(cfg: dict, num_classes: int) -> dict:
+    """The parameters of a plain ViT (pre-norm, learned position embedding, cls-token head)."""
+    import jax.numpy as jnp
+
+    d, heads = cfg["width"], cfg["num_heads"]
+    hidden, patch = 4 * d, cfg["patch_size"] ** 2 * 3
+    tokens = 1 + (cfg["img_size"] // cfg["patch_size"]) ** 2
+
+    def zeros(*shape):
+        return jnp.zeros(shape, jnp.float32)
+
+    def block():
+        return {"ln1": (zeros(d), zeros(d)), "ln2": (zeros(d), zeros(d)),
+                "qkv": (zeros(d, 3, heads, d // heads), zeros(3, heads, d // heads)),
+                "out": (zeros(heads, d // heads, d), zeros(d)),
+                "fc1": (zeros(d, hidden), zeros(hidden)), "fc2": (zeros(hidden, d), zeros(d))}
+
+    return {"embed": (zeros(patch, d), zeros(d)), "cls": zeros(d), "pos": zeros(tokens, d),
+            "blocks": [block() for _ in range(cfg["depth"])], "norm": (zeros(d), zeros(d)),
+            "head": (zeros(d, num_classes), zeros(num_classes))}
+
+
+def _reference_loss(params: dict, images, labels, *, patch_size: int, dtype):
+    """Cross-entropy of a plain ViT on images [B, H, W, 3]: a few lines of JAX, no framework."""
+    import jax
+    import jax.numpy as jnp
+
+    def dense(x, w, spec="...i,io->...o"):
+        return jnp.einsum(spec, x, w[0].astype(dtype)) + w[1].astype(dtype)
+
+    def norm(x, w):
+        x32 = x.astype(jnp.float32)
+        x32 = (x32 - x32.mean(-1, keepdims=True)) * jax.lax.rsqrt(x32.var(-1, keepdims=True)
+                                                                  + 1e-6)
+        return (x32 * w[0] + w[1]).astype(dtype)
+
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = dense(x.reshape(b, -1, p * p * c).astype(dtype), params["embed"])
+    cls = jnp.broadcast_to(params["cls"].astype(dtype), (b, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + params["pos"].astype(dtype)
+    for blk in params["blocks"]:
+        q, k, v = (dense(norm(x, blk["ln1"]), (blk["qkv"][0][:, i], blk["qkv"][1][i]),
+                         "bnd,dhk->bnhk") for i in range(3))
+        x = x + dense(jax.nn.dot_product_attention(q, k, v), blk["out"], "bnhk,hkd->bnd")
+        x = x + dense(jax.nn.gelu(dense(norm(x, blk["ln2"]), blk["fc1"]), approximate=False),
+                      blk["fc2"])
+    logits = dense(norm(x[:, 0], params["norm"]), params["head"]).astype(jnp.float32)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+
+def reference_images(config) -> int:
+    """Images a training config's step sends through its ViT: the batch, times the noisy
+    copies of a fine-tuning step."""
+    return config.batch_size * (config.num_noise_samples if config.task == "finetune" else 1)
+
+
+def compile_reference(config, topology: Topology | str, devices: Sequence | None = None, *,
+                      images: int | None = None) -> CompileReport:
+    """A plain ViT supervised training step (AdamW, cross-entropy over 1000 classes) of the
+    config's encoder, compiled like its step: the same mesh and parameter sharding, `images`
+    images per step (a fine-tuning step's noisy copies count as images), compute dtype and
+    matmul precision (`images` default: `reference_images(config)`). What a ViT of this size
+    costs under the same cost model when nothing of DMAE's is in it."""
+    import jax
+    import jax.numpy as jnp
+
+    from dmae_jax import parallel
+    from dmae_jax.models import resolve_model_config, vit
+
+    if isinstance(topology, str):
+        topology = resolve_topology(topology)
+    config = config_lib.resolve(config)
+    images = images or reference_images(config)
+    devices = topology_devices(topology) if devices is None else list(devices)
+    n = len(devices)
+    cfg = resolve_model_config(config.model)
+    dtype = vit.DTYPES[cfg["dtype"]]
+    precision = vit.resolve_matmul_precision(cfg["matmul_precision"], dtype)
+    tx = optax.adamw(1e-3, weight_decay=0.05)
+    mesh = train_mesh(config, devices)
+
+    def init():
+        params = _reference_params(cfg, 1000)
+        return {"params": params, "opt_state": tx.init(params)}
+
+    shapes = jax.eval_shape(init)
+    shardings = parallel.state_shardings(shapes, mesh)
+    state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                         shapes, shardings)
+
+    def step(state, images_, labels):
+        with jax.default_matmul_precision(precision):
+            loss, grads = jax.value_and_grad(_reference_loss)(
+                state["params"], images_, labels, patch_size=cfg["patch_size"], dtype=dtype)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state}, loss
+
+    bsh = parallel.batch_sharding(mesh)
+    size = cfg["img_size"]
+    lowered = jax.jit(step, out_shardings=(shardings, parallel.replicated(mesh)),
+                      donate_argnums=(0,)).lower(
+        state, jax.ShapeDtypeStruct((images, size, size, 3), jnp.float32, sharding=bsh),
+        jax.ShapeDtypeStruct((images,), jnp.int32, sharding=bsh))
+    settings = {"batch": images, "fsdp": config.mesh.fsdp, "remat": False, "accum": 1,
+                "dtype": cfg["dtype"], "attention": "xla", "attention_logits": "float32",
+                "matmul_precision": precision}
+    what = (f"plain ViT {cfg['variant']}/{cfg['patch_size']} supervised step, {images} images, "
+            f"{cfg['dtype']}")
+    compiled = _compile(lowered, "train", settings, what, topology)
+    return _report(compiled, what=what, topology=topology, num_chips=n, items_per_step=images,
+                   item="images", settings=settings,
+                   model_flops=TRAIN_FLOPS_FACTOR * classifier_forward_flops(cfg, 1000)
+                   * images / n)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------
 
@@ -583,6 +994,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     variant_flag = flags.DEFINE_string(
         "variant", None,
         "Certification configs only: the classifier's ViT variant[/patch], e.g. large or mu/4.")
+    reference_flag = flags.DEFINE_bool(
+        "reference", True,
+        "Training configs: also compile a plain ViT step of the same encoder and print the "
+        "ratio to it (a second compile).")
 
     @errors.reporting
     def run(argv):
@@ -600,9 +1015,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(report.format(), flush=True)
         if not report.fits:
             task = "certify" if report.item == "samples" else "train"
-            print(f"error: does not fit; try {_fit_advice(task, report.settings)}",
+            print(f"error: does not fit; try {_advice(task, report.settings, report.topology)}",
                   file=sys.stderr, flush=True)
             sys.exit(3)
+        if reference_flag.value and report.item == "images":
+            # Compiled after the step's own executable is gone: two at once would double the
+            # compiler's host memory.
+            report.reference = compile_reference(config_flag.value, report.topology)
+            print(report.reference_line(), flush=True)
 
     app.run(run, argv=argv, flags_parser=config_lib.flags_parser(config_flag))
 

@@ -142,44 +142,52 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def flash_hbm_bytes(batch: int, heads: int, tokens: int, head_dim: int, itemsize: int) -> float:
-    """Bytes the Pallas flash kernel moves to and from HBM for one training step of one layer.
+def flash_hbm_bytes(batch: int, heads: int, tokens: int, head_dim: int, itemsize: int, *,
+                    forward: int = 1, backward: int = 1) -> float:
+    """Bytes the Pallas flash kernel moves to and from HBM in one layer's `forward` forward
+    and `backward` backward passes (remat runs the forward twice).
 
     Counted from jax's kernel (128-token blocks, one block of batch and head per program):
-    the forward reads q once and k, v once per query block and writes o and the float32
-    softmax statistics l, m (kept 128 lanes wide); the backward's dk/dv kernel reads k, v
-    once and q, do, l, m, di once per key block, its dq kernel the reverse, and each writes
-    its gradients. Sequences count padded to the block.
+    the forward reads q once and k, v once per query block and writes o (and, when training,
+    the float32 softmax statistics l, m, kept 128 lanes wide); the backward's dk/dv kernel
+    reads k, v once and q, do, l, m, di once per key block, its dq kernel the reverse, and
+    each writes its gradients. Sequences count padded to the block.
     """
     n = -(-tokens // FLASH_BLOCK) * FLASH_BLOCK
     blocks = n // FLASH_BLOCK
     act = batch * heads * n * head_dim * itemsize  # one of q, k, v, o, do, dq, dk, dv
     stat = batch * heads * n * FLASH_BLOCK * 4  # one of l, m, di
-    forward = act + blocks * 2 * act + act + 2 * stat
+    fwd = act + blocks * 2 * act + act + (2 * stat if backward else 0)
     dkv = 2 * act + blocks * (2 * act + 3 * stat) + 2 * act
     dq = (2 * act + 3 * stat) + blocks * 2 * act + act
-    return float(forward + dkv + dq)
+    return float(forward * fwd + backward * (dkv + dq))
 
 
-def materialised_hbm_bytes(batch: int, heads: int, tokens: int, logits_itemsize: int) -> float:
-    """Bytes the einsum/xla paths move for the [B, H, N, N] arrays of one layer's training step.
+def materialised_hbm_bytes(batch: int, heads: int, tokens: int, logits_itemsize: int, *,
+                           forward: int = 1, backward: int = 1) -> float:
+    """Bytes the einsum/xla paths move for one layer's [B, H, N, N] arrays in `forward`
+    forward and `backward` backward passes.
 
     At the least: the forward writes the logits, reads them for the softmax, writes the
     weights and reads them for the second matmul; the backward reads the weights twice
     (the v gradient and the softmax's), writes and reads the weights' gradient and writes
-    and reads the logits' gradient twice (the q and k gradients). Fusion can remove some
+    the logits' gradient and reads it twice (the q and k gradients). Fusion can remove some
     of these, layout copies add others: XLA's own count is in its cost model's total.
     """
     square = batch * heads * tokens * tokens * logits_itemsize
-    return float(square * (4 + 2 + 2 + 3))
+    return float(square * (4 * forward + 7 * backward))
 
 
-def step_hbm_bytes(shapes, impl: str, itemsize: int, logits_itemsize: int) -> float:
-    """Sum over attention layers [(batch, heads, tokens, head_dim, layers)] of `impl`'s bytes."""
+def step_hbm_bytes(layers, impl: str, itemsize: int, *, forward: int = 1,
+                   backward: int = 1) -> float:
+    """Sum over attention layers [(batch, heads, tokens, head_dim, depth)] of `impl`'s bytes
+    (`itemsize`: q, k, v's for pallas, the logits' otherwise)."""
     total = 0.0
-    for batch, heads, tokens, head_dim, layers in shapes:
+    for batch, heads, tokens, head_dim, depth in layers:
         if impl == "pallas":
-            total += layers * flash_hbm_bytes(batch, heads, tokens, head_dim, itemsize)
+            total += depth * flash_hbm_bytes(batch, heads, tokens, head_dim, itemsize,
+                                             forward=forward, backward=backward)
         else:
-            total += layers * materialised_hbm_bytes(batch, heads, tokens, logits_itemsize)
+            total += depth * materialised_hbm_bytes(batch, heads, tokens, itemsize,
+                                                    forward=forward, backward=backward)
     return total

@@ -296,7 +296,8 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: str, dtype) 
     gradient all-reduce of data parallelism then adds float32 partial sums, as the papers'
     DDP did under fp16 autocast. Autodiff of the plain cast-and-multiply would produce the
     weight gradient as a bfloat16 product and all-reduce it in bfloat16 before converting.
-    `spec` names each index once per operand ("mi,io->mo", "bnd,dhk->bnhk").
+    `spec` names each index once per operand ("mi,io->mo", "bnd,dhk->bnhk"); `bias`
+    broadcasts against the output.
     """
     x = x.astype(dtype)
     if jnp.dtype(dtype) == kernel.dtype:
@@ -324,7 +325,10 @@ def _mixed_project_bwd(spec, precision, residuals, dy):
     dx = jnp.einsum(f"{out},{k_idx}->{x_idx}", dy, kernel_c, precision=precision)
     dkernel = jnp.einsum(f"{x_idx},{out}->{k_idx}", x, dy, precision=precision,
                          preferred_element_type=jnp.float32)
-    dbias = jnp.sum(dy, axis=tuple(range(dy.ndim - bias.ndim)), dtype=jnp.float32)
+    lead = dy.ndim - bias.ndim
+    dbias = jnp.sum(dy, axis=tuple(range(lead)), dtype=jnp.float32)
+    broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and dbias.shape[i] != 1)
+    dbias = jnp.sum(dbias, axis=broadcast, keepdims=True)
     return dx, dkernel.astype(bias.dtype), dbias.astype(bias.dtype)
 
 
@@ -441,7 +445,8 @@ class Attention(nnx.Module):
         dtype = self.qkv.dtype or x.dtype
         layout = attention.layout(self.impl)
         kernel = self.qkv.kernel[...].reshape(d, 3, heads, head_dim)
-        bias = self.qkv.bias[...].reshape(3, heads, head_dim)
+        # Bias [3, H, d], broadcast over the tokens of [B, H, N, d] in the head-major layout.
+        bias = self.qkv.bias[...].reshape(3, heads, *(1,) * (layout == "bhnk"), head_dim)
         q, k, v = (project(x, kernel[:, i], bias[i], f"bnd,dhk->{layout}", dtype)
                    for i in range(3))
         out = attention.core(q, k, v, impl=self.impl, logits_dtype=self.logits_dtype)
