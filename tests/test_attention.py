@@ -209,9 +209,9 @@ def test_bad_attention_and_precision_settings_name_the_field(overrides, message)
         vit.resolve_model_config({**TINY, **overrides})
 
 
-def test_flash_kernel_traffic_is_linear_in_the_sequence_and_the_logits_quadratic():
-    # Long sequences: the fused kernel moves a small fraction of the materialised logits.
-    assert attention.flash_hbm_bytes(8, 16, 4096, 64, 2) < 0.1 * \
+def test_flash_kernel_moves_less_than_the_materialised_logits_only_for_long_sequences():
+    # 4096 tokens: k, v re-read per 128-query block, still under half the logits' traffic.
+    assert attention.flash_hbm_bytes(8, 16, 4096, 64, 2) < 0.5 * \
         attention.materialised_hbm_bytes(8, 16, 4096, 4)
     # The DMAE-B decoder on a v4 chip (256 images, 16 heads of 32 over 197 tokens): padded to
     # 256 tokens and with its float32 softmax statistics 128 lanes wide, jax's kernel moves
