@@ -13,6 +13,8 @@ forms is checked against it before any data is read.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 import re
@@ -335,6 +337,36 @@ def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
     # axes since JAX 0.8, which would make every op's sharding part of its type).
     return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+# The mesh of the training step being traced (`step_mesh`); None outside such a step.
+_STEP_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("step_mesh",
+                                                                          default=None)
+
+
+@contextlib.contextmanager
+def step_mesh(mesh: Mesh):
+    """While a step is traced under it: `gather_weight` gathers parameters over `mesh`."""
+    token = _STEP_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _STEP_MESH.reset(token)
+
+
+def gather_weight(w: jax.Array) -> jax.Array:
+    """A parameter gathered whole on every device for its use in the step being traced.
+
+    FSDP stores parameters split over the "fsdp" axis; gathering each one where it is used
+    (and reduce-scattering its gradient) keeps the matmuls batch-split. Left to itself, XLA
+    may split a matmul's output along the features of a sharded weight instead and move
+    activations between devices (all-to-all) to get back to the batch split. Outside a step,
+    or without FSDP, w is returned as is.
+    """
+    mesh = _STEP_MESH.get()
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return w
+    return jax.lax.with_sharding_constraint(w, replicated(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

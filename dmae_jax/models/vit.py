@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dmae_jax import defaults
+from dmae_jax import defaults, parallel
 from dmae_jax.data.resize import resize_bicubic_torch
 from dmae_jax.errors import ConfigError
 from dmae_jax.models import attention
@@ -341,14 +341,14 @@ class Dense(nnx.Linear):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[..., Din] -> [..., Dout] in `self.dtype` (as a [prod(...), Din] @ [Din, Dout])."""
         dtype = self.dtype or x.dtype
-        if jnp.dtype(dtype) != self.kernel.dtype:
-            y = project(x.reshape(-1, x.shape[-1]), self.kernel[...], self.bias[...],
-                        "mi,io->mo", dtype)
+        kernel, bias = parallel.gather_weight(self.kernel[...]), parallel.gather_weight(
+            self.bias[...])
+        if jnp.dtype(dtype) != kernel.dtype:
+            y = project(x.reshape(-1, x.shape[-1]), kernel, bias, "mi,io->mo", dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        kernel = self.kernel[...].astype(dtype)
+        kernel = kernel.astype(dtype)
         y = x.reshape(-1, x.shape[-1]).astype(dtype) @ kernel
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
+        y = y + bias.astype(dtype)
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
@@ -399,13 +399,14 @@ class PatchEmbed(nnx.Module):
         patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b * (h // p) * (w // p), p * p * c).astype(dtype)
         width = self.proj.kernel.shape[-1]
-        if jnp.dtype(dtype) != self.proj.kernel.dtype:
-            y = project(patches, self.proj.kernel[...].reshape(p * p * c, width),
-                        self.proj.bias[...], "mi,io->mo", dtype)
+        kernel = parallel.gather_weight(self.proj.kernel[...])
+        bias = parallel.gather_weight(self.proj.bias[...])
+        if jnp.dtype(dtype) != kernel.dtype:
+            y = project(patches, kernel.reshape(p * p * c, width), bias, "mi,io->mo", dtype)
             return y.reshape(b, (h // p) * (w // p), width)
-        kernel = self.proj.kernel[...].astype(dtype)
+        kernel = kernel.astype(dtype)
         y = patches @ kernel.reshape(p * p * c, kernel.shape[-1])
-        y = y + self.proj.bias[...].astype(dtype)
+        y = y + bias.astype(dtype)
         return y.reshape(b, (h // p) * (w // p), kernel.shape[-1])
 
 
@@ -444,14 +445,16 @@ class Attention(nnx.Module):
         # the core takes; slicing the [B, N, 3, H, d] projection costs TPUs layout copies.
         dtype = self.qkv.dtype or x.dtype
         layout = attention.layout(self.impl)
-        kernel = self.qkv.kernel[...].reshape(d, 3, heads, head_dim)
+        kernel = parallel.gather_weight(self.qkv.kernel[...]).reshape(d, 3, heads, head_dim)
         # Bias [3, H, d], broadcast over the tokens of [B, H, N, d] in the head-major layout.
-        bias = self.qkv.bias[...].reshape(3, heads, *(1,) * (layout == "bhnk"), head_dim)
+        bias = parallel.gather_weight(self.qkv.bias[...]).reshape(
+            3, heads, *(1,) * (layout == "bhnk"), head_dim)
         q, k, v = (project(x, kernel[:, i], bias[i], f"bnd,dhk->{layout}", dtype)
                    for i in range(3))
         out = attention.core(q, k, v, impl=self.impl, logits_dtype=self.logits_dtype)
-        return project(out, self.proj.kernel[...].reshape(heads, head_dim, d),
-                       self.proj.bias[...], f"{layout},hkd->bnd", dtype)
+        return project(out, parallel.gather_weight(self.proj.kernel[...]).reshape(
+            heads, head_dim, d), parallel.gather_weight(self.proj.bias[...]),
+            f"{layout},hkd->bnd", dtype)
 
 
 class Mlp(nnx.Module):

@@ -137,6 +137,10 @@ def _step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch, *frozen):
+        with parallel.step_mesh(mesh):
+            return _step(state, batch, *frozen)
+
+    def _step(state, batch, *frozen):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         params = state["params"]
         if accum_steps == 1:
