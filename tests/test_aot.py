@@ -122,3 +122,22 @@ def test_errors_name_what_to_change(v4_8):
         aot.compile_config(_digits_pretrain(batch_size=6), topology, devices=devices)
     with pytest.raises(ValueError, match="--variant"):
         aot.compile_config(defaults.certify("digits", 0.25), topology, devices=devices)
+
+
+def test_bf16_steps_reduce_float32_gradients_and_move_no_image(v4_8):
+    # XLA:CPU computes bfloat16 dots in float32, so only a TPU-compiled step shows the
+    # dtype the gradient all-reduce runs in.
+    topology, devices = v4_8
+    cfg = _digits_pretrain()
+    cfg.model.dtype = "bfloat16"
+    report = aot.compile_config(cfg, topology, devices=devices)
+    col = report.collectives
+    assert col.count["all-reduce"] >= 1 and col.dtypes["all-reduce"] == {"f32"}, col.line()
+    assert col.count["all-to-all"] == col.count["collective-permute"] == 0, col.line()
+    text = report.format()
+    assert col.line() in text and "gradients reduced in f32" in text
+    assert "bfloat16 compute" in text and "matmul precision default" in text
+    # Control: a plain ViT whose weight gradients are autodiff's bfloat16 products sums
+    # them in bfloat16 before converting to the float32 parameters' gradients.
+    reference = aot.compile_reference(cfg, topology, devices=devices)
+    assert "bf16" in reference.collectives.dtypes["all-reduce"], reference.collectives.line()
