@@ -16,7 +16,13 @@ repetitions after warm-up, ours and PyTorch's alternating:
   4. certification sampling with ViT-B/16 (bf16 and fp32): noisy samples/s of our
      `sample_counts` against Cohen et al.'s `_sample_noise` loop in PyTorch;
   5. a short training run that is interrupted and resumed from its Orbax checkpoint, and
-     must end where the uninterrupted run ends.
+     must end where the uninterrupted run ends;
+  6. the attention core of each `model.attention` path the backend runs (einsum, xla, cudnn
+     on a GPU, pallas on a TPU; einsum and xla also with bfloat16 logits), forward and
+     gradient at the DMAE-B/16 decoder's and the ViT-B/16 encoder's shapes: milliseconds per
+     call, the ratio to the einsum path, and the largest difference from float32 einsum
+     attention (relative to the largest magnitude). A path the backend cannot run is listed
+     as skipped.
 Exits non-zero if any part failed.
 """
 
@@ -342,6 +348,79 @@ def aot_train_pieces(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. Attention paths.
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_shapes(check: Check) -> dict[str, tuple[int, int, int, int]]:
+    """(batch, tokens, heads, head_dim) of the attention layers the steps above run."""
+    if check.small:
+        return {"decoder": (4, 17, 2, 32), "encoder": (4, 17, 4, 16)}
+    return {"DMAE-B/16 decoder": (check.pretrain_batch, 197, 16, 32),
+            "ViT-B/16 encoder": (2 * check.finetune_batch, 197, 12, 64)}
+
+
+def attention_paths(backend: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """([(implementation, logits dtype)] the backend runs, {path: why skipped})."""
+    paths = [("einsum", "float32"), ("xla", "float32"), ("einsum", "bfloat16"),
+             ("xla", "bfloat16")]
+    skipped = {}
+    if backend == "gpu":
+        paths.append(("cudnn", "float32"))
+    else:
+        skipped["cudnn"] = "cuDNN's kernel needs a GPU"
+    if backend == "tpu":
+        paths.append(("pallas", "float32"))
+    else:
+        skipped["pallas"] = "the Pallas TPU kernel needs a TPU (tests/test_attention.py " \
+                            "checks it in interpret mode)"
+    return paths, skipped
+
+
+def _attention_grad(impl: str, logits: str, dtype):
+    """Jitted (q, k, v, g) -> (sum(core(q, k, v) * g), its q, k, v gradients) of one path,
+    q, k, v and g [B, N, H, d] float32, the core computed in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    from dmae_jax.models import attention
+
+    order = (0, 2, 1, 3) if attention.layout(impl) == "bhnk" else (0, 1, 2, 3)
+
+    def loss(q, k, v, g):
+        out = attention.core(*(x.astype(dtype).transpose(order) for x in (q, k, v)),
+                             impl=impl, logits_dtype=attention.ATTENTION_LOGITS[logits])
+        return jnp.sum(out.transpose(order).astype(jnp.float32) * g)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def attention_rates(check: Check, backend: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{shape: {path: (ms per forward + gradient call, largest relative difference from
+    float32 einsum attention)}} in bfloat16, the paths alternating."""
+    import jax
+    import jax.numpy as jnp
+
+    paths, _ = attention_paths(backend)
+    out = {}
+    for shape_name, (b, n, h, d) in attention_shapes(check).items():
+        args = tuple(jax.random.normal(key, (b, n, h, d), jnp.float32)
+                     for key in jax.random.split(jax.random.key(0), 4))
+        want = jax.tree.leaves(_attention_grad("einsum", "float32", jnp.float32)(*args))
+        fns, errors = {}, {}
+        for impl, logits in paths:
+            name = f"{impl}, {logits} logits"
+            fn = _attention_grad(impl, logits, jnp.bfloat16)
+            got = jax.tree.leaves(fn(*args))
+            errors[name] = max(float(jnp.max(jnp.abs(a - w)) / jnp.max(jnp.abs(w)))
+                               for a, w in zip(got, want, strict=True))
+            fns[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+        rates = _interleaved(fns, 1.0, check.reps)  # calls per second
+        out[shape_name] = {name: (1e3 / rate, errors[name]) for name, rate in rates.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------------------------
 
@@ -433,6 +512,22 @@ def main(argv: list[str] | None = None) -> int:
         return diff
 
     results["resume"] = part("5. interrupted and resumed training (Orbax checkpoint)", resume)
+
+    def attention_paths_part():
+        rates = attention_rates(check, jax.default_backend())
+        for shape_name, paths in rates.items():
+            b, n, h, d = attention_shapes(check)[shape_name]
+            print(f"   {shape_name}: batch {b}, {n} tokens, {h} heads of {d}")
+            base = paths["einsum, float32 logits"][0]
+            for name, (ms, err) in paths.items():
+                print(f"     {name:26s} {ms:9.3f} ms  x{ms / base:5.2f} of einsum  "
+                      f"difference from float32 einsum {err:.2e}")
+        for impl, why in attention_paths(jax.default_backend())[1].items():
+            print(f"   {impl} skipped: {why}")
+        return rates
+
+    results["attention"] = part("6. attention core, forward + gradient, bf16, each path",
+                                attention_paths_part)
     present = [m for m in MODULES_ABSENT_FROM_A_PLAIN_IMAGE if m in sys.modules]
     print(f"\nimported and not in a plain JAX image: {present or 'none'}")
     if present:
