@@ -8,7 +8,9 @@ multiply in true float32.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -219,3 +221,22 @@ def test_flash_kernel_moves_less_than_the_materialised_logits_only_for_long_sequ
     flash = attention.flash_hbm_bytes(256, 16, 197, 32, 2)
     assert 0.5 < flash / attention.materialised_hbm_bytes(256, 16, 197, 4) < 2
     assert attention.flash_hbm_bytes(256, 16, 197, 32, 2, forward=2) > flash  # remat
+
+
+@pytest.mark.parametrize("path, dtype, precision", [
+    ("configs/vit_base.py", "bfloat16", None),
+    ("configs/vit_large.py", "bfloat16", None),
+    ("configs/finetune_imagenet.py", "bfloat16", None),
+    ("configs/linprobe_imagenet.py", "bfloat16", None),
+    ("configs/pretrain_digits.py", "float32", "highest"),
+    ("configs/finetune_digits.py", "float32", "highest"),
+    ("configs/pretrain_cifar10.py", "float32", "highest"),
+    ("configs/finetune_cifar10.py", "float32", "highest"),
+])
+def test_pod_configs_compute_in_bf16_and_cpu_configs_in_true_float32(path, dtype, precision):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(helpers.REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = vit.resolve_model_config(module.get_config(None).model)
+    assert cfg["dtype"] == dtype
+    assert vit.resolve_matmul_precision(cfg["matmul_precision"], vit.DTYPES[dtype]) == precision
