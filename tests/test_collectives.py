@@ -129,7 +129,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from dmae_jax import defaults
 from dmae_jax.models import ModelParts, create_classifier
-from dmae_jax.smoothing.certify import place_replicated, sample_counts
+from dmae_jax.smoothing import place_replicated, sample_counts
 cfg = defaults.model("mu", img_size=16, patch_size=4, depth=1)
 parts = ModelParts.split(create_classifier(cfg, 10, rngs=nnx.Rngs(0)))
 fn = place_replicated(jax.tree_util.Partial(lambda p, x: parts.bind(p)(x),
