@@ -6,9 +6,14 @@ For each stage (pretraining at batch 4096, fine-tuning at the papers' batch of 1
 x 2 noisy copies, certification at 1000 noisy samples per step) and slice, compiles the
 real step with `dmae_jax.aot`, trying settings from the fastest to the most frugal until
 one fits the chip's HBM: plain; remat; remat + FSDP over 4 chips; remat + FSDP 4 + 2
-accumulation steps. Prints a markdown table of what fits, the memory per chip, XLA's
-estimated step time, the predicted images (samples) per second per chip, MFU, and the
-predicted wall time of the papers' schedules, next to MAE's measured TPU v3 anchor.
+accumulation steps. In the same run it compiles reference rows: a plain ViT-B/16 and
+ViT-L/16 supervised training step (`aot.compile_reference`: a few lines of JAX, bf16
+compute, AdamW) on each slice, at batch 4096 or, where that does not fit, the largest half
+of it that does. Prints a markdown table of what fits, the memory per chip, XLA's
+estimated step time, the collectives' time over the chips' interconnect, the predicted
+images (samples) per second per chip, MFU, each training row's time per image and MFU
+against the plain ViT step of its width on its slice, and the predicted wall time of the
+papers' schedules, next to MAE's measured TPU v3 anchor.
 
 Every figure is the compiler's prediction (XLA's cost model: FLOPs and memory traffic per
 chip), not a measurement. Needs libtpu (`pip install -e ".[tpu-compile]"`). ViT-L compiles
@@ -36,6 +41,8 @@ SCHEDULES = {
 }
 CERTIFY_SAMPLES = 1000 * (100 + 10_000)  # every 50th ImageNet val image, N0 = 100, N = 10k
 TOPOLOGIES = ("v4-32", "v4-128", "v5p-128")
+# Batches the reference step tries, largest first (no remat: a plain step).
+REFERENCE_BATCHES = (4096, 2048, 1024)
 # Settings to try, fastest first.
 LADDER = (
     {},
@@ -48,7 +55,7 @@ LADDER = (
 def _config(stage: str, variant: str):
     from dmae_jax import defaults
 
-    if stage == "pretrain":
+    if stage in ("pretrain", "reference"):
         cfg = defaults.pretrain("imagenet2012", variant)
     elif stage == "finetune":
         cfg = defaults.finetune("imagenet2012", variant, 0.25)
@@ -79,12 +86,18 @@ def compile_case(case: dict) -> dict:
 
     topology = aot.resolve_topology(case["topology"])
     tried = []
-    ladder = ({},) if case["stage"] == "certify" else LADDER
+    if case["stage"] == "reference":
+        ladder = tuple({"batch_size": b} for b in REFERENCE_BATCHES)
+    else:
+        ladder = ({},) if case["stage"] == "certify" else LADDER
     for settings in ladder:
         cfg = _apply(_config(case["stage"], case["variant"]), settings)
         t0 = time.time()
         try:
-            report = aot.compile_config(cfg, topology, variant=case["variant"])
+            if case["stage"] == "reference":
+                report = aot.compile_reference(cfg, topology)
+            else:
+                report = aot.compile_config(cfg, topology, variant=case["variant"])
         except aot.DoesNotFitError as e:
             tried.append({"settings": settings, "error": str(e)[:400]})
             continue
@@ -100,6 +113,11 @@ def compile_case(case: dict) -> dict:
             "num_chips": report.num_chips, "mfu": report.mfu, "xla_flops": report.xla_flops,
             "model_flops": report.model_flops, "fits": report.fits,
             "chips_in_slice": len(aot.topology_devices(topology)),
+            "comm_seconds": report.comm_seconds, "collectives": report.collectives.line(),
+            "images_per_step": report.items_per_step, "warnings": report.warnings(),
+            # Images through the ViT per step: a fine-tuning step's noisy copies count.
+            "vit_images": (report.items_per_step if case["stage"] in ("reference", "certify")
+                           else aot.reference_images(aot._resolved(cfg))),
         }
         tried.append(entry)
         if report.fits:
@@ -110,6 +128,8 @@ def compile_case(case: dict) -> dict:
 def _settings_text(settings: dict) -> str:
     if not settings:
         return "plain"
+    if "batch_size" in settings:
+        return f"plain, batch {settings['batch_size']}"
     parts = []
     if settings.get("model.remat"):
         parts.append("remat")
@@ -126,6 +146,19 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else f"{seconds / 86400:.1f} d"
 
 
+def _fitting(result: dict) -> dict | None:
+    return next((t for t in result["tried"] if t.get("fits")), None)
+
+
+def _versus(t: dict, ref: dict | None) -> str:
+    """Time per ViT image and MFU of a training row against its plain ViT reference."""
+    if ref is None or "vit_images" not in t:
+        return "-"
+    per_image = t["step_seconds"] / t["vit_images"]
+    ref_per_image = ref["step_seconds"] / ref["vit_images"]
+    return f"{per_image / ref_per_image:.2f}x time, {t['mfu'] / ref['mfu']:.2f}x MFU"
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     """The table and its caption."""
     from dmae_jax import aot
@@ -134,54 +167,67 @@ def markdown(results: list[dict], meta: dict) -> str:
     large = resolve_model_config({"variant": "large", "img_size": 224, "patch_size": 16})
     anchor_flops = aot.TRAIN_FLOPS_FACTOR * aot.dmae_forward_flops(large, 0.75)
     anchor_mfu = ANCHOR_IMAGES_PER_SEC_PER_V3_CHIP * anchor_flops / aot.V3_PEAK_FLOPS
+    references = {(r["variant"], r["topology"]): _fitting(r) for r in results
+                  if r["stage"] == "reference"}
     rows = [
         "| stage | model | slice | batch | settings that fit | memory per chip | XLA step "
-        "| predicted per chip | MFU | papers' schedule, predicted |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| comms | predicted per chip | MFU | vs plain ViT step | papers' schedule, predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ok = [t for t in r["tried"] if t.get("fits")]
-        model = f"DMAE-{r['variant'][0].upper()}/16"
-        if r["stage"] == "finetune":
-            model = f"ViT-{r['variant'][0].upper()}/16"
-        if r["stage"] == "certify":
-            model = f"ViT-{r['variant'][0].upper()}/16 (bf16)"
-        batch = {"pretrain": "4096", "finetune": "1024 x 2", "certify": "1000 samples"}[
-            r["stage"]]
-        if not ok:
+        t = _fitting(r)
+        letter = r["variant"][0].upper()
+        model = {"pretrain": f"DMAE-{letter}/16", "finetune": f"ViT-{letter}/16",
+                 "certify": f"ViT-{letter}/16 (bf16)",
+                 "reference": f"plain ViT-{letter}/16"}[r["stage"]]
+        if r["stage"] == "reference":
+            batch = str(t["vit_images"]) if t else "-"
+        else:
+            batch = {"pretrain": "4096", "finetune": "1024 x 2",
+                     "certify": "1000 samples"}[r["stage"]]
+        if t is None:
             rows.append(f"| {r['stage']} | {model} | {r['topology']} | {batch} | none of "
-                        f"{len(r['tried'])} tried fits | | | | | |")
+                        f"{len(r['tried'])} tried fits | | | | | | | |")
             continue
-        t = ok[0]
         unit = "samples/s" if r["stage"] == "certify" else "images/s"
+        versus = "-"
         if r["stage"] == "certify":
             # Every host certifies its own images on its 4 chips: the slice's rate is the
             # per-chip rate times all its chips.
             total = CERTIFY_SAMPLES / (t["per_chip"] * t["chips_in_slice"])
             schedule = f"1000 images, N = 10k: {_hours(total)}"
             where = f"{r['topology']} (one host, {t['num_chips']} chips)"
+        elif r["stage"] == "reference":
+            schedule, where, versus = "-", r["topology"], "1"
         else:
             epochs = SCHEDULES[(r["stage"], r["variant"])]
             total = epochs * IMAGENET_TRAIN / (t["per_chip"] * t["num_chips"])
             schedule = f"{epochs} epochs: {_hours(total)}"
             where = r["topology"]
+            versus = _versus(t, references.get((r["variant"], r["topology"])))
+        comms = f"{t['comm_seconds'] * 1e3:.0f} ms" if "comm_seconds" in t else "-"
+        settings = "plain" if r["stage"] == "reference" else _settings_text(t["settings"])
         rows.append(
-            f"| {r['stage']} | {model} | {where} | {batch} | {_settings_text(t['settings'])} | "
+            f"| {r['stage']} | {model} | {where} | {batch} | {settings} | "
             f"{t['total_bytes'] / 2**30:.1f} of {t['hbm_bytes'] / 2**30:.0f} GiB | "
-            f"{t['step_seconds'] * 1e3:.0f} ms | {t['per_chip']:,.0f} {unit} | "
-            f"{100 * t['mfu']:.0f}% | {schedule} |")
+            f"{t['step_seconds'] * 1e3:.0f} ms | {comms} | {t['per_chip']:,.0f} {unit} | "
+            f"{100 * t['mfu']:.0f}% | {versus} | {schedule} |")
     caption = [
         f"Compiler predictions, not measurements: `python -m benchmarks.tpu_table` "
         f"({meta['date']}, jax {meta['jax']}, libtpu {meta['libtpu']}) compiled each real step "
         "for the slice on a CPU and took XLA's memory analysis and its cost-model step time "
         "(each operation's FLOPs and memory traffic per chip; no input pipeline, no host "
-        "overhead, collectives not modelled as stalls): an estimate, not a bound. MFU counts "
-        "the model's matmul "
+        "overhead): an estimate, not a bound. The step time leaves the collectives out; "
+        "comms is their bytes sent per chip over the chip's interconnect bandwidth, as if "
+        "none of it overlapped the compute. MFU counts the model's matmul "
         "FLOPs (remat's recomputation excluded) against the chip's bf16 peak (v4 275, v5p 459 "
-        "TFLOP/s). Anchor: MAE ViT-L/16 pretraining measured about "
-        f"{ANCHOR_IMAGES_PER_SEC_PER_V3_CHIP:.0f} images/s per TPU v3 chip (64 chips x 31 h "
-        f"for 1600 epochs), i.e. {100 * anchor_mfu:.0f}% MFU of v3's 123 TFLOP/s by the same "
-        "FLOP count.",
+        "TFLOP/s). Reference rows: a plain ViT supervised training step of the same width "
+        "(pre-norm, bf16 compute, AdamW, a few lines of JAX) on the same slice; \"vs plain "
+        "ViT step\" is a row's step time per image through the ViT (a fine-tuning step's "
+        "noisy copies count) and its MFU over the reference's. Anchor: MAE ViT-L/16 "
+        f"pretraining measured about {ANCHOR_IMAGES_PER_SEC_PER_V3_CHIP:.0f} images/s per "
+        f"TPU v3 chip (64 chips x 31 h for 1600 epochs), i.e. {100 * anchor_mfu:.0f}% MFU of "
+        "v3's 123 TFLOP/s by the same FLOP count.",
     ]
     return "\n".join(rows + [""] + caption)
 
@@ -209,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                 data = json.load(f)
             results += data["results"]
             meta = meta or data["meta"]
-        stages = {"pretrain": 0, "finetune": 1, "certify": 2}
+        stages = {"reference": 0, "pretrain": 1, "finetune": 2, "certify": 3}
         results.sort(key=lambda r: (stages[r["stage"]], r["variant"] == "large",
                                     TOPOLOGIES.index(r["topology"])))
         print(markdown(results, meta))
@@ -218,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import jax
 
-    stages = args.only.split(",") if args.only else ["pretrain", "finetune", "certify"]
+    stages = (args.only.split(",") if args.only
+              else ["reference", "pretrain", "finetune", "certify"])
     cases = []
     for stage in stages:
         for variant in ("base", "large"):
