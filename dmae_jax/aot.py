@@ -702,8 +702,9 @@ def _numerics(model_cfg) -> dict:
 
     cfg = vit.resolve_model_config(model_cfg)
     dtype = vit.DTYPES[cfg["dtype"]]
-    return {"attention": attention.resolve(cfg["attention"], "tpu", dtype),
-            "attention_logits": cfg["attention_logits"],
+    impl = attention.resolve(cfg["attention"], "tpu", dtype)
+    return {"attention": impl,
+            "attention_logits": attention.resolve_logits(cfg["attention_logits"], impl, dtype),
             "matmul_precision": vit.resolve_matmul_precision(cfg["matmul_precision"], dtype)}
 
 

@@ -35,8 +35,9 @@ def model(variant: str = "base", **overrides) -> ml_collections.ConfigDict:
                                   # bicubic_antialias (torchvision >= 0.17 Resize)
         attention="auto",         # auto (einsum on CPU, xla on TPU, cudnn on GPU for bf16) |
                                   # einsum | xla | cudnn | pallas (TPU flash kernel)
-        attention_logits="float32",  # dtype the einsum/xla paths store logits and softmax
-                                  # weights in: float32 | bfloat16 (with dtype=bfloat16)
+        attention_logits="auto",  # dtype the einsum/xla paths store logits and softmax
+                                  # weights in: auto (bfloat16 for a bfloat16 model, as
+                                  # the papers' fp16 autocast) | float32 | bfloat16
         matmul_precision="auto",  # auto (highest for float32, default for bfloat16) |
                                   # default | high | highest
     ))

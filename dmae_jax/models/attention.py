@@ -37,7 +37,8 @@ ATTENTION = ("auto", "einsum", "xla", "cudnn", "pallas")
 # `model.attention_logits`: the dtype the logits and softmax weights are stored in (the
 # softmax's max, exponentials and sum are float32 either way). bfloat16 halves the [B, H, N, N]
 # traffic of the einsum and xla paths (what the papers' fp16 autocast stored: its q k^T
-# product is fp16); the fused kernels never store them.
+# product is fp16); the fused kernels never store them. "auto" (`resolve_logits`) is
+# bfloat16 for a bfloat16 model on the einsum and xla paths, float32 otherwise.
 ATTENTION_LOGITS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The Pallas kernel's block (and so sequence padding) size.
 FLASH_BLOCK = 128
@@ -54,6 +55,15 @@ def resolve(name: str, platform: str, dtype) -> str:
     if platform in ("gpu", "cuda"):
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     return "einsum"
+
+
+def resolve_logits(name: str, impl: str, dtype) -> str:
+    """The logits dtype `model.attention_logits` = name selects for implementation `impl`
+    (resolved) of a model computing in `dtype`."""
+    if name != "auto":
+        return name
+    stores = impl in ("einsum", "xla")
+    return "bfloat16" if stores and jnp.dtype(dtype) == jnp.bfloat16 else "float32"
 
 
 def layout(impl: str) -> str:

@@ -85,7 +85,7 @@ class Classifier(nnx.Module):
         x = vit.resize_to(images.astype(jnp.float32), self.img_size, self.upsample)
         x = vit.normalize(x, self.mean, self.std)
         x = self.patch_embed(x)
-        cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+        cls = vit.broadcast_param(self.cls_token.value, (x.shape[0], 1, x.shape[2]), x.dtype)
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
         x = vit.apply_blocks(self.blocks, x, rng, self.remat)
         if self.global_pool:

@@ -195,8 +195,9 @@ class DMAE(nnx.Module):
         # Position embeddings are added before masking, so kept tokens keep their positions.
         x = x + pos_embed[:, 1:].astype(x.dtype)
         x, mask, ids_restore = random_masking(x, ids_shuffle, len_keep)
-        cls = (self.cls_token.value + pos_embed[:, :1]).astype(x.dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        cls = vit.broadcast_param(self.cls_token.value + pos_embed[:, :1],
+                                  (x.shape[0], 1, x.shape[2]), x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
         x = vit.apply_blocks(self.blocks, x, None, self.remat)
         return self.norm(x), mask, ids_restore
 
@@ -204,9 +205,8 @@ class DMAE(nnx.Module):
         """latent [B, 1 + K, D], ids_restore [B, L] -> pred [B, L, p*p*C] float32."""
         x = self.decoder_embed(latent)
         b, num_patches = ids_restore.shape
-        mask_tokens = jnp.broadcast_to(
-            self.mask_token.value.astype(x.dtype),
-            (b, num_patches + 1 - x.shape[1], x.shape[2]))
+        mask_tokens = vit.broadcast_param(
+            self.mask_token.value, (b, num_patches + 1 - x.shape[1], x.shape[2]), x.dtype)
         tokens = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
         tokens = jnp.take_along_axis(tokens, ids_restore[:, :, None], axis=1)
         x = jnp.concatenate([x[:, :1], tokens], axis=1)

@@ -139,7 +139,7 @@ def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
             f"model.upsample must be one of {sorted(UPSAMPLE)}, got {cfg['upsample']!r}"
         )
     for name, valid in (("attention", attention.ATTENTION),
-                        ("attention_logits", attention.ATTENTION_LOGITS),
+                        ("attention_logits", ("auto", *attention.ATTENTION_LOGITS)),
                         ("matmul_precision", MATMUL_PRECISIONS)):
         if cfg[name] not in valid:
             raise ConfigError(f"model.{name} must be one of {sorted(valid)}, got {cfg[name]!r}")
@@ -176,10 +176,11 @@ def attention_settings(cfg: Mapping[str, Any], platform: str | None) -> dict:
     """The attention and precision arguments of a model built from a resolved config on
     `platform` (None: JAX's default backend)."""
     dtype = DTYPES[cfg["dtype"]]
+    impl = attention.resolve(cfg["attention"], platform or jax.default_backend(), dtype)
+    logits = attention.resolve_logits(cfg["attention_logits"], impl, dtype)
     return dict(
-        attention_impl=attention.resolve(cfg["attention"], platform or jax.default_backend(),
-                                         dtype),
-        attention_logits=attention.ATTENTION_LOGITS[cfg["attention_logits"]],
+        attention_impl=impl,
+        attention_logits=attention.ATTENTION_LOGITS[logits],
         matmul_precision=resolve_matmul_precision(cfg["matmul_precision"], dtype),
     )
 
@@ -286,6 +287,15 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> LayerNorm:
     return LayerNorm(
         dim, epsilon=LAYER_NORM_EPS, dtype=dtype, use_fast_variance=False, rngs=rngs
     )
+
+
+def broadcast_param(value: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """A float32 parameter (a cls or mask token) repeated to `shape` in `dtype`.
+
+    Broadcast before the cast, so that its gradient is summed over the batch in float32 and
+    data parallelism all-reduces float32 sums (cast first, the sum would be bfloat16).
+    """
+    return jnp.broadcast_to(value, shape).astype(dtype)
 
 
 def project(x: jax.Array, kernel: jax.Array, bias: jax.Array, spec: str, dtype) -> jax.Array:
