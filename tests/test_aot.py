@@ -128,15 +128,19 @@ def test_bf16_steps_reduce_float32_gradients_and_move_no_image(v4_8):
     # XLA:CPU computes bfloat16 dots in float32, so only a TPU-compiled step shows the
     # dtype the gradient all-reduce runs in.
     topology, devices = v4_8
-    cfg = _digits_pretrain()
-    cfg.model.dtype = "bfloat16"
-    report = aot.compile_config(cfg, topology, devices=devices)
-    col = report.collectives
-    assert col.count["all-reduce"] >= 1 and col.dtypes["all-reduce"] == {"f32"}, col.line()
-    assert col.count["all-to-all"] == col.count["collective-permute"] == 0, col.line()
+    finetune = defaults.digits_finetune(0.25)
+    finetune.batch_size, finetune.total_steps = 32, 100
+    for cfg in (_digits_pretrain(), finetune):
+        cfg.model.dtype = "bfloat16"
+        report = aot.compile_config(cfg, topology, devices=devices)
+        col = report.collectives
+        assert col.count["all-reduce"] >= 1, col.line()
+        assert col.dtypes["all-reduce"] == {"f32"}, (cfg.task, col.line())
+        assert col.count["all-to-all"] == col.count["collective-permute"] == 0, col.line()
     text = report.format()
     assert col.line() in text and "gradients reduced in f32" in text
     assert "bfloat16 compute" in text and "matmul precision default" in text
+    assert "(bfloat16 logits)" in text
     # Control: a plain ViT whose weight gradients are autodiff's bfloat16 products sums
     # them in bfloat16 before converting to the float32 parameters' gradients.
     reference = aot.compile_reference(cfg, topology, devices=devices)

@@ -86,7 +86,8 @@ class Classifier(nnx.Module):
         x = vit.normalize(x, self.mean, self.std)
         x = self.patch_embed(x)
         cls = vit.broadcast_param(self.cls_token.value, (x.shape[0], 1, x.shape[2]), x.dtype)
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+        x = x + vit.broadcast_param(self.pos_embed.value, x.shape, x.dtype)
         x = vit.apply_blocks(self.blocks, x, rng, self.remat)
         if self.global_pool:
             return self.fc_norm(x[:, 1:].astype(jnp.float32).mean(axis=1))

@@ -290,7 +290,8 @@ def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> LayerNorm:
 
 
 def broadcast_param(value: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """A float32 parameter (a cls or mask token) repeated to `shape` in `dtype`.
+    """A float32 parameter (a cls or mask token, a position embedding) repeated to `shape`
+    in `dtype`.
 
     Broadcast before the cast, so that its gradient is summed over the batch in float32 and
     data parallelism all-reduces float32 sums (cast first, the sum would be bfloat16).
