@@ -83,6 +83,7 @@ def compile_case(case: dict) -> dict:
     """Compiles one (stage, variant, topology) over the settings ladder; returns the result."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from dmae_jax import aot
+    from dmae_jax import config as config_lib
 
     topology = aot.resolve_topology(case["topology"])
     tried = []
@@ -117,7 +118,7 @@ def compile_case(case: dict) -> dict:
             "images_per_step": report.items_per_step, "warnings": report.warnings(),
             # Images through the ViT per step: a fine-tuning step's noisy copies count.
             "vit_images": (report.items_per_step if case["stage"] in ("reference", "certify")
-                           else aot.reference_images(aot._resolved(cfg))),
+                           else aot.reference_images(config_lib.resolve(cfg))),
         }
         tried.append(entry)
         if report.fits:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 from dmae_jax import aot, defaults, parallel
+from dmae_jax import config as config_lib
 from dmae_jax.train import common
 from tests import helpers
 
@@ -47,7 +48,7 @@ def _compile(cfg, loss_fn, tx, params, labels: bool) -> aot.Collectives:
 def _trainer_step(cfg) -> aot.Collectives:
     cfg.total_steps = 10
     pieces = aot.train_pieces(cfg, batch_shards=4)
-    return _compile(aot._resolved(cfg), pieces.loss_fn, pieces.tx, pieces.parts.params,
+    return _compile(config_lib.resolve(cfg), pieces.loss_fn, pieces.tx, pieces.parts.params,
                     pieces.labels)
 
 
@@ -101,7 +102,6 @@ def test_denoiser_step_moves_no_image():
     from flax import nnx
 
     from dmae_jax.diffusion import losses
-    from dmae_jax.diffusion.loading import unet_schedule
     from dmae_jax.models import ModelParts
     from dmae_jax.models.unet import UNET_PRESETS, UNet
     from dmae_jax.train import optim
@@ -109,7 +109,7 @@ def test_denoiser_step_moves_no_image():
     cfg = defaults.digits_train_denoiser()
     cfg.batch_size = 16
     unet_config = UNET_PRESETS[cfg.model.preset]
-    schedule = unet_schedule(unet_config)
+    schedule = unet_config.schedule()
     parts = ModelParts.split(nnx.eval_shape(lambda: UNet(unet_config, rngs=nnx.Rngs(0))))
     tx, _ = optim.denoiser_optimizer(lr=1e-4, warmup_steps=0, total_steps=10, b1=0.9,
                                      b2=0.999, weight_decay=0.0)
