@@ -110,14 +110,16 @@ def make_train_step(
     batch_sharding = parallel.batch_sharding(mesh)
     if isinstance(loss_fn, tuple):
         lr_fns = lr_fn if isinstance(lr_fn, tuple) else (lr_fn,) * len(loss_fn)
-        steps = [_step_fn(f, t, accum_steps=accum_steps, lr_fn=lr, ema_decay=ema_decay)
+        steps = [_step_fn(f, t, mesh=mesh, accum_steps=accum_steps, lr_fn=lr,
+                          ema_decay=ema_decay)
                  for f, t, lr in zip(loss_fn, tx, lr_fns, strict=True)]
 
         def step(states, batch, *frozen):
             out = [one(state, batch, *frozen) for one, state in zip(steps, states, strict=True)]
             return tuple(o[0] for o in out), tuple(o[1] for o in out)
     else:
-        step = _step_fn(loss_fn, tx, accum_steps=accum_steps, lr_fn=lr_fn, ema_decay=ema_decay)
+        step = _step_fn(loss_fn, tx, mesh=mesh, accum_steps=accum_steps, lr_fn=lr_fn,
+                        ema_decay=ema_decay)
 
     frozen_shardings = () if frozen_sharding is None else (frozen_sharding,)
     if steps_per_call > 1:
@@ -131,7 +133,8 @@ def make_train_step(
     )
 
 
-def _step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int,
+def _step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
+             accum_steps: int,
              lr_fn: Callable[[jax.Array], jax.Array] | None, ema_decay: float) -> Callable:
     """make_train_step's step of one run, not jitted: `(state, batch[, frozen])`."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
