@@ -163,7 +163,9 @@ def test_certification_into_gcs_killed_resumes_with_byte_identical_rows_and_repo
         gcs, data_dir, capsys):  # noqa: F811
     export = _classifier_export(f"{gcs.root}/classifier/export")
     args = [f"--config.checkpoint={export}", f"--config.data.data_dir={data_dir}",
-            "--config.n0=20", "--config.n=100", "--config.max=60", "--config.batch_size=50"]
+            # Small batches: each row takes many dispatches, so the run outlasts the log's
+            # 2 s upload interval and the kill lands mid-run also on idle cores.
+            "--config.n0=20", "--config.n=400", "--config.max=60", "--config.batch_size=20"]
     reference = f"{gcs.root}/certify_reference"
     _run(gcs, helpers.main_command(CERTIFY, reference, *args))
     log_name = "certify_sigma_0.25.tsv"
