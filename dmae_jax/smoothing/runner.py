@@ -132,7 +132,7 @@ def run_certification(
     with CertifyLog(write_path, extra_columns) as log:
         skip = log.done_indices() | _all_logged_indices(log_path)
         if isinstance(items, Sequence):
-            _check_subset(log_path, skip, {int(item[0]) for item in items})
+            check_subset(log_path, skip, {int(item[0]) for item in items})
         previous = read_log(write_path)
         logged, correct = len(previous), sum(r["correct"] for r in previous)
         skipped = 0  # items of this process logged by an earlier run
@@ -181,7 +181,7 @@ def run_certification(
     return write_path
 
 
-def _check_subset(log_path: str, logged: set[int], configured: set[int]) -> None:
+def check_subset(log_path: str, logged: set[int], configured: set[int]) -> None:
     """Every logged idx must be one this run certifies (same subset, or a larger `max`)."""
     outside = sorted(logged - configured)
     if outside:

@@ -28,7 +28,6 @@ from flax import nnx
 from dmae_jax import checks, report, storage
 from dmae_jax.data import augment, datasets
 from dmae_jax.diffusion import denoise, loading
-from dmae_jax.errors import IdentityError
 from dmae_jax.models import classifier
 from dmae_jax.smoothing import cascade, runner, sequential
 from dmae_jax.smoothing.certify import LOG_COLUMNS, make_certify_one
@@ -45,15 +44,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> dict:
     record = identity.check(config, path)
     logged = runner.logged_indices(path)
     if logged:
-        subset = {idx for idx, _ in _subset(config, _source(config))}
-        outside = sorted(logged - subset)
-        if outside:
-            shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
-            raise IdentityError(
-                f"{path} holds rows for {len(outside)} images outside this run's subset "
-                f"(idx {shown}): rerun with the subset it was certified with (config.skip, "
-                f"config.max, the data set and split), or use another --workdir or "
-                f"--config.log_name")
+        runner.check_subset(path, logged, {idx for idx, _ in _subset(config, _source(config))})
     return record
 
 
