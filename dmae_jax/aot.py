@@ -40,10 +40,10 @@ from ml_collections import config_flags
 
 from dmae_jax import config as config_lib
 from dmae_jax import defaults, errors, parallel, tasks
+from dmae_jax.architectures import num_kept
 from dmae_jax.data import datasets
 from dmae_jax.errors import ConfigError
 from dmae_jax.models import ModelParts, create_classifier, create_dmae, resolve_model_config
-from dmae_jax.models.dmae import num_kept
 from dmae_jax.smoothing import Settings, sampling
 from dmae_jax.tasks import finetune, pretrain
 from dmae_jax.train import common
@@ -700,7 +700,7 @@ def _numerics(model_cfg) -> dict:
     """The report's numerics settings of a model config: resolved for a TPU."""
     from dmae_jax.models import attention, vit
 
-    cfg = vit.resolve_model_config(model_cfg)
+    cfg = resolve_model_config(model_cfg)
     dtype = vit.DTYPES[cfg["dtype"]]
     impl = attention.resolve(cfg["attention"], "tpu", dtype)
     return {"attention": impl,
@@ -718,13 +718,13 @@ def _per_chip_bytes(tree) -> int:
 
 def _attention_layers(config, images_per_chip: int) -> list[tuple[int, int, int, int, int]]:
     """(sequences, heads, tokens, head_dim, layers) per chip of a config's attention layers."""
-    from dmae_jax.models import dmae, resolve_model_config
+    from dmae_jax.models import resolve_model_config
 
     cfg = resolve_model_config(config.model)
     num_patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
     width, heads = cfg["width"], cfg["num_heads"]
     if config.task == "pretrain":
-        kept = dmae.num_kept(num_patches, config.mask_ratio)
+        kept = num_kept(num_patches, config.mask_ratio)
         dec, dec_heads = cfg["decoder_width"], cfg["decoder_heads"]
         return [(images_per_chip, heads, 1 + kept, width // heads, cfg["depth"]),
                 (images_per_chip, dec_heads, 1 + num_patches, dec // dec_heads,

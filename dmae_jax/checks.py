@@ -3,12 +3,14 @@
 One function per task (`pretrain`, `finetune`, `certification` for certify and cascade,
 `train_denoiser`, `calibrate_denoiser`, `end_to_end`) checks a resolved config with the
 field checks below; each error is one line naming the field, the bad value and what is
-valid. Model constraints are the models' own rules (`vit.resolve_model_config`,
-`dmae.num_kept`, `encoder_mismatch`, `UNetConfig`); an export a config names is checked
-from its meta.json (`exports.read_meta`), without reading its parameters, and
-`exports=False` leaves those checks out (compile-only mode needs only shapes; a pipeline
-checks its stages before it makes their exports). Nothing here reads data, restores a
-checkpoint or compiles, so a typo in a pod launch costs about a second."""
+valid. Model constraints are the models' own rules, kept JAX-free in
+`dmae_jax.architectures` (`resolve_model_config`, `num_kept`, `encoder_mismatch`,
+`UNetConfig`); an export a config names is checked from its meta.json (`exports.read_meta`),
+without reading its parameters, and `exports=False` leaves those checks out (compile-only
+mode needs only shapes; a pipeline checks its stages before it makes their exports). Nothing
+here reads data, restores a checkpoint, compiles or imports JAX or Flax
+(tests/test_run_path.py checks the imports), so a typo in a pod launch costs about a
+second."""
 
 from __future__ import annotations
 
@@ -18,14 +20,11 @@ from typing import Any
 
 import ml_collections
 
+from dmae_jax import architectures, storage
 from dmae_jax import config as config_lib
 from dmae_jax import exports as exports_lib
-from dmae_jax import storage
 from dmae_jax.data import AUGMENTATIONS, datasets
-from dmae_jax.diffusion import loading
 from dmae_jax.errors import ConfigError
-from dmae_jax.models import dmae, unet, vit
-from dmae_jax.models.classifier import encoder_mismatch
 from dmae_jax.train import selection
 
 __all__ = [
@@ -150,7 +149,7 @@ def training_loop(config) -> None:
 def model(config, field: str = "model") -> dict:
     """A ViT model block, checked by the model's own rules; returns it resolved."""
     try:
-        return vit.resolve_model_config(get(config, field))
+        return architectures.resolve_model_config(get(config, field))
     except ConfigError as e:  # the model names its fields model.x
         raise ConfigError(f"config.{field}{str(e)[len('model'):]}") from None
 
@@ -220,7 +219,7 @@ def pretrain(config: ml_collections.ConfigDict, *, exports: bool = True) -> None
     if not _is_number(ratio):
         raise ConfigError(f"config.mask_ratio must be a number in [0, 1), got {ratio!r}")
     try:
-        dmae.num_kept(num_patches, ratio)
+        architectures.num_kept(num_patches, ratio)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
     for field in ("eval_batch_size", "num_grid_images", "optim.base_lr"):
@@ -285,7 +284,7 @@ def finetune(config: ml_collections.ConfigDict, *, exports: bool = True) -> None
 def _dmae_encoder(config, model_cfg: dict, *, decoder: bool) -> None:
     """`config.init_from` is a DMAE export whose encoder (and decoder) fit `model_cfg`."""
     meta = export(config, "init_from", "dmae")
-    mismatch = encoder_mismatch(model_cfg, meta["model"], decoder=decoder)
+    mismatch = architectures.encoder_mismatch(model_cfg, meta["model"], decoder=decoder)
     if mismatch:
         field, ours, theirs = mismatch
         raise ConfigError(
@@ -329,7 +328,7 @@ def certification(config: ml_collections.ConfigDict, *, exports: bool = True) ->
                 f"{len(per_sigma)}")
         classifiers = [f"checkpoints[{i}]" for i in range(len(per_sigma))] or ["checkpoint"]
     if config.get("denoiser"):
-        one_of(config, "denoiser_kind", loading.DENOISER_KINDS)
+        one_of(config, "denoiser_kind", architectures.DENOISER_KINDS)
     if not exports:
         return
     for field in classifiers:
@@ -343,14 +342,14 @@ def certification(config: ml_collections.ConfigDict, *, exports: bool = True) ->
                 f"config.data.dataset {config.data.dataset!r} has "
                 f"{datasets.num_classes(config.data.dataset)}")
     if config.get("denoiser"):
-        meta = export(config, "denoiser", loading.EXPORT_KIND[config.denoiser_kind])
+        meta = export(config, "denoiser", architectures.EXPORT_KIND[config.denoiser_kind])
         if config.denoiser_kind == "diffusion":
-            _unet_fits(unet.UNetConfig.from_dict(meta["config"]), noise, "config.sigma"
+            _unet_fits(architectures.UNetConfig.from_dict(meta["config"]), noise, "config.sigma"
                        if config.task == "certify" else "config.sigmas",
                        config.data.image_size)
 
 
-def _unet_fits(unet_config: unet.UNetConfig, noise: Iterable[float], field: str,
+def _unet_fits(unet_config: architectures.UNetConfig, noise: Iterable[float], field: str,
                image_size: int | None = None) -> None:
     """Every sigma within the UNet's noise schedule; images its size or paddable to it."""
     try:
@@ -369,7 +368,7 @@ def _denoiser_training(config) -> None:
     _dataset(config)
     one_of(config, "data.augment", ("rrc_flip", "flip", "none"))
     integer(config, "data.image_size")
-    one_of(config, "model.dtype", tuple(vit.DTYPES))
+    one_of(config, "model.dtype", architectures.DTYPES)
     positive(config, "optim.lr")
     positive(config, "optim.weight_decay", allow_zero=True)
     positive(config, "optim.warmup_steps", allow_zero=True)
@@ -384,8 +383,8 @@ def train_denoiser(config: ml_collections.ConfigDict, *, exports: bool = True) -
     """DDPM training of a diffusion denoiser (it reads no export)."""
     del exports
     _denoiser_training(config)
-    one_of(config, "model.preset", sorted(unet.UNET_PRESETS))
-    unet_config = unet.UNET_PRESETS[config.model.preset]
+    one_of(config, "model.preset", sorted(architectures.UNET_PRESETS))
+    unet_config = architectures.UNET_PRESETS[config.model.preset]
     if config.data.image_size != unet_config.image_size:
         raise ConfigError(
             f"config.data.image_size must be the UNet preset's resolution "
@@ -417,7 +416,7 @@ def calibrate_denoiser(config: ml_collections.ConfigDict, *, exports: bool = Tru
     if not exports:
         return
     meta = export(config, "denoiser", "unet")
-    _unet_fits(unet.UNetConfig.from_dict(meta["config"]), noise, "config.sigmas",
+    _unet_fits(architectures.UNetConfig.from_dict(meta["config"]), noise, "config.sigmas",
                config.data.image_size)
     classifier = export(config, "classifier", "classifier")
     expected = datasets.num_classes(config.data.dataset)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dmae_jax import errors, exports, pth
+from dmae_jax import architectures, errors, exports, pth
 from dmae_jax.errors import ConfigError, UserError
 from dmae_jax.models import create_classifier, create_dmae, resolve_model_config, vit
 
@@ -261,7 +261,7 @@ def _parse_args(argv: Sequence[str] | None):
         prog="python -m dmae_jax.convert",
         description="Import an official PyTorch DMAE or fine-tuned ViT checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="the .pth file")
-    parser.add_argument("--model", required=True, choices=sorted(vit.VARIANTS),
+    parser.add_argument("--model", required=True, choices=sorted(architectures.VARIANTS),
                         help="ViT variant of the checkpoint")
     parser.add_argument("--out", required=True, help="directory for the parameter export")
     parser.add_argument("--img_size", type=int, default=224,
@@ -269,7 +269,8 @@ def _parse_args(argv: Sequence[str] | None):
     parser.add_argument("--patch_size", type=int, default=16)
     parser.add_argument("--num_classes", type=int, default=None,
                         help="classifier only; inferred from head.weight when omitted")
-    parser.add_argument("--normalization", default="imagenet", choices=sorted(vit.NORMALIZATIONS))
+    parser.add_argument("--normalization", default="imagenet",
+                        choices=sorted(architectures.NORMALIZATIONS))
     parser.add_argument("--decoder_heads", type=int, default=16)
     parser.add_argument("--norm_pix_loss", default="true", choices=["true", "false"],
                         help="DMAE only: false for pixel-target checkpoints (the visualiser)")

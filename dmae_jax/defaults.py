@@ -200,7 +200,7 @@ def train_denoiser(dataset: str = "cifar10",
     cfg = ml_collections.ConfigDict()
     cfg.task = "train_denoiser"
     cfg.model = ml_collections.ConfigDict(dict(
-        preset=preset,            # a key of dmae_jax.models.unet.UNET_PRESETS
+        preset=preset,            # a key of dmae_jax.architectures.UNET_PRESETS
         dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
     ))
     cfg.data = data(dataset, image_size=32, augment="none")

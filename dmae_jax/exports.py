@@ -10,6 +10,9 @@ Training writes one at `<workdir>/export` when it finishes (`save_final`); the i
 checkpoints (`save`). Each model module builds its model from an export in one way
 (`dmae.from_export`, `classifier.from_export`, `unet.from_export`), all through
 `load_checked` and `match_tree` here.
+
+JAX and Orbax are imported inside the functions that move arrays: validation reads exports'
+meta.json (`read_meta`) before either is imported.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from dmae_jax import storage
 from dmae_jax.errors import CheckpointError, ConfigError
@@ -44,6 +45,8 @@ class ParamTreeError(CheckpointError, ValueError):
 
 def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[str, Any]):
     """Writes `params` (a pure nested dict of host arrays) and JSON `meta` to `directory`."""
+    import jax
+
     path = storage.absolute(directory)
     if (path / "params").exists():
         raise CheckpointError(f"{path} already holds a parameter export; choose another --out")
@@ -60,6 +63,9 @@ def save(directory: str | os.PathLike, params: Mapping[str, Any], meta: Mapping[
 
 def gather(tree: Any) -> Any:
     """Every array fully addressable here: sharded global arrays are all-gathered."""
+    import jax
+    from jax.experimental import multihost_utils
+
     def full(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return multihost_utils.process_allgather(x, tiled=True)
@@ -70,6 +76,8 @@ def gather(tree: Any) -> Any:
 
 def to_host(tree: Any) -> Any:
     """Global arrays -> numpy on every process (gathered across processes when sharded)."""
+    import jax
+
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), gather(tree))
 
 
@@ -78,6 +86,8 @@ def save_final(workdir: str, params: Any, meta: Mapping[str, Any]) -> str:
 
     A previous export there (a rerun of a finished run) is replaced. Returns the path.
     """
+    import jax
+
     path = storage.absolute(workdir) / "export"
     host = to_host(params)
     if path.exists() and jax.process_index() == 0:
@@ -88,6 +98,8 @@ def save_final(workdir: str, params: Any, meta: Mapping[str, Any]) -> str:
 
 def load(directory: str | os.PathLike) -> tuple[dict, dict]:
     """Reads an export: returns (params as a nested dict of numpy arrays, meta)."""
+    import jax
+
     path = storage.absolute(directory)
     if not (path / "params").exists() or not (path / "meta.json").exists():
         raise CheckpointError(
@@ -158,6 +170,8 @@ def match_tree(expected: Any, given: Any, *, where: str) -> Any:
     or shape-dtype structs) must be in `given` with the same shape, and `given` may hold
     nothing else. Raises `ParamTreeError` naming `where`, the entry and both shapes.
     """
+    import jax
+
     flat_expected, treedef = jax.tree_util.tree_flatten_with_path(expected)
     flat_given = dict(jax.tree_util.tree_flatten_with_path(given)[0])
     missing = sorted(_name(p) for p, _ in flat_expected if p not in flat_given)

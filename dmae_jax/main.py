@@ -43,12 +43,14 @@ def main(argv) -> None:
         # only with --verbosity=0.
         logging.set_verbosity(logging.WARNING)
         quiet.install()
-    # Imported in stages, each once the previous one has passed: parsing the flags needs no
-    # JAX (a mistyped flag costs a fraction of a second), validation needs the models' rules
-    # (Flax), and the rest of the run path imports Orbax, SciPy and the task's libraries.
-    from dmae_jax import parallel, tasks
+    # Imported in stages, each once the previous one has passed: neither parsing the flags
+    # nor validation (the models' rules are plain Python, `dmae_jax.architectures`) imports
+    # JAX, so a bad value costs about a second; the run path imports JAX, Orbax, SciPy and the
+    # task's libraries.
+    from dmae_jax import tasks
 
     task, config = tasks.prepare(config, _WORKDIR.value)
+    from dmae_jax import parallel
     from dmae_jax.tasks import execute
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

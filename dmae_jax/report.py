@@ -18,6 +18,10 @@ classifiers (e.g. sigmas), not the certificate of any single one. Reads every lo
 counts; a sequential log (a `looks` column, or mode = sequential in its identity) is
 refused: its counts stop where the answer at its own alpha was settled, and a bound
 recomputed from them at another alpha would be optional stopping.
+
+The log reader (`dmae_jax.smoothing`, which imports JAX and SciPy) is imported once every
+argument has been checked and every log found, so a mistyped path or flag is an error in
+well under a second.
 """
 
 from __future__ import annotations
@@ -35,11 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from dmae_jax import errors, metrics, storage
+from dmae_jax import errors, storage
 from dmae_jax.errors import ConfigError
-from dmae_jax.smoothing import logs
-from dmae_jax.smoothing.certify import recompute_at_alpha
-from dmae_jax.smoothing.logs import read_log
 
 DEFAULT_RADII = tuple(0.25 * i for i in range(13))  # 0, 0.25, ..., 3.0
 Rows = Sequence[dict[str, Any]]
@@ -100,6 +101,8 @@ def log_info(path: str | os.PathLike, rows: Rows) -> dict[str, Any]:
     From the identity recorded next to the log by the certify/cascade tasks; for a log
     without one (e.g. Cohen et al.'s), sigma and N from its columns when it has them.
     """
+    from dmae_jax.smoothing import logs
+
     identity = logs.read_identity(path) or {}
     info: dict[str, Any] = {key: identity.get(key) for key in
                             ("task", "sigma", "sigmas", "n0", "n", "alpha", "mode")}
@@ -152,7 +155,9 @@ def envelope(accuracies: Sequence[np.ndarray]) -> np.ndarray:
 
 def load(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of one certification log in any dialect `dmae_jax.smoothing.read_log` reads."""
-    return read_log(path)
+    from dmae_jax.smoothing import logs
+
+    return logs.read_log(path)
 
 
 def markdown_table(
@@ -245,6 +250,8 @@ def write_tensorboard(workdir: str, log_name: str, rows: Rows, *,
     step 0, with the plot of the curve (when matplotlib is installed) and the markdown
     `table` if given. Writing again (a rerun) replaces what the previous run wrote.
     """
+    from dmae_jax import metrics
+
     writer = metrics.create_writer(os.path.join(workdir, os.path.splitext(log_name)[0]))
     try:
         radius = np.asarray([float(r["radius"]) for r in rows], np.float64)
@@ -333,6 +340,9 @@ def at_alpha(path: str | os.PathLike, rows: Rows, alpha: float) -> list[dict[str
     A log whose identity says it is sequential or was sampled with sound noise is refused
     too, even if its rows lost their marks.
     """
+    from dmae_jax.smoothing import logs
+    from dmae_jax.smoothing.certify import recompute_at_alpha
+
     identity = logs.read_identity(path) or {}
     if identity.get("mode") == "sequential":
         raise ValueError("the log is sequential (its identity says mode = sequential): "
@@ -394,6 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels is not None and len(args.labels.split(",")) != len(args.logs):
         raise ConfigError(f"--labels needs {len(args.logs)} names, got "
                           f"{len(args.labels.split(','))}: {args.labels}")
+    for path in args.logs:
+        if not storage.exists(path):
+            raise ConfigError(f"cannot read {path} (No such file or directory)")
+
+    from dmae_jax.smoothing import logs
 
     rows_per_log = []
     for path in args.logs:

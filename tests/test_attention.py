@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
+from dmae_jax import architectures
 from dmae_jax.errors import ConfigError
 from dmae_jax.models import ModelParts, attention, create_classifier, create_dmae, vit
 from tests import helpers
@@ -208,7 +209,7 @@ def test_float32_models_multiply_in_highest_precision_and_bf16_models_in_the_def
 ])
 def test_bad_attention_and_precision_settings_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        vit.resolve_model_config({**TINY, **overrides})
+        architectures.resolve_model_config({**TINY, **overrides})
 
 
 def test_flash_kernel_moves_less_than_the_materialised_logits_only_for_long_sequences():
@@ -237,6 +238,6 @@ def test_pod_configs_compute_in_bf16_and_cpu_configs_in_true_float32(path, dtype
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(helpers.REPO, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = vit.resolve_model_config(module.get_config(None).model)
+    cfg = architectures.resolve_model_config(module.get_config(None).model)
     assert cfg["dtype"] == dtype
     assert vit.resolve_matmul_precision(cfg["matmul_precision"], vit.DTYPES[dtype]) == precision

@@ -101,9 +101,10 @@ def test_whole_batch_mixup_pairs_images_across_devices():
 def test_denoiser_step_moves_no_image():
     from flax import nnx
 
+    from dmae_jax.architectures import UNET_PRESETS
     from dmae_jax.diffusion import losses
     from dmae_jax.models import ModelParts
-    from dmae_jax.models.unet import UNET_PRESETS, UNet
+    from dmae_jax.models.unet import UNet
     from dmae_jax.train import optim
 
     cfg = defaults.digits_train_denoiser()

@@ -313,6 +313,61 @@ def test_bad_command_lines_are_one_line_each(tmp_path):
     assert time.monotonic() - start < 60
 
 
+# What validation must not import: each costs seconds before a typo can be reported.
+_HEAVY = ("jax", "flax", "optax", "orbax", "scipy", "tensorflow", "grain")
+_VALIDATE_ONLY = """
+import contextlib, io, json, runpy, sys
+from dmae_jax import tasks
+from dmae_jax.errors import ConfigError
+from tests.test_config import _HEAVY, _documented, load_config
+
+for path, arg in _documented():  # every documented config, every task's checks
+    try:
+        tasks.prepare(load_config(path, arg), sys.argv[1])
+    except ConfigError:
+        pass  # an export the test machine lacks; the checks before it ran
+for argv in (["dmae_jax.main", "--config=configs/digits.py", "--workdir=" + sys.argv[1],
+              "--config.pretrain.sigma=-1"],
+             ["dmae_jax.report", sys.argv[1] + "/missing.tsv"]):
+    sys.argv[:] = argv
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            assert e.code == 2 and err.getvalue().startswith("error: "), (e.code, err.getvalue())
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(_HEAVY))))
+"""
+
+
+def test_validation_imports_neither_jax_nor_flax(tmp_path):
+    """Every documented config validated, and `main`'s and `report`'s error paths run, in one
+    fresh process that never imports JAX, Flax, Optax, Orbax, SciPy, TensorFlow or Grain: the
+    models' rules are plain Python (`dmae_jax.architectures`), so a bad value is reported
+    about half a second after the command starts, not after JAX's 2-4 s import."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _VALIDATE_ONLY, str(tmp_path)],
+                          cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [], proc.stdout
+
+
+def test_validation_import_check_can_fail(tmp_path):
+    """Control: the same check run after `import jax` reports it (the check is not vacuous)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import jax\n" + _VALIDATE_ONLY,
+                           str(tmp_path)], cwd=helpers.REPO, env=helpers.env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jax" in json.loads(proc.stdout.splitlines()[-1])
+
+
 def test_library_reports_of_a_full_disk_are_left_to_the_one_error_line():
     import logging
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from dmae_jax import convert, exports, pth
+from dmae_jax import architectures, convert, exports, pth
 from dmae_jax.models import (
     count_params,
     create_classifier,
@@ -113,8 +113,9 @@ def test_dmae_matches_pytorch_with_the_same_noise_and_mask(dmae_pair, batch):
     with torch.no_grad():
         loss, pred, mask = reference(nchw(images), mask_ratio=0.75, sigma=0.25,
                                      noise=nchw(noise), ids_shuffle=torch.from_numpy(ids_shuffle))
-        x = (nchw(images + 0.25 * noise) - torch.tensor(vit.IMAGENET_MEAN)[:, None, None]) \
-            / torch.tensor(vit.IMAGENET_STD)[:, None, None]
+        mean = torch.tensor(architectures.IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(architectures.IMAGENET_STD)[:, None, None]
+        x = (nchw(images + 0.25 * noise) - mean) / std
         latent, _, _ = reference.forward_encoder(x, 0.75, torch.from_numpy(ids_shuffle))
     out = dmae_forward(model, images, noise, ids_shuffle, sigma=0.25, mask_ratio=0.75)
     assert max_diff(out.pred, pred) <= TOL
@@ -184,7 +185,7 @@ def test_init_from_converted_dmae_matches_the_official_finetuning_load(dmae_pair
 def test_parameter_counts_match_pytorch(variant, dmae_count, classifier_count):
     """The official models' sizes: DMAE-B 111.91M (incl. fixed pos embeds), ViT-B 86.57M;
     L: 329.54M / 304.33M."""
-    arch = vit.get_variant(variant)
+    arch = architectures.get_variant(variant)
     with torch.device("meta"):
         torch_counts = (
             count_parameters(TorchDMAE(embed_dim=arch["width"], depth=arch["depth"],

@@ -9,13 +9,14 @@ import pytest
 import torch
 from flax import nnx
 
+from dmae_jax.architectures import UNetConfig
 from dmae_jax.diffusion import denoise, losses
+from dmae_jax.diffusion.denoise import model_timestep
 from dmae_jax.diffusion.schedule import (
     make_schedule,
-    model_timestep,
     timestep_for_sigma,
 )
-from dmae_jax.models.unet import UNet, UNetConfig
+from dmae_jax.models.unet import UNet
 
 # Small enough to compile quickly; the presets themselves are covered in test_unet.py.
 TINY = UNetConfig(

@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dmae_jax import checkpoints, checks, defaults, exports
+from dmae_jax import architectures, checkpoints, checks, defaults, exports
 from dmae_jax.config import ConfigError
 from dmae_jax.diffusion import calibration, loading, losses
 from dmae_jax.models import ModelParts, count_params
@@ -26,7 +26,7 @@ from dmae_jax.train import common
 from tests.test_train import load_config
 
 # One level, no attention: the smallest UNet that compiles fast.
-TINY = unet_lib.UNetConfig(
+TINY = architectures.UNetConfig(
     image_size=8, in_channels=3, model_channels=32, num_res_blocks=1, channel_mult=(1,),
     attention_ds=(), dropout=0.1, noise_schedule="cosine", diffusion_steps=100,
 )
@@ -34,7 +34,7 @@ TINY = unet_lib.UNetConfig(
 
 @pytest.fixture(autouse=True)
 def tiny_preset(monkeypatch):
-    monkeypatch.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
+    monkeypatch.setitem(architectures.UNET_PRESETS, "test_tiny", TINY)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def _train_config(data_dir: str) -> ml_collections.ConfigDict:
 def ddpm_export(tmp_path_factory, data_dir):
     """workdir of a 4-step train_denoiser run of the tiny UNet (its export is in export/)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(unet_lib.UNET_PRESETS, "test_tiny", TINY)
+        mp.setitem(architectures.UNET_PRESETS, "test_tiny", TINY)
         workdir = str(tmp_path_factory.mktemp("ddpm"))
         config = _train_config(data_dir)
         checks.train_denoiser(config)
@@ -186,7 +186,7 @@ def test_train_task_exports_a_unet_that_certification_can_load(ddpm_export):
     path = os.path.join(ddpm_export, "export")
     _, meta = exports.load(path)
     assert meta["kind"] == "unet" and meta["preset"] == "test_tiny"
-    assert unet_lib.UNetConfig.from_dict(meta["config"]) == TINY
+    assert architectures.UNetConfig.from_dict(meta["config"]) == TINY
     assert os.path.getsize(os.path.join(ddpm_export, "denoising", "step_000004.png")) > 100
 
     denoise_fn = loading.load_denoise_fn(path, "diffusion", 0.5, image_size=8)
@@ -312,7 +312,7 @@ def test_bad_calibration_config_names_the_field(data_dir, ddpm_export, classifie
 
 
 def test_the_unet_takes_images_its_size_or_larger_or_reflection_paddable_to_it():
-    big = unet_lib.UNET_PRESETS["256x256_diffusion_uncond"]
+    big = architectures.UNET_PRESETS["256x256_diffusion_uncond"]
     assert big.pad_to(224) == 256 and big.pad_to(256) is None and big.pad_to(300) is None
     big.check_image_size(224)  # ImageNet crops, padded by 16 on each side
     for size in (225, 60):  # an odd difference; padding wider than the image

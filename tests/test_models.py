@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dmae_jax import architectures
 from dmae_jax.models import (
     count_params,
     create_classifier,
@@ -50,10 +51,10 @@ def tiny_dmae():
 
 
 def test_variants_have_the_paper_sizes():
-    assert vit.get_variant("base") == {"width": 768, "depth": 12, "num_heads": 12}
-    assert vit.get_variant("large") == {"width": 1024, "depth": 24, "num_heads": 16}
-    assert vit.get_variant("huge") == {"width": 1280, "depth": 32, "num_heads": 16}
-    assert vit.get_variant("mu") == {"width": 128, "depth": 4, "num_heads": 4}
+    assert architectures.get_variant("base") == {"width": 768, "depth": 12, "num_heads": 12}
+    assert architectures.get_variant("large") == {"width": 1024, "depth": 24, "num_heads": 16}
+    assert architectures.get_variant("huge") == {"width": 1280, "depth": 32, "num_heads": 16}
+    assert architectures.get_variant("mu") == {"width": 128, "depth": 4, "num_heads": 4}
 
 
 def test_sincos_first_half_encodes_the_column_and_cls_row_is_zero():
@@ -78,7 +79,7 @@ def test_random_masking_keeps_the_right_count_and_ids_restore_inverts():
     b, length, d = 3, 16, 5
     x = jax.random.normal(jax.random.key(0), (b, length, d))
     ids_shuffle = dmae_lib.sample_ids_shuffle(jax.random.key(1), b, length)
-    len_keep = dmae_lib.num_kept(length, 0.75)
+    len_keep = architectures.num_kept(length, 0.75)
     assert len_keep == 4
     kept, mask, ids_restore = dmae_lib.random_masking(x, ids_shuffle, len_keep)
     assert kept.shape == (b, len_keep, d)
@@ -96,7 +97,7 @@ def test_random_masking_keeps_the_right_count_and_ids_restore_inverts():
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 0.99])
 def test_mask_ratio_outside_range_or_keeping_nothing_is_rejected(ratio):
     with pytest.raises(ValueError, match="mask_ratio"):
-        dmae_lib.num_kept(16, ratio)
+        architectures.num_kept(16, ratio)
 
 
 def test_patchify_uses_p_q_c_order_and_unpatchify_inverts():
@@ -113,7 +114,7 @@ def test_loss_is_mse_on_all_patches_against_the_clean_target(tiny_dmae):
     noise = jax.random.normal(jax.random.key(5), images.shape)
     out = dmae_forward(tiny_dmae, images, sigma=0.5, mask_ratio=0.75, noise=noise,
                        rng=jax.random.key(6))
-    mean, std = np.array(vit.IMAGENET_MEAN), np.array(vit.IMAGENET_STD)
+    mean, std = np.array(architectures.IMAGENET_MEAN), np.array(architectures.IMAGENET_STD)
     target = np.asarray(dmae_lib.patchify((np.asarray(images) - mean) / std, 4))
     mu = target.mean(-1, keepdims=True)
     var = target.var(-1, ddof=1, keepdims=True)  # unbiased, as torch.var

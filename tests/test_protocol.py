@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from dmae_jax import architectures
 from dmae_jax.data import augment, datasets, pipeline, randaugment, resize
 from dmae_jax.models import linprobe
 from dmae_jax.train import mixup
@@ -306,14 +307,13 @@ def test_model_upsample_switch_selects_the_fixture_kernel(upsample, fixture):
 def test_model_upsample_default_is_the_papers_kernel_and_bad_values_are_named():
     from dmae_jax import defaults
     from dmae_jax.errors import ConfigError
-    from dmae_jax.models import vit
 
     assert defaults.model("base").upsample == "bicubic"
     cfg = {"variant": "mu", "img_size": 32, "patch_size": 8}
-    assert vit.resolve_model_config(cfg)["upsample"] == "bicubic"
+    assert architectures.resolve_model_config(cfg)["upsample"] == "bicubic"
     with pytest.raises(ConfigError, match=r"model.upsample must be one of "
                                           r"\['bicubic', 'bicubic_antialias'\], got 'bilinear'"):
-        vit.resolve_model_config({**cfg, "upsample": "bilinear"})
+        architectures.resolve_model_config({**cfg, "upsample": "bilinear"})
 
 
 # ------------------------------------------------------------------ linear probing

@@ -18,14 +18,10 @@ import torch
 from flax import nnx
 
 from dmae_jax import exports
+from dmae_jax.architectures import UNET_PRESETS, UNetConfig
 from dmae_jax.diffusion import convert
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.models.unet import (
-    UNET_PRESETS,
-    UNet,
-    UNetConfig,
-    timestep_embedding,
-)
+from dmae_jax.models.unet import UNet, timestep_embedding
 from tests.helpers import set_params
 from tests.torch_unet import TorchUNet, sinusoidal
 

@@ -1,30 +1,12 @@
-"""Diffusion denoisers: schedules, one-shot denoising, DDPM training objective."""
+"""Diffusion denoisers: schedules, one-shot denoising, DDPM training objective.
 
-from dmae_jax.diffusion.denoise import (
-    DenoisedClassifier,
-    DiffusionDenoiser,
-    denoise_then_classify,
-    make_diffusion_denoise_fn,
-    one_shot_denoise,
-)
-from dmae_jax.diffusion.losses import ddpm_loss, ddpm_loss_terms
-from dmae_jax.diffusion.schedule import (
-    DiffusionSchedule,
-    make_schedule,
-    model_timestep,
-    timestep_for_sigma,
-)
+  schedule     DDPM noise schedules and t*(sigma) (plain NumPy)
+  denoise      Carlini et al.'s one-shot denoiser, denoise-then-classify
+  losses       the DDPM training objective (L_simple, L_hybrid)
+  calibration  denoiser calibration against a fixed classifier (Jeong & Shin)
+  loading      denoisers from parameter exports, for certification
+  convert      the official PyTorch UNet checkpoints -> parameter exports
 
-__all__ = [
-    "DenoisedClassifier",
-    "DiffusionDenoiser",
-    "DiffusionSchedule",
-    "ddpm_loss",
-    "ddpm_loss_terms",
-    "denoise_then_classify",
-    "make_diffusion_denoise_fn",
-    "make_schedule",
-    "model_timestep",
-    "one_shot_denoise",
-    "timestep_for_sigma",
-]
+Import the module you need (`from dmae_jax.diffusion import denoise`): the package itself
+imports nothing, so validation can read a schedule without importing JAX.
+"""

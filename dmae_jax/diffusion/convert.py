@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from dmae_jax import errors, pth
+from dmae_jax.architectures import UNET_PRESETS, UNetConfig
 from dmae_jax.convert import save_export
 from dmae_jax.errors import UserError
-from dmae_jax.models.unet import UNET_PRESETS, UNet, UNetConfig, export_meta
+from dmae_jax.models.unet import UNet, export_meta
 
 
 class ConversionError(UserError, ValueError):

@@ -24,13 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmae_jax.diffusion.schedule import DiffusionSchedule, model_timestep, timestep_for_sigma
+from dmae_jax.diffusion.schedule import DiffusionSchedule, timestep_for_sigma
 
 # (x [B, H, W, C] in model space, t [B] float) -> [B, H, W, C or 2C]; a UNet is one.
 UNetApply = Callable[[jax.Array, jax.Array], jax.Array]
 # noisy images [B, H, W, C] in [0, 1] units -> denoised images [B, H, W, C] in [0, 1].
 DenoiseFn = Callable[[jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array], jax.Array]
+
+
+def model_timestep(t: jax.Array | int, num_timesteps: int, *, rescale_timesteps: bool) -> jax.Array:
+    """The float timestep the network receives: t * 1000 / T if rescale_timesteps, else t."""
+    t = jnp.asarray(t, dtype=jnp.float32)
+    return t * (1000.0 / num_timesteps) if rescale_timesteps else t
 
 
 def reflect_pad(x: jax.Array, pad: int) -> jax.Array:

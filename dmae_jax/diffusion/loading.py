@@ -21,14 +21,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from dmae_jax.architectures import DENOISER_KINDS, UNetConfig
 from dmae_jax.diffusion import denoise
 from dmae_jax.models import dmae, vit
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.models.unet import UNetConfig
-
-DENOISER_KINDS = ("diffusion", "dmae")
-# Export meta kind of each denoiser kind.
-EXPORT_KIND = {"diffusion": "unet", "dmae": "dmae"}
 
 
 def load_unet(path: str, *, field: str = "config.denoiser"):

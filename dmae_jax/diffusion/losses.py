@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmae_jax.diffusion.schedule import DiffusionSchedule, model_timestep
+from dmae_jax.diffusion.denoise import model_timestep
+from dmae_jax.diffusion.schedule import DiffusionSchedule
 
 # (x_t [B, H, W, C], t [B] float, *, rng) -> [B, H, W, C or 2C]; a UNet is one.
 TrainApply = Callable[..., jax.Array]

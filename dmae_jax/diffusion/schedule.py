@@ -1,5 +1,7 @@
 """DDPM noise schedules (float64 numpy, as improved/guided-diffusion) and sigma -> timestep.
 
+Plain NumPy: validation checks a UNet's sigmas against its schedule before JAX is imported.
+
 x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t = 0 .. T-1 (t = 0 is one step
 of noise, as in the official code).
 """
@@ -9,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -119,8 +119,3 @@ def timestep_for_sigma(schedule: DiffusionSchedule, sigma: float) -> tuple[int, 
     t_star = int(hits[0])
     return t_star, float(schedule.sqrt_alphas_cumprod[t_star])
 
-
-def model_timestep(t: jax.Array | int, num_timesteps: int, *, rescale_timesteps: bool) -> jax.Array:
-    """The float timestep the network receives: t * 1000 / T if rescale_timesteps, else t."""
-    t = jnp.asarray(t, dtype=jnp.float32)
-    return t * (1000.0 / num_timesteps) if rescale_timesteps else t

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dmae_jax.architectures import VARIANTS, resolve_model_config
 from dmae_jax.models.classifier import Classifier, create_classifier, init_from_dmae
 from dmae_jax.models.dmae import DMAE, DMAEOutput, create_dmae
 from dmae_jax.models.parts import ModelParts
-from dmae_jax.models.vit import DTYPES, VARIANTS, resolve_model_config
+from dmae_jax.models.vit import DTYPES
 
 __all__ = [
     "DMAE", "DMAEOutput", "Classifier", "ModelParts", "init_from_dmae", "create_dmae",

@@ -22,24 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmae_jax import architectures
+from dmae_jax.architectures import ATTENTION
 from dmae_jax.errors import ConfigError
 
-# `model.attention`: how softmax(q k^T / sqrt(d)) v is computed.
-#   einsum  plain einsums on the fused qkv projection (XLA:CPU's fastest; the CPU default),
-#   xla     jax.nn.dot_product_attention's XLA path on separately projected q, k, v (the TPU
-#           default: for the DMAE-B decoder's blocks on TPU v4, 30% less estimated time than
-#           einsum's slices of the fused [B, N, 3, H, d] projection),
-#   cudnn   jax.nn.dot_product_attention with cuDNN's fused flash kernel (GPU; bfloat16 or
-#           float16 compute only; the GPU default for a bfloat16 model),
-#   pallas  jax's Pallas TPU flash-attention kernel (TPU; opt-in),
-#   auto    the default of the platform the model runs on.
-ATTENTION = ("auto", "einsum", "xla", "cudnn", "pallas")
-# `model.attention_logits`: the dtype the logits and softmax weights are stored in (the
-# softmax's max, exponentials and sum are float32 either way). bfloat16 halves the [B, H, N, N]
-# traffic of the einsum and xla paths (what the papers' fp16 autocast stored: its q k^T
-# product is fp16); the fused kernels never store them. "auto" (`resolve_logits`) is
-# bfloat16 for a bfloat16 model on the einsum and xla paths, float32 otherwise.
-ATTENTION_LOGITS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The dtype of each `model.attention_logits` name (`architectures.ATTENTION_LOGITS`).
+ATTENTION_LOGITS = {name: getattr(jnp, name) for name in architectures.ATTENTION_LOGITS}
 # The Pallas kernel's block (and so sequence padding) size.
 FLASH_BLOCK = 128
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dmae_jax import exports
+from dmae_jax import architectures, exports
 from dmae_jax.exports import match_tree
 from dmae_jax.models import vit
 from dmae_jax.models.parts import ModelParts
@@ -45,8 +45,9 @@ class Classifier(nnx.Module):
         self.mean, self.std = vit.get_normalization(normalization)
         self.dtype = dtype
         self.remat = remat
-        if upsample not in vit.UPSAMPLE:
-            raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
+        if upsample not in architectures.UPSAMPLE:
+            raise ValueError(f"upsample must be one of {sorted(architectures.UPSAMPLE)}, "
+                             f"got {upsample!r}")
         self.upsample = upsample
         # A `jax.default_matmul_precision` value (None: JAX's default) for every call.
         self.matmul_precision = matmul_precision
@@ -141,32 +142,11 @@ def init_from_dmae(classifier: Classifier, dmae_params: Mapping[str, Any]) -> No
     nnx.update(classifier, state)
 
 
-# The architecture fields a classifier must share with the DMAE it starts from (the
-# parameter shapes, and the head count the attention weights were trained with).
-ENCODER_FIELDS = ("width", "depth", "num_heads", "patch_size")
-DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
-
-
-def encoder_mismatch(model_cfg: Mapping[str, Any], dmae_model_cfg: Mapping[str, Any], *,
-                     decoder: bool = False) -> tuple[str, Any, Any] | None:
-    """(field, this model's value, the DMAE's) of the first architecture field that keeps a
-    DMAE export (its meta's "model") from initialising `model_cfg`, or None when it fits.
-
-    `init_from_dmae` copies the encoder; with `decoder` (continued pretraining) the decoder
-    must match too. The image size may differ (position embeddings are regenerated).
-    """
-    ours, theirs = vit.resolve_model_config(model_cfg), vit.resolve_model_config(dmae_model_cfg)
-    for field in ENCODER_FIELDS + (DECODER_FIELDS if decoder else ()):
-        if ours[field] != theirs[field]:
-            return field, ours[field], theirs[field]
-    return None
-
-
 def create_classifier(model_cfg: Mapping[str, Any] | Any, num_classes: int, *,
                       rngs: nnx.Rngs, platform: str | None = None) -> Classifier:
     """Builds the fine-tuning ViT classifier described by a `model` config, for `platform`
     (cpu, gpu or tpu; default: JAX's default backend), which resolves `model.attention`."""
-    cfg = vit.resolve_model_config(model_cfg)
+    cfg = architectures.resolve_model_config(model_cfg)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")

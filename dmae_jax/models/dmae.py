@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dmae_jax import exports
+from dmae_jax import architectures, exports
+from dmae_jax.architectures import num_kept
 from dmae_jax.models import vit
 from dmae_jax.models.parts import ModelParts
 
@@ -84,18 +85,6 @@ def sample_ids_shuffle(rng: jax.Array, batch_size: int, num_patches: int) -> jax
     return jnp.argsort(noise, axis=1).astype(jnp.int32)
 
 
-def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Number of visible patches, int(L * (1 - mask_ratio)) as the official code."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0.0, 1.0), got {mask_ratio}")
-    len_keep = int(num_patches * (1 - mask_ratio))
-    if len_keep < 1:
-        raise ValueError(
-            f"mask_ratio = {mask_ratio} keeps no patch visible out of {num_patches}: it must "
-            f"be below {1 - 1 / num_patches}")
-    return len_keep
-
-
 def random_masking(
     x: jax.Array, ids_shuffle: jax.Array, len_keep: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -134,8 +123,9 @@ class DMAE(nnx.Module):
         self.mean, self.std = vit.get_normalization(normalization)
         self.dtype = dtype
         self.remat = remat
-        if upsample not in vit.UPSAMPLE:
-            raise ValueError(f"upsample must be one of {sorted(vit.UPSAMPLE)}, got {upsample!r}")
+        if upsample not in architectures.UPSAMPLE:
+            raise ValueError(f"upsample must be one of {sorted(architectures.UPSAMPLE)}, "
+                             f"got {upsample!r}")
         self.upsample = upsample
         # A `jax.default_matmul_precision` value (None: JAX's default) for every call.
         self.matmul_precision = matmul_precision
@@ -303,7 +293,7 @@ def create_dmae(model_cfg: Mapping[str, Any] | Any, *, rngs: nnx.Rngs,
                 platform: str | None = None) -> DMAE:
     """Builds the DMAE pretraining model described by a `model` config, for `platform`
     (cpu, gpu or tpu; default: JAX's default backend), which resolves `model.attention`."""
-    cfg = vit.resolve_model_config(model_cfg)
+    cfg = architectures.resolve_model_config(model_cfg)
     return DMAE(
         img_size=cfg["img_size"], patch_size=cfg["patch_size"], width=cfg["width"],
         depth=cfg["depth"], num_heads=cfg["num_heads"], decoder_width=cfg["decoder_width"],

@@ -36,129 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dmae_jax import defaults, parallel
+from dmae_jax import architectures, parallel
+from dmae_jax.architectures import ATTENTION, MATMUL_PRECISIONS, NORMALIZATIONS, UPSAMPLE
 from dmae_jax.data.resize import resize_bicubic_torch
 from dmae_jax.errors import ConfigError
 from dmae_jax.models import attention
 
-VARIANTS: dict[str, dict] = {
-    "mu": {"width": 128, "depth": 4, "num_heads": 4},
-    "tiny": {"width": 192, "depth": 12, "num_heads": 3},
-    "small": {"width": 384, "depth": 12, "num_heads": 6},
-    "base": {"width": 768, "depth": 12, "num_heads": 12},
-    "large": {"width": 1024, "depth": 24, "num_heads": 16},
-    "huge": {"width": 1280, "depth": 32, "num_heads": 16},
-}
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-}
-
-# How inputs whose size differs from img_size are resized inside the model (CIFAR-10 32 -> 224
-# after the noise): the value is the `antialias` flag of PyTorch's bicubic F.interpolate.
-# "bicubic": A = -0.75, no antialiasing, what torchvision < 0.17 `Resize` on tensors and the
-# papers' code computed; "bicubic_antialias": torchvision >= 0.17 `Resize` (antialias=True),
-# a normalised A = -0.5 kernel (a different map even when upsampling).
-UPSAMPLE = {"bicubic": False, "bicubic_antialias": True}
-
 LAYER_NORM_EPS = 1e-6
-
-
-def get_variant(name: str) -> dict:
-    """Returns {width, depth, num_heads} of a named ViT variant."""
-    if name not in VARIANTS:
-        raise ConfigError(
-            f"model.variant must be one of {sorted(VARIANTS)}, got {name!r}"
-        )
-    return dict(VARIANTS[name])
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# `model.matmul_precision`: the precision of every matmul of the model. "auto" is "highest"
-# for a float32 model (true float32 products: a TPU otherwise multiplies in one bfloat16
-# pass, an Ampere or later GPU in TF32) and JAX's default for a bfloat16 one (its operands
-# are bfloat16 already). XLA:CPU computes float32 products whatever the precision.
-MATMUL_PRECISIONS = ("auto", "default", "high", "highest")
-# The fields that say which architecture a model is; every other field of a `model` config
-# has its default in `dmae_jax.defaults.model`.
-REQUIRED_FIELDS = ("variant", "img_size", "patch_size")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def resolve_model_config(model_cfg: Mapping[str, Any] | Any) -> dict:
-    """Validated, complete model config: a plain dict with every field (variant resolved).
-
-    `model_cfg` (a Mapping or ConfigDict) needs variant, img_size and patch_size; absent or
-    None fields take `dmae_jax.defaults.model`'s values, and width / depth / num_heads the
-    variant's.
-    """
-    for name in REQUIRED_FIELDS:
-        if model_cfg.get(name, None) is None:
-            raise ConfigError(f"model.{name} is required")
-    cfg = dict(defaults.model(model_cfg.get("variant")).to_dict(),
-               width=None, depth=None, num_heads=None)
-    for name in cfg:
-        value = model_cfg.get(name, None)
-        if value is not None:
-            cfg[name] = value
-    arch = get_variant(cfg["variant"])
-    for name in ("width", "depth", "num_heads"):
-        cfg[name] = _positive_int(cfg[name] if cfg[name] is not None else arch[name], name)
-    for name in ("img_size", "patch_size", "decoder_width", "decoder_depth", "decoder_heads"):
-        cfg[name] = _positive_int(cfg[name], name)
-    if cfg["img_size"] % cfg["patch_size"] != 0:
-        raise ConfigError(
-            f"model.img_size must be divisible by model.patch_size ({cfg['patch_size']}), "
-            f"got {cfg['img_size']}"
-        )
-    for width, heads in (("width", "num_heads"), ("decoder_width", "decoder_heads")):
-        if cfg[width] % cfg[heads] != 0 or cfg[width] % 4 != 0:
-            raise ConfigError(
-                f"model.{width} must be divisible by 4 (sin-cos embedding) and by "
-                f"model.{heads} ({cfg[heads]}), got {cfg[width]}"
-            )
-    if cfg["normalization"] not in NORMALIZATIONS:
-        raise ConfigError(
-            f"model.normalization must be one of {sorted(NORMALIZATIONS)}, "
-            f"got {cfg['normalization']!r}"
-        )
-    if cfg["dtype"] not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg['dtype']!r}")
-    if cfg["upsample"] not in UPSAMPLE:
-        raise ConfigError(
-            f"model.upsample must be one of {sorted(UPSAMPLE)}, got {cfg['upsample']!r}"
-        )
-    for name, valid in (("attention", attention.ATTENTION),
-                        ("attention_logits", ("auto", *attention.ATTENTION_LOGITS)),
-                        ("matmul_precision", MATMUL_PRECISIONS)):
-        if cfg[name] not in valid:
-            raise ConfigError(f"model.{name} must be one of {sorted(valid)}, got {cfg[name]!r}")
-    if cfg["attention_logits"] == "bfloat16":
-        if cfg["dtype"] != "bfloat16":
-            raise ConfigError("model.attention_logits='bfloat16' needs model.dtype='bfloat16', "
-                              f"got model.dtype={cfg['dtype']!r}")
-        if cfg["attention"] in ("cudnn", "pallas"):
-            raise ConfigError(
-                f"model.attention_logits='bfloat16' needs model.attention einsum, xla or auto "
-                f"(the {cfg['attention']} kernel never stores the logits), got "
-                f"{cfg['attention']!r}")
-    rate = cfg["drop_path_rate"]
-    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-        raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {rate!r}")
-    cfg["drop_path_rate"] = float(rate)
-    for name in ("norm_pix_loss", "global_pool", "remat"):
-        cfg[name] = bool(cfg[name])
-    return cfg
+# The compute dtypes of `model.dtype` (`architectures.DTYPES` names them).
+DTYPES = {name: getattr(jnp, name) for name in architectures.DTYPES}
 
 
 def resolve_matmul_precision(name: str, dtype) -> str | None:
@@ -432,8 +318,8 @@ class Attention(nnx.Module):
                  logits_dtype=jnp.float32, rngs: nnx.Rngs):
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        if impl not in attention.ATTENTION or impl == "auto":
-            raise ValueError(f"impl must be one of {attention.ATTENTION[1:]}, got {impl!r}")
+        if impl not in ATTENTION or impl == "auto":
+            raise ValueError(f"impl must be one of {ATTENTION[1:]}, got {impl!r}")
         self.num_heads = num_heads
         self.impl = impl
         self.logits_dtype = logits_dtype

@@ -22,11 +22,12 @@ import numpy as np
 from flax import nnx
 
 from dmae_jax import checkpoints, checks, exports, metrics, parallel, visualize
+from dmae_jax.architectures import UNET_PRESETS
 from dmae_jax.data import datasets
 from dmae_jax.diffusion import denoise, losses
 from dmae_jax.models import DTYPES, ModelParts
 from dmae_jax.models import unet as unet_lib
-from dmae_jax.models.unet import UNET_PRESETS, UNet
+from dmae_jax.models.unet import UNet
 from dmae_jax.train import common, optim
 
 
