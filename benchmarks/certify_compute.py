@@ -20,6 +20,24 @@ For every distribution of per-image pA and every sigma it prints, side by side:
     place of Phi(r / sigma) at r = 0; 0 for an image the fixed protocol does not certify);
     "engine / floor" compares estimation samples (N0 is the same for every side).
 
+How fair the floor is (it is not redefined to suit the engine; read it with these in mind):
+  * it favours the oracle: knowing pA, it tests one threshold against one alternative
+    (Wald's SPRT), where an engine that does not know pA pays at least a log log factor
+    for not knowing it (the law of the iterated logarithm);
+  * it can also be higher than a test at power 1/2 needs: Wald's bound is for power -> 1
+    (2 log(1 / alpha) v / delta^2 = 13.8 v / delta^2 samples for pA = q + delta, v = pA (1
+    - pA)), while a fixed-N Clopper-Pearson test that certifies half the time needs
+    z_alpha^2 v / delta^2 = 9.5 v / delta^2; images within a few standard errors of a
+    threshold are capped at N, what the fixed protocol spends on them;
+  * it certifies the level of the EXPECTED count, so where the fixed protocol certifies a
+    radius with probability P in (0, 1) the oracle rounds P to 0 or 1 and pays only when it
+    rounds up. Over a smooth mixture these roundings cancel; where many images share one pA
+    near a threshold they do not: the "oracle's own loss" printed beside the engine's is
+    the certified accuracy the floor's oracle gives up against the fixed protocol (digits
+    at sigma 0.5: its 10,000-sample estimates put 12 correct images at pA = 0.9999, at the
+    threshold of r = 1.75, which the fixed protocol certifies with probability 0.46 and the
+    oracle never; the engine, held to the fixed protocol's accuracy, must pay for them).
+
 Distributions:
   * digits: the digits pipeline's three fine-tuned classifiers (every second test image,
     as the pipeline), each image's c_hat from N0 = 100 real noisy samples and pA from
@@ -285,6 +303,9 @@ def compare(name, sigma, pA, correct, schedule, seeds):
     lost_se = gap.std(axis=0, ddof=1) / math.sqrt(len(pA))
     worst = int(np.argmax(lost))
     floor = oracle_floor(pA, level, sigma, shown)
+    # The floor's oracle certifies each image's expected-count level: radii below it.
+    certified_oracle = (np.arange(top)[None, :] < level[:, None]) * np.asarray(correct)[:, None]
+    oracle_lost = 100 * (certified_fixed - certified_oracle).mean(axis=0)
     fixed_passes, engine_passes = N0 + N, passes.mean()
     engine_se = passes.mean(axis=0).std(ddof=1) / math.sqrt(len(pA))
     ratio = (engine_passes - N0) / max(floor.mean(), 1.0)
@@ -302,10 +323,13 @@ def compare(name, sigma, pA, correct, schedule, seeds):
         cells = [f"{a:.3f}" if a is not None else "" for a in curve]
         print("| " + " | ".join([f"{sigma:g}", label, passes_text, saving, *cells]) + " |")
     print(f"engine / floor (estimation samples): {ratio:.2f}x; largest accuracy lost: "
-          f"{100 * lost[worst]:.2f} +- {100 * lost_se[worst]:.2f} points at r={shown[worst]:g}")
+          f"{100 * lost[worst]:.2f} +- {100 * lost_se[worst]:.2f} points at r={shown[worst]:g}; "
+          f"the floor's oracle's own largest loss: {oracle_lost.max():.2f} points at "
+          f"r={shown[int(np.argmax(oracle_lost))]:g}")
     return dict(name=name, sigma=sigma, saving=fixed_passes / engine_passes,
                 oracle=fixed_passes / (N0 + floor.mean()), ratio=ratio,
-                lost=100 * lost[worst], lost_se=100 * lost_se[worst], at=shown[worst])
+                lost=100 * lost[worst], lost_se=100 * lost_se[worst], at=shown[worst],
+                oracle_lost=oracle_lost.max())
 
 
 def main(argv=None) -> int:
@@ -350,10 +374,11 @@ def main(argv=None) -> int:
             pA, correct = digits(estimates, sigma) if name == "digits" else mixture(name, sigma)
             summary.append(compare(name, sigma, pA, correct, schedule, SEEDS[name]))
     print("\n| distribution | sigma | engine saving | oracle saving | engine / floor | "
-          "largest loss (points) |\n|---|---|---|---|---|---|")
+          "largest loss (points) | oracle's own loss |\n|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['name']} | {s['sigma']:g} | {s['saving']:.1f}x | {s['oracle']:.1f}x | "
-              f"{s['ratio']:.2f}x | {s['lost']:.2f} +- {s['lost_se']:.2f} at r={s['at']:g} |")
+              f"{s['ratio']:.2f}x | {s['lost']:.2f} +- {s['lost_se']:.2f} at r={s['at']:g} | "
+              f"{s['oracle_lost']:.2f} |")
     return 0
 
 

@@ -42,13 +42,14 @@ def test_grid_level_counts_the_radii_certified_inclusively():
     assert grid_level(9.0, RADII) == len(RADII)
 
 
-def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0):
+def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0, stop_level=None):
     """Exact (P(wrong certificate), E[estimation samples]) of the single-sigma stopping rule.
 
     Dynamic programming over the looks: the law of the c_hat votes among the runs that have
     not stopped yet, advanced by the Binomial votes of each round. A certificate is wrong
     when it predicts with pA_lower > pA (then sigma Phi^-1(pA_lower) exceeds the true radius).
-    all_correct: the level of the all-correct sequence (0: none).
+    all_correct: the level of the all-correct sequence (0: none); stop_level: the futility
+    level (None: each look's level, as decide_single).
     """
     levels = np.broadcast_to(level, (len(looks),))  # one level, or one per look
     alive = np.zeros(looks[-1] + 1)
@@ -61,7 +62,8 @@ def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0):
         for nA in np.flatnonzero(alive > 1e-300):
             stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=float(level),
                                         radii=RADII, n_max=looks[-1],
-                                        cap_level=float(levels[-1]), all_correct=all_correct)
+                                        cap_level=float(levels[-1]), all_correct=all_correct,
+                                        stop_level=stop_level)
             if stop:
                 if 0.5 <= lower and lower > pA:
                     wrong += alive[nA]
@@ -102,6 +104,83 @@ def test_uneven_spending_and_the_all_correct_sequence_keep_wrong_certificates_be
                                         level=levels, all_correct=alpha / 2)
     assert wrong <= alpha
     assert samples < looks[-1]
+
+
+DEFAULT = Schedule()
+# At pA = Phi(1), Phi(2), Phi(3) the true radius is exactly a grid radius (sigma = 0.25);
+# 0.5 is the abstain threshold; 0.9995: an all-correct run is the likely wrong certificate.
+THRESHOLD_PAS = [stats.norm.cdf(1.0), stats.norm.cdf(2.0), 0.5, stats.norm.cdf(3.0), 0.9995]
+
+
+def default_looks(alpha, n_first=8, n_max=400):
+    """The engine's default schedule (power, all-correct share, aligned looks) on a small cap."""
+    return aligned_schedule(n_first, n_max, DEFAULT.growth, sigma=0.25, radii=RADII,
+                            alpha=alpha, power=DEFAULT.power, all_correct=DEFAULT.all_correct)
+
+
+@pytest.mark.parametrize("pA", THRESHOLD_PAS)
+def test_the_default_schedule_and_futility_rule_keep_wrong_certificates_below_alpha(pA):
+    # Exactly the engine's defaults (levels, all-correct share, aligned looks, the
+    # conditional-power futility rule at stop_level), at a level where wrong certificates
+    # are frequent enough to see.
+    alpha = 0.05
+    looks, levels = default_looks(alpha)
+    assert sum(levels) == pytest.approx(alpha * (1 - DEFAULT.all_correct))
+    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks, level=levels,
+                                        all_correct=alpha * DEFAULT.all_correct,
+                                        stop_level=DEFAULT.stop_level)
+    assert wrong <= alpha
+    assert samples < looks[-1]
+
+
+def test_the_exact_check_of_the_defaults_fails_when_every_look_spends_the_whole_level():
+    # The control for the test above: the same rule with each look's Clopper-Pearson bound
+    # at the whole share alpha (1 - a) instead of its part of it certifies wrongly too often.
+    alpha = 0.05
+    looks, levels = default_looks(alpha)
+    unsound = np.where(np.asarray(levels) > 0, alpha * (1 - DEFAULT.all_correct), 0.0)
+    worst = max(exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks, level=unsound,
+                                   all_correct=alpha * DEFAULT.all_correct,
+                                   stop_level=DEFAULT.stop_level)[0] for pA in THRESHOLD_PAS[::2])
+    assert worst > alpha
+
+
+def test_the_predictive_upper_bound_narrows_from_the_plain_one_to_the_estimate_at_the_cap():
+    nA, n, n_max, level = 830, 1000, 100_000, 0.05
+    plain = sequential.cp_upper(nA, n, level)
+    early = sequential.predictive_upper(nA, n, n_max, level)
+    assert plain - 1e-3 < early < plain  # 1 % of the cap seen: nearly the plain bound
+    spread = [sequential.predictive_upper(nA * k, n * k, n_max, level) - nA / n
+              for k in (1, 10, 50, 90, 99)]
+    assert all(a > b > 0 for a, b in zip(spread, spread[1:], strict=False))
+    assert sequential.predictive_upper(83_000, n_max, n_max, level) == 0.83
+    assert sequential.predictive_upper(n, n, n_max, level) == 1.0  # all correct: anything goes
+    # Calibrated: the cap's fraction exceeds the bound about `level` of the time when pA is
+    # the estimate (the plain bound, for the unseen votes alone, would be exceeded ~never).
+    rng = np.random.default_rng(0)
+    p, seen = 0.83, 50_000
+    nA_seen = rng.binomial(seen, p, 4000)
+    final = (nA_seen + rng.binomial(n_max - seen, p, 4000)) / n_max
+    bound = np.asarray([sequential.predictive_upper(int(a), seen, n_max, level) for a in nA_seen])
+    assert 0.02 < np.mean(final > bound) < 0.08
+
+
+def test_the_futility_rule_gives_up_on_an_out_of_reach_radius_earlier_than_the_plain_bound(
+        monkeypatch):
+    # pA just above the threshold of r = 0.25 (sigma 0.25), further below it than the cap's
+    # bound can certify: exact expected samples with the engine's defaults (alpha 0.001, cap
+    # 2,000) against the same engine stopping on the plain upper bound of the votes so far
+    # (the control), which keeps chasing r = 0.25 while the cap has little chance left.
+    alpha = 0.001
+    looks, levels = default_looks(alpha, n_first=64, n_max=2000)
+    common = dict(sigma=0.25, alpha=alpha, looks=looks, level=levels,
+                  all_correct=alpha * DEFAULT.all_correct, stop_level=DEFAULT.stop_level)
+    pA = stats.norm.cdf(1.0) + 0.01
+    wrong, predictive = exact_single_sigma(pA, **common)
+    monkeypatch.setattr(sequential, "predictive_upper",
+                        lambda nA, n, n_max, level: sequential.cp_upper(nA, n, level))
+    assert predictive < 0.85 * exact_single_sigma(pA, **common)[1]
+    assert wrong <= alpha
 
 
 def test_the_all_correct_sequence_is_anytime_valid_exactly():
