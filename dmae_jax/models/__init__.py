@@ -3,11 +3,11 @@
 Each model file holds the model, how it is built from a config (`create_dmae`,
 `create_classifier`, `UNet(architectures.UNET_PRESETS[name])`) and how it is built from a
 parameter export (`dmae.from_export`, `classifier.from_export`, `unet.from_export`). A `model`
-config block has the fields of `dmae_jax.defaults.model` (variant, img_size, patch_size, decoder_width,
-decoder_depth, decoder_heads, norm_pix_loss, normalization, drop_path_rate, global_pool,
-dtype, remat), optionally width / depth / num_heads overriding the variant. The rules such a
-block obeys, and the UNet's configs and presets, are plain Python in `dmae_jax.architectures`
-(validation checks them before JAX is imported).
+config block has the fields of `dmae_jax.defaults.model` (variant, img_size, patch_size,
+decoder_width, decoder_depth, decoder_heads, norm_pix_loss, normalization, drop_path_rate,
+global_pool, dtype, remat), optionally width / depth / num_heads overriding the variant. The
+rules such a block obeys, and the UNet's configs and presets, are plain Python in
+`dmae_jax.architectures` (validation checks them before JAX is imported).
 """
 
 from __future__ import annotations
