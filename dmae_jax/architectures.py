@@ -74,7 +74,7 @@ ATTENTION = ("auto", "einsum", "xla", "cudnn", "pallas")
 # `model.attention_logits`: the dtype the logits and softmax weights are stored in (the
 # softmax's max, exponentials and sum are float32 either way). bfloat16 halves the [B, H, N, N]
 # traffic of the einsum and xla paths (what the papers' fp16 autocast stored: its q k^T
-# product is fp16); the fused kernels never store them. "auto" (`resolve_logits`) is
+# product is fp16); the fused kernels never store them. "auto" (`attention.resolve_logits`) is
 # bfloat16 for a bfloat16 model on the einsum and xla paths, float32 otherwise.
 ATTENTION_LOGITS = ("float32", "bfloat16")
 # `model.dtype`: the compute dtype (parameters stay float32).
@@ -202,7 +202,6 @@ def encoder_mismatch(model_cfg: Mapping[str, Any], dmae_model_cfg: Mapping[str, 
 # The ADM diffusion UNet (`models/unet.py`).
 
 NUM_GROUPS = 32  # GroupNorm32: every norm in ADM uses 32 groups.
-GROUPNORM_EPS = 1e-5  # torch.nn.GroupNorm's default.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ valid. Model constraints are the models' own rules, kept JAX-free in
 without reading its parameters, and `exports=False` leaves those checks out (compile-only
 mode needs only shapes; a pipeline checks its stages before it makes their exports). Nothing
 here reads data, restores a checkpoint, compiles or imports JAX or Flax
-(tests/test_run_path.py checks the imports), so a typo in a pod launch costs about a
+(tests/test_config.py checks the imports), so a typo in a pod launch costs about a
 second."""
 
 from __future__ import annotations
