@@ -7,7 +7,7 @@ smoothed classifier from its encoder for 40 epochs at sigma 0.25, 0.5 and 1.0 (t
 copies, consistency regularisation, label smoothing, layer decay: the official CIFAR-10
 recipe), certify every second test image (148) at each sigma (N0 = 100, N = 500,
 alpha = 0.001) and with the multi-scale cascade, and write workdir/report.md with the plot
-and the reconstruction grid. Under 10 minutes on 2 idle cores (README: measured time):
+and the reconstruction grid. About 11 minutes on 2 idle cores (README: measured time):
 
   python -m dmae_jax.main --config=configs/digits.py --workdir=runs/digits
 
