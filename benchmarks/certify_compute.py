@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         return 0
     names = args.distributions.split(",")
     fields = dict(item.split("=") for item in args.schedule.split(",") if item)
-    schedule = sequential.Schedule(**{k: float(v) if "." in v or k != "n_first" else int(v)
+    schedule = sequential.Schedule(**{k: int(v) if k in ("n_first", "stop_ramp") else float(v)
                                       for k, v in fields.items()})
     print(f"fixed: N0={N0}, N={N:,}, alpha={ALPHA}; sequential: {schedule}, cap {N_MAX:,}")
     if "digits" in names:
