@@ -42,19 +42,20 @@ def test_grid_level_counts_the_radii_certified_inclusively():
     assert grid_level(9.0, RADII) == len(RADII)
 
 
-def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0, stop_level=None):
-    """Exact (P(wrong certificate), E[estimation samples]) of the single-sigma stopping rule.
+def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0, stop_level=None,
+                       stop_ramp=0):
+    """Exact (P(wrong certificate), E[estimation samples], P(certified)) of the stopping rule.
 
     Dynamic programming over the looks: the law of the c_hat votes among the runs that have
     not stopped yet, advanced by the Binomial votes of each round. A certificate is wrong
     when it predicts with pA_lower > pA (then sigma Phi^-1(pA_lower) exceeds the true radius).
-    all_correct: the level of the all-correct sequence (0: none); stop_level: the futility
-    level (None: each look's level, as decide_single).
+    all_correct: the level of the all-correct sequence (0: none); stop_level, stop_ramp: the
+    futility level and its ramp (None: each look's level, as decide_single).
     """
     levels = np.broadcast_to(level, (len(looks),))  # one level, or one per look
     alive = np.zeros(looks[-1] + 1)
     alive[0] = 1.0
-    wrong, samples, drawn = 0.0, 0.0, 0
+    wrong, samples, certified, drawn = 0.0, 0.0, 0.0, 0
     for n_t, level in zip(looks, levels, strict=True):
         step = stats.binom.pmf(np.arange(n_t - drawn + 1), n_t - drawn, pA)
         alive = np.convolve(alive, step)[: looks[-1] + 1]
@@ -63,14 +64,16 @@ def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0, stop_
             stop, lower = decide_single(int(nA), n_t, sigma=sigma, level=float(level),
                                         radii=RADII, n_max=looks[-1],
                                         cap_level=float(levels[-1]), all_correct=all_correct,
-                                        stop_level=stop_level)
+                                        stop_level=stop_level, stop_ramp=stop_ramp)
             if stop:
                 if 0.5 <= lower and lower > pA:
                     wrong += alive[nA]
+                if lower >= 0.5:
+                    certified += alive[nA]
                 samples += alive[nA] * n_t
                 alive[nA] = 0.0
     assert alive.sum() < 1e-12  # every run stops at the cap
-    return wrong, samples
+    return wrong, samples, certified
 
 
 @pytest.mark.parametrize("pA", [
@@ -82,7 +85,7 @@ def exact_single_sigma(pA, *, sigma, alpha, looks, level, all_correct=0.0, stop_
 def test_single_sigma_wrong_certificates_are_at_most_alpha_exactly(pA):
     looks = look_schedule(8, 400, 1.5)
     alpha = 0.05
-    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
+    wrong, samples, _ = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
                                         level=alpha / len(looks))
     assert wrong <= alpha
     assert samples < looks[-1]  # it does stop early on average
@@ -100,7 +103,7 @@ def test_uneven_spending_and_the_all_correct_sequence_keep_wrong_certificates_be
     assert sum(levels) == pytest.approx(alpha / 2) and levels[-1] > levels[1]
     aligned = set(looks) - set(look_schedule(8, 400, 1.5))
     assert aligned and all(levels[looks.index(n)] == 0.0 for n in aligned)
-    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
+    wrong, samples, _ = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
                                         level=levels, all_correct=alpha / 2)
     assert wrong <= alpha
     assert samples < looks[-1]
@@ -118,17 +121,26 @@ def default_looks(alpha, n_first=8, n_max=400):
                             alpha=alpha, power=DEFAULT.power, all_correct=DEFAULT.all_correct)
 
 
+def default_futility(n_max):
+    """The default futility level, its ramp ending at a quarter of a small cap.
+
+    The engine's ramp (5,000 samples) would end past such a cap; at a quarter, the looks
+    see both its rising and its flat part.
+    """
+    return dict(stop_level=DEFAULT.stop_level, stop_ramp=n_max // 4)
+
+
 @pytest.mark.parametrize("pA", THRESHOLD_PAS)
 def test_the_default_schedule_and_futility_rule_keep_wrong_certificates_below_alpha(pA):
     # Exactly the engine's defaults (levels, all-correct share, aligned looks, the
-    # conditional-power futility rule at stop_level), at a level where wrong certificates
-    # are frequent enough to see.
+    # conditional-power futility rule at stop_level with its ramp), at a level where wrong
+    # certificates are frequent enough to see.
     alpha = 0.05
     looks, levels = default_looks(alpha)
     assert sum(levels) == pytest.approx(alpha * (1 - DEFAULT.all_correct))
-    wrong, samples = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks, level=levels,
-                                        all_correct=alpha * DEFAULT.all_correct,
-                                        stop_level=DEFAULT.stop_level)
+    wrong, samples, _ = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks, level=levels,
+                                           all_correct=alpha * DEFAULT.all_correct,
+                                           **default_futility(looks[-1]))
     assert wrong <= alpha
     assert samples < looks[-1]
 
@@ -141,7 +153,8 @@ def test_the_exact_check_of_the_defaults_fails_when_every_look_spends_the_whole_
     unsound = np.where(np.asarray(levels) > 0, alpha * (1 - DEFAULT.all_correct), 0.0)
     worst = max(exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks, level=unsound,
                                    all_correct=alpha * DEFAULT.all_correct,
-                                   stop_level=DEFAULT.stop_level)[0] for pA in THRESHOLD_PAS[::2])
+                                   **default_futility(looks[-1]))[0]
+                for pA in THRESHOLD_PAS[::2])
     assert worst > alpha
 
 
@@ -174,13 +187,37 @@ def test_the_futility_rule_gives_up_on_an_out_of_reach_radius_earlier_than_the_p
     alpha = 0.001
     looks, levels = default_looks(alpha, n_first=64, n_max=2000)
     common = dict(sigma=0.25, alpha=alpha, looks=looks, level=levels,
-                  all_correct=alpha * DEFAULT.all_correct, stop_level=DEFAULT.stop_level)
+                  all_correct=alpha * DEFAULT.all_correct, **default_futility(looks[-1]))
     pA = stats.norm.cdf(1.0) + 0.01
-    wrong, predictive = exact_single_sigma(pA, **common)
+    wrong, predictive, _ = exact_single_sigma(pA, **common)
     monkeypatch.setattr(sequential, "predictive_upper",
                         lambda nA, n, n_max, level: sequential.cp_upper(nA, n, level))
-    assert predictive < 0.85 * exact_single_sigma(pA, **common)[1]
+    assert predictive < 0.93 * exact_single_sigma(pA, **common)[1]  # 425 against 474
     assert wrong <= alpha
+
+
+def test_the_ramped_futility_level_keeps_clear_images_and_drops_borderline_ones_sooner():
+    # Exact, alpha 0.001, cap 2,000. A flat level gives up on an image well above the
+    # threshold of r = 0 (7 standard errors of the cap) when its first few dozen votes
+    # happen to fall short, a high flat level (0.2) often: the ramp to 0.2 certifies it
+    # more often than the flat 0.09 it replaces, and spends fewer samples on an image just
+    # above the threshold of r = 0.25 that the cap cannot certify (the test above).
+    alpha = 0.001
+    looks, levels = default_looks(alpha, n_first=64, n_max=2000)
+    common = dict(sigma=0.25, alpha=alpha, looks=looks, level=levels,
+                  all_correct=alpha * DEFAULT.all_correct)
+    ramp = default_futility(looks[-1])
+    assert 0 < ramp["stop_ramp"] < looks[-1]
+    clear, borderline = 0.5 + 7 * math.sqrt(0.25 / 2000), stats.norm.cdf(1.0) + 0.01
+    certified = {name: exact_single_sigma(clear, **common, **kw)[2] for name, kw in
+                 [("ramp", ramp), ("flat", dict(stop_level=0.09)),
+                  ("high", dict(stop_level=DEFAULT.stop_level))]}
+    assert certified["ramp"] > certified["flat"] > certified["high"] + 0.05  # 0.96 0.94 0.87
+    wrong, samples, _ = exact_single_sigma(borderline, **common, **ramp)
+    assert samples < 0.95 * exact_single_sigma(borderline, **common, stop_level=0.09)[1]
+    assert wrong <= alpha
+    with pytest.raises(ValueError, match="stop_ramp must be an integer >= 0"):
+        Schedule(stop_ramp=0.5)
 
 
 def test_the_all_correct_sequence_is_anytime_valid_exactly():
@@ -479,7 +516,8 @@ def exact_sequential_cascade(probs, alpha, *, n0=3, looks=(4, 8)):
     """
     fns = [Probs(p) for p in probs]
     settings = cascade_settings([1.0, 0.5], n0, alpha, looks[-1], 2)
-    schedule = Schedule(n_first=looks[0], growth=2.0, power=0.0)
+    schedule = Schedule(n_first=looks[0], growth=2.0, power=0.0,
+                        stop_level=sequential.DEFAULT_CASCADE_STOP_LEVEL)
     assert look_schedule(looks[0], looks[-1], 2.0) == looks
     wrong, passes = 0.0, 0.0
 

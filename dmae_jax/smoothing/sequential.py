@@ -20,15 +20,16 @@ Single sigma (`certify_sequential`), per image:
                (`aligned_schedule`: alpha_t proportional to (n_t / N_max)^power on the
                geometric looks, 0 on the aligned ones), a = `Schedule.all_correct`;
         A_t  = (alpha a)^(1 / n_t) if nA_t = n_t (every vote so far for c_hat), else 0;
-        U_t  = upper bound at `stop_level` (default 0.09) on the fraction of votes for
-               c_hat the cap will show, given the votes so far (`predictive_upper`: the
-               conditional power of group-sequential trials; used only to decide when to
-               stop);
+        U_t  = upper bound at s_t = stop_level min(1, n_t / stop_ramp) (defaults 0.2 and
+               5,000: the futility level rises with the samples drawn) on the fraction
+               of votes for c_hat the cap will show, given the votes so far
+               (`predictive_upper`: the conditional power of group-sequential trials;
+               used only to decide when to stop);
         stop when the grid level of sigma Phi^-1(L_t) (how many radii of interest it
         certifies) already equals the best level reachable at the cap: that of the larger
         of the CP bound at alpha_T of ceil(U_t N_max) votes in N_max draws and, while
         every vote was for c_hat, (alpha a)^(1 / N_max), i.e. once the next radius has
-        less than a stop_level chance of being certified by the cap;
+        less than an s_t chance of being certified by the cap;
         this covers "pA <= 1/2: abstain" (the best level is then 0) and the cap (t = T);
     return (c_hat, sigma Phi^-1(L_tau)) if L_tau >= 1/2, else abstain, at the stopping look tau.
 
@@ -108,9 +109,14 @@ than the union over ~40 exact looks at alpha = 0.001. The cost above the oracle 
 stopping rule: an image whose pA sits just below a grid threshold, or just above it but
 short of what the cap can certify, must sample until it is sure the next radius is out of
 reach, which the oracle never does. Hence the futility rule on the cap's predicted vote
-fraction (U_t above): it gives up on a radius once its conditional power is below
-stop_level, where the plain upper bound of the votes so far stays wide and chases it to the
-cap.
+fraction (U_t above): it gives up on a radius once its conditional power is below s_t,
+where the plain upper bound of the votes so far stays wide and chases it to the cap. The
+level rises with n because the price of chasing does: after a few hundred samples the
+estimate is noisy and settling it costs about as many samples again, so a flat level gave
+up on images well above a threshold (most of the accuracy lost on the benchmark's
+mixtures); after thousands, a borderline image costs up to the cap for a small chance.
+On benchmarks/certify_compute.py's mixtures the ramp to 0.2 spends 1.23-1.44x the oracle
+floor at <= 0.28 points lost, where the flat 0.09 spent 1.28-1.65x at <= 0.42.
 
 Log rows use the same columns as the fixed protocol (`certify.LOG_COLUMNS`,
 `cascade.CASCADE_COLUMNS`) and then SEQUENTIAL_COLUMNS (`looks`, which marks the log as
@@ -162,13 +168,20 @@ DEFAULT_GROWTH = 1.25
 # the fixed cascade's certified accuracy, and costs less than the fixed cascade.
 DEFAULT_CASCADE_GROWTH = 1.5
 DEFAULT_CASCADE_STOP_LEVEL = 0.1
-# Futility level (no effect on soundness): an image gives up on the next radius once its
+# Futility (no effect on soundness): an image gives up on the next radius once its
 # conditional power, the chance that the cap's bound certifies it given the votes so far
-# (`predictive_upper`), is below 9%. On benchmarks/certify_compute.py's 1,000-image mixtures
-# (4 runs per image) 0.09 spends 1.28-1.65x the oracle floor at <= 0.42 +- 0.13 points of
-# certified accuracy lost; 0.1 spends 1.25-1.60x but loses 0.50 +- 0.13 (CIFAR-10, sigma 1,
-# r = 0), 0.07 1.33-1.76x at <= 0.30 +- 0.11; the plain upper bound at 0.05 spent 1.39-2.02x.
-DEFAULT_STOP_LEVEL = 0.09
+# (`predictive_upper`), is below stop_level min(1, n / stop_ramp): 20% from 5,000 estimation
+# samples on, less before (0.26% at the first look of 64). Early looks are cheap to continue
+# and their estimate is noisy: a flat level there gave up on images well above a threshold
+# (CIFAR-10, sigma 1: most of the 0.40 points lost at r = 0 came from pA 5-12 standard
+# errors of the fixed protocol above 1/2). Late looks are where a borderline image spends
+# tens of thousands of samples for a small chance. On benchmarks/certify_compute.py's
+# 1,000-image mixtures (4 runs per image) the ramp to 0.2 spends 1.23-1.44x the oracle floor
+# at <= 0.28 +- 0.09 points of certified accuracy lost; a flat 0.09 (no ramp) spent
+# 1.28-1.65x at <= 0.42 +- 0.13, a flat 0.1 1.25-1.60x at 0.50 +- 0.13, the ramp to 0.15
+# 1.25-1.50x at <= 0.28 +- 0.10, to 0.25 1.18-1.33x at up to 0.52 +- 0.14.
+DEFAULT_STOP_LEVEL = 0.2
+DEFAULT_STOP_RAMP = 5000
 DEFAULT_POWER = 0.5
 # Share of alpha spent on the all-correct confidence sequence alpha_A^(1/n) (valid at every
 # n at once, no union over looks; `all_correct_lower`): an image the classifier never gets
@@ -209,15 +222,18 @@ class Schedule:
     n_first: estimation samples at the first look; growth: the ratio between looks;
     stop_level: the futility level, which only decides when to stop (single sigma: give up
     on a radius once the chance that the cap certifies it, given the votes so far, is
-    below it; cascade: the level of the upper bounds projected to the cap); power: alpha_t
-    proportional to n_t^power (0: an even split over the looks); all_correct: the share of
-    alpha spent on the all-correct confidence sequence (0: none).
+    below stop_level min(1, n / stop_ramp); cascade: the level of the upper bounds
+    projected to the cap); stop_ramp: the estimation samples over which the single-sigma
+    futility level rises linearly to stop_level (0: flat; the cascade does not ramp);
+    power: alpha_t proportional to n_t^power (0: an even split over the looks);
+    all_correct: the share of alpha spent on the all-correct confidence sequence (0: none).
     """
 
     radii: tuple[float, ...] = DEFAULT_RADII
     n_first: int = DEFAULT_N_FIRST
     growth: float = DEFAULT_GROWTH
     stop_level: float = DEFAULT_STOP_LEVEL
+    stop_ramp: int = DEFAULT_STOP_RAMP
     power: float = DEFAULT_POWER
     all_correct: float = DEFAULT_ALL_CORRECT
 
@@ -229,6 +245,9 @@ class Schedule:
         check_positive_int("n_first", self.n_first)
         look_schedule(self.n_first, self.n_first, self.growth)
         check_alpha(self.stop_level, "stop_level")
+        if not (isinstance(self.stop_ramp, int) and self.stop_ramp >= 0):
+            raise ValueError(f"stop_ramp must be an integer >= 0 (estimation samples), got "
+                             f"{self.stop_ramp!r}")
         if not (isinstance(self.power, int | float) and math.isfinite(self.power)
                 and self.power >= 0):
             raise ValueError(f"power must be a finite number >= 0, got {self.power!r}")
@@ -238,7 +257,7 @@ class Schedule:
 
 
 CASCADE_SCHEDULE = Schedule(growth=DEFAULT_CASCADE_GROWTH,
-                            stop_level=DEFAULT_CASCADE_STOP_LEVEL, power=0.0)
+                            stop_level=DEFAULT_CASCADE_STOP_LEVEL, stop_ramp=0, power=0.0)
 
 
 def all_correct_lower(nA: int, n: int, level: float) -> float:
@@ -337,23 +356,27 @@ class SequentialResult:
 
 def decide_single(
     nA: int, n: int, *, sigma: float, level: float, radii: Sequence[float], n_max: int,
-    stop_level: float | None = None, cap_level: float | None = None, all_correct: float = 0.0,
-    margin: sound.Margin = sound.EXACT,
+    stop_level: float | None = None, stop_ramp: int = 0, cap_level: float | None = None,
+    all_correct: float = 0.0, margin: sound.Margin = sound.EXACT,
 ) -> tuple[bool, float]:
     """(stop, pA_lower) after a look with nA of n votes for c_hat (see the module docstring).
 
     level: this look's Clopper-Pearson alpha_t (0: none at this look); all_correct: the
     level of the all-correct sequence (0: none); stop_level: level of the predictive upper
-    bound that decides when to stop (`predictive_upper`; default `level`); cap_level: the
-    Clopper-Pearson level of the look at the cap (default `level`); margin: moves the
-    bound in its safe direction (sound noise).
+    bound that decides when to stop (`predictive_upper`; default `level`), times
+    min(1, n / stop_ramp) when stop_ramp > 0; cap_level: the Clopper-Pearson level of the
+    look at the cap (default `level`); margin: moves the bound in its safe direction
+    (sound noise).
     """
     lower = margin.lower(max(cp_lower(nA, n, level) if level > 0 else 0.0,
                              all_correct_lower(nA, n, all_correct)))
     if n >= n_max:
         return True, lower
     now = grid_level(margin.radius(sigma * _phi_inv(lower)), radii) if lower >= 0.5 else 0
-    upper = predictive_upper(nA, n, n_max, level if stop_level is None else stop_level)
+    futility = level if stop_level is None else stop_level
+    if stop_ramp > 0:
+        futility *= min(1.0, n / stop_ramp)
+    upper = predictive_upper(nA, n, n_max, futility)
     # At the cap: the Clopper-Pearson bound if the cap's vote fraction were `upper`, or the
     # all-correct one if every vote so far was c_hat and every later one is.
     reach_all_correct = all_correct_lower(n_max, n_max, all_correct) if nA == n else 0.0
@@ -387,7 +410,8 @@ def sequential_image(settings: Settings, logits_fn: LogitsFn, image: np.ndarray,
         drawn = n_t
         stop, lower = decide_single(int(counts[c_hat]), drawn, sigma=sigma, level=levels[t],
                                     radii=schedule.radii, n_max=n_max,
-                                    stop_level=schedule.stop_level, cap_level=levels[-1],
+                                    stop_level=schedule.stop_level,
+                                    stop_ramp=schedule.stop_ramp, cap_level=levels[-1],
                                     all_correct=settings.alpha * schedule.all_correct,
                                     margin=margin)
         if stop:
